@@ -1,0 +1,49 @@
+# kpr: build, generate, test, demo, bench. `make test` and `make demo` install what they need.
+SHELL := /bin/bash
+GO ?= go
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X github.com/kpr-dev/kpr/node/agent.Version=$(VERSION)
+K8S_BINDIR = $(shell hack/k8s.sh bindir)
+
+.PHONY: all build generate check-generate deps k8s-bins test unit e2e demo bench clean
+
+all: build
+
+build:
+	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/kpr ./cmd/kpr
+
+# Rebuild the BPF objects and their Go bindings from C (needs clang).
+generate:
+	$(GO) generate ./bpf/
+
+# Fail if the committed objects and bindings differ from what the C sources build.
+check-generate: deps
+	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
+	cp -a bpf $$tmp/bpf.before; \
+	$(GO) generate ./bpf/ ; \
+	if ! diff -r $$tmp/bpf.before bpf >/dev/null; then \
+		diff -r $$tmp/bpf.before bpf | head -20; \
+		echo "check-generate: bpf/ differs from the committed files; run 'make generate' and commit"; exit 1; fi
+
+deps:
+	@hack/deps.sh
+
+# kube-apiserver, kube-proxy and kubeadm from the pinned k8s.io/kubernetes, cached outside the repo.
+k8s-bins:
+	@hack/k8s.sh bins >/dev/null
+
+test: deps k8s-bins check-generate
+	$(GO) vet ./...
+	KPR_E2E=1 KPR_K8S_BINDIR=$(K8S_BINDIR) $(GO) test -count=1 -timeout 30m ./...
+
+unit:
+	$(GO) test ./node/... ./kubeadm/...
+
+e2e: deps k8s-bins
+	KPR_E2E=1 KPR_K8S_BINDIR=$(K8S_BINDIR) $(GO) test -count=1 -v -timeout 20m ./test/e2e/
+
+demo: deps k8s-bins
+	KPR_K8S_BINDIR=$(K8S_BINDIR) $(GO) run ./test/cmd/demo
+
+clean:
+	rm -rf bin

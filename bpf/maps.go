@@ -1,0 +1,315 @@
+package bpf
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/cilium/ebpf"
+)
+
+// LBMaps gives typed access to the load-balancing maps (schema v1). Every
+// method is idempotent, so a failed sync can simply be retried.
+type LBMaps struct {
+	svc        *ebpf.Map
+	backends   *ebpf.Map
+	revNat     *ebpf.Map
+	sockRevNat *ebpf.Map
+	affinity   *ebpf.Map
+}
+
+// mapNames lists the pinned maps in a stable order.
+var mapNames = []string{
+	sockMapKprSvcV1,
+	sockMapKprBackendsV1,
+	sockMapKprRevnatV1,
+	sockMapKprSkRevnatV1,
+	sockMapKprAffinityV1,
+}
+
+func newLBMaps(m *sockMaps) *LBMaps {
+	return &LBMaps{
+		svc:        m.KprSvcV1,
+		backends:   m.KprBackendsV1,
+		revNat:     m.KprRevnatV1,
+		sockRevNat: m.KprSkRevnatV1,
+		affinity:   m.KprAffinityV1,
+	}
+}
+
+func (m *LBMaps) byName() map[string]**ebpf.Map {
+	return map[string]**ebpf.Map{
+		sockMapKprSvcV1:      &m.svc,
+		sockMapKprBackendsV1: &m.backends,
+		sockMapKprRevnatV1:   &m.revNat,
+		sockMapKprSkRevnatV1: &m.sockRevNat,
+		sockMapKprAffinityV1: &m.affinity,
+	}
+}
+
+// mapLayouts are the key and value sizes the Go side reads and writes,
+// derived from the bpf2go types, so a pinned map from another schema is
+// rejected instead of misread.
+var mapLayouts = map[string][2]int{
+	sockMapKprSvcV1:      {binary.Size(sockSvcKey{}), binary.Size(sockSvcValue{})},
+	sockMapKprBackendsV1: {binary.Size(uint32(0)), binary.Size(sockBackend{})},
+	sockMapKprRevnatV1:   {binary.Size(uint32(0)), binary.Size(sockRevnat{})},
+	sockMapKprSkRevnatV1: {binary.Size(sockSkRevnatKey{}), binary.Size(sockSkRevnatValue{})},
+	sockMapKprAffinityV1: {binary.Size(sockAffinityKey{}), binary.Size(sockAffinityValue{})},
+}
+
+// OpenMaps opens the maps pinned in pinDir without loading any program, for
+// read-mostly users such as `kpr service list` and `kpr status`.
+func OpenMaps(pinDir string) (*LBMaps, error) {
+	m := &LBMaps{}
+	var missing []string
+	for _, name := range mapNames {
+		mp, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, name), nil)
+		if errors.Is(err, os.ErrNotExist) {
+			missing = append(missing, name)
+			continue
+		}
+		if err != nil {
+			m.Close()
+			return nil, fmt.Errorf("open pinned map %s: %w", name, err)
+		}
+		*m.byName()[name] = mp
+		if err := checkLayout(name, mp); err != nil {
+			m.Close()
+			return nil, err
+		}
+	}
+	switch {
+	case len(missing) == len(mapNames):
+		return nil, fmt.Errorf("no kpr maps are pinned in %s: the datapath is not loaded (start kpr, or check the pin directory)", pinDir)
+	case len(missing) > 0:
+		m.Close()
+		return nil, fmt.Errorf("pinned maps in %s are incomplete, missing %s: load the datapath again (kpr run) or remove it (kpr cleanup)",
+			pinDir, strings.Join(missing, ", "))
+	}
+	return m, nil
+}
+
+func checkLayout(name string, mp *ebpf.Map) error {
+	want := mapLayouts[name]
+	if int(mp.KeySize()) != want[0] || int(mp.ValueSize()) != want[1] {
+		return fmt.Errorf("pinned map %s has key/value size %d/%d, this kpr uses %d/%d: it was created by an incompatible kpr version, remove it with `kpr cleanup`",
+			name, mp.KeySize(), mp.ValueSize(), want[0], want[1])
+	}
+	return nil
+}
+
+// Close closes the map file descriptors; pins stay.
+func (m *LBMaps) Close() error {
+	var errs []error
+	for _, name := range mapNames {
+		p := m.byName()[name]
+		if *p != nil {
+			errs = append(errs, (*p).Close())
+			*p = nil
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func deleteIgnoreMissing(m *ebpf.Map, key any) error {
+	if err := m.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return err
+	}
+	return nil
+}
+
+// UpsertBackend creates or replaces backend id. ID 0 is reserved (it marks a
+// missing slot in dumps).
+func (m *LBMaps) UpsertBackend(id uint32, b Backend) error {
+	if id == 0 {
+		return fmt.Errorf("backend ID 0 is reserved")
+	}
+	if err := validAddr(b.Addr); err != nil {
+		return fmt.Errorf("backend %d: %w", id, err)
+	}
+	v := sockBackend{Addr: b.Addr.As16(), Port: netPort(b.Port), Proto: uint8(b.Proto)}
+	if err := m.backends.Update(id, &v, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("update %s[%d]: %w", sockMapKprBackendsV1, id, err)
+	}
+	return nil
+}
+
+// DeleteBackend removes backend id; deleting a missing backend is no error.
+func (m *LBMaps) DeleteBackend(id uint32) error {
+	if err := deleteIgnoreMissing(m.backends, id); err != nil {
+		return fmt.Errorf("delete %s[%d]: %w", sockMapKprBackendsV1, id, err)
+	}
+	return nil
+}
+
+// UpsertService writes the backend slots 1..len(s.Backends), then slot 0 with
+// the new count, then deletes the slots len(s.Backends)+1..prevCount that the
+// previous version of the frontend had. The datapath only reads slots below
+// the count it found in slot 0, so it never sees a half-written frontend.
+func (m *LBMaps) UpsertService(k ServiceKey, s Service, prevCount int) error {
+	if err := k.validate(); err != nil {
+		return err
+	}
+	if s.ID == 0 && !k.Wildcard() {
+		return fmt.Errorf("service %s: service ID 0 is reserved", k)
+	}
+	if len(s.Backends) > maxSlots {
+		return fmt.Errorf("service %s: %d backends, at most %d fit", k, len(s.Backends), maxSlots)
+	}
+	if k.Wildcard() && len(s.Backends) > 0 {
+		return fmt.Errorf("service %s: a wildcard entry has no backends", k)
+	}
+	for i, id := range s.Backends {
+		if id == 0 {
+			return fmt.Errorf("service %s: backend ID 0 (slot %d) is reserved", k, i+1)
+		}
+	}
+
+	for i, id := range s.Backends {
+		key := svcKey(k, uint16(i+1))
+		// In slots 1..count the svc_id field is the backend_id (a C union
+		// that bpf2go names after its first member).
+		val := sockSvcValue{SvcId: id}
+		if err := m.svc.Update(&key, &val, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("update %s %s slot %d: %w", sockMapKprSvcV1, k, i+1, err)
+		}
+	}
+	key := svcKey(k, 0)
+	val := sockSvcValue{
+		Count:              uint16(len(s.Backends)),
+		Flags:              uint16(s.Flags),
+		SvcId:              s.ID,
+		AffinityTimeoutSec: s.AffinityTimeoutSec,
+	}
+	if err := m.svc.Update(&key, &val, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("update %s %s slot 0: %w", sockMapKprSvcV1, k, err)
+	}
+	for slot := len(s.Backends) + 1; slot <= min(prevCount, maxSlots); slot++ {
+		key := svcKey(k, uint16(slot))
+		if err := deleteIgnoreMissing(m.svc, &key); err != nil {
+			return fmt.Errorf("delete %s %s slot %d: %w", sockMapKprSvcV1, k, slot, err)
+		}
+	}
+	return nil
+}
+
+// DeleteService deletes slot 0 first, so the datapath stops using the
+// frontend at once, then the backend slots 1..count.
+func (m *LBMaps) DeleteService(k ServiceKey, count int) error {
+	if err := k.validate(); err != nil {
+		return err
+	}
+	for slot := 0; slot <= min(count, maxSlots); slot++ {
+		key := svcKey(k, uint16(slot))
+		if err := deleteIgnoreMissing(m.svc, &key); err != nil {
+			return fmt.Errorf("delete %s %s slot %d: %w", sockMapKprSvcV1, k, slot, err)
+		}
+	}
+	return nil
+}
+
+// UpsertRevNat creates or replaces the reverse NAT entry of svc_id id.
+func (m *LBMaps) UpsertRevNat(id uint32, r RevNat) error {
+	if id == 0 {
+		return fmt.Errorf("service ID 0 is reserved")
+	}
+	if err := validAddr(r.Addr); err != nil {
+		return fmt.Errorf("reverse NAT %d: %w", id, err)
+	}
+	v := sockRevnat{Addr: r.Addr.As16(), Port: netPort(r.Port)}
+	if err := m.revNat.Update(id, &v, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("update %s[%d]: %w", sockMapKprRevnatV1, id, err)
+	}
+	return nil
+}
+
+// DeleteRevNat removes the reverse NAT entry of svc_id id.
+func (m *LBMaps) DeleteRevNat(id uint32) error {
+	if err := deleteIgnoreMissing(m.revNat, id); err != nil {
+		return fmt.Errorf("delete %s[%d]: %w", sockMapKprRevnatV1, id, err)
+	}
+	return nil
+}
+
+// Services dumps the frontends, reassembled from their slots.
+func (m *LBMaps) Services() (map[ServiceKey]Service, error) {
+	frontends := make(map[ServiceKey]Service)
+	slots := make(map[ServiceKey]map[uint16]uint32)
+
+	var key sockSvcKey
+	var val sockSvcValue
+	it := m.svc.Iterate()
+	for it.Next(&key, &val) {
+		k := serviceKeyFrom(&key)
+		if key.Slot == 0 {
+			frontends[k] = Service{
+				ID:                 val.SvcId,
+				Flags:              ServiceFlags(val.Flags),
+				AffinityTimeoutSec: val.AffinityTimeoutSec,
+				Backends:           make([]uint32, val.Count),
+			}
+			continue
+		}
+		if slots[k] == nil {
+			slots[k] = make(map[uint16]uint32)
+		}
+		slots[k][key.Slot] = val.SvcId // backend_id, see UpsertService
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("dump %s: %w", sockMapKprSvcV1, err)
+	}
+
+	for k, s := range frontends {
+		if len(s.Backends) == 0 {
+			s.Backends = nil
+			frontends[k] = s
+			continue
+		}
+		for i := range s.Backends {
+			s.Backends[i] = slots[k][uint16(i+1)]
+		}
+	}
+	return frontends, nil
+}
+
+// Backends dumps the backends by ID.
+func (m *LBMaps) Backends() (map[uint32]Backend, error) {
+	out := make(map[uint32]Backend)
+	var id uint32
+	var val sockBackend
+	it := m.backends.Iterate()
+	for it.Next(&id, &val) {
+		out[id] = Backend{
+			Addr:  netip.AddrFrom16(val.Addr).Unmap(),
+			Port:  hostPort(val.Port),
+			Proto: Proto(val.Proto),
+		}
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("dump %s: %w", sockMapKprBackendsV1, err)
+	}
+	return out, nil
+}
+
+// RevNats dumps the reverse NAT entries by svc_id.
+func (m *LBMaps) RevNats() (map[uint32]RevNat, error) {
+	out := make(map[uint32]RevNat)
+	var id uint32
+	var val sockRevnat
+	it := m.revNat.Iterate()
+	for it.Next(&id, &val) {
+		out[id] = RevNat{
+			Addr: netip.AddrFrom16(val.Addr).Unmap(),
+			Port: hostPort(val.Port),
+		}
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("dump %s: %w", sockMapKprRevnatV1, err)
+	}
+	return out, nil
+}

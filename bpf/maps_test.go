@@ -1,0 +1,243 @@
+package bpf
+
+import (
+	"encoding/binary"
+	"maps"
+	"net/netip"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/cilium/ebpf"
+)
+
+// The schema in docs/ARCHITECTURE.md, in bytes: a change to sock.c that
+// moves these is a new schema version, not an edit.
+var schemaSizes = map[string][2]int{
+	sockMapKprSvcV1:      {24, 12},
+	sockMapKprBackendsV1: {4, 20},
+	sockMapKprRevnatV1:   {4, 20},
+	sockMapKprSkRevnatV1: {32, 24},
+	sockMapKprAffinityV1: {16, 8},
+}
+
+func TestGeneratedTypesMatchObject(t *testing.T) {
+	spec, err := loadSock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range schemaSizes {
+		ms, ok := spec.Maps[name]
+		if !ok {
+			t.Fatalf("object has no map %s", name)
+		}
+		if got := [2]int{int(ms.KeySize), int(ms.ValueSize)}; got != want {
+			t.Errorf("%s: object key/value size %v, schema %v", name, got, want)
+		}
+		if got := mapLayouts[name]; got != want {
+			t.Errorf("%s: Go types key/value size %v, schema %v", name, got, want)
+		}
+		if ms.Pinning != ebpf.PinByName {
+			t.Errorf("%s: pinning %v, want by name", name, ms.Pinning)
+		}
+	}
+	// Fields the Go side relies on, at the offsets the C side uses.
+	if f, _ := reflect.TypeFor[sockSvcKey]().FieldByName("Slot"); f.Offset != 20 {
+		t.Errorf("svc_key.slot at offset %d, want 20", f.Offset)
+	}
+	if n := binary.Size(sockSvcValue{}); n != 12 {
+		t.Errorf("svc_value is %d bytes", n)
+	}
+}
+
+// newUnpinnedMaps creates the maps from the object's specs without pinning,
+// so map I/O can be tested without a bpffs.
+func newUnpinnedMaps(t *testing.T) *LBMaps {
+	t.Helper()
+	requireRoot(t)
+	spec, err := loadSock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sm sockMaps
+	for _, ms := range spec.Maps {
+		ms.Pinning = ebpf.PinNone
+		ms.MaxEntries = 256
+	}
+	coll, err := ebpf.NewCollection(&ebpf.CollectionSpec{Maps: spec.Maps})
+	if err != nil {
+		t.Fatalf("create maps: %+v", err)
+	}
+	if err := coll.Assign(&sm); err != nil {
+		t.Fatal(err)
+	}
+	m := newLBMaps(&sm)
+	t.Cleanup(func() { m.Close() })
+	return m
+}
+
+func TestMapRoundTrip(t *testing.T) {
+	m := newUnpinnedMaps(t)
+
+	backends := map[uint32]Backend{
+		7: {netip.MustParseAddr("10.244.1.2"), 8080, ProtoTCP},
+		8: {netip.MustParseAddr("fd6b:7072:244:1::2"), 53, ProtoUDP},
+		9: {netip.MustParseAddr("10.244.2.9"), 65535, ProtoSCTP},
+	}
+	for id, b := range backends {
+		must(t, m.UpsertBackend(id, b))
+		must(t, m.UpsertBackend(id, b)) // idempotent
+	}
+	services := map[ServiceKey]Service{
+		{Addr: netip.MustParseAddr("10.96.0.10"), Port: 443, Proto: ProtoTCP}:                           {ID: 1, Flags: FlagUnreachable, AffinityTimeoutSec: 10800, Backends: []uint32{7, 9}},
+		{Addr: netip.MustParseAddr("fd6b:7072:96::a"), Port: 53, Proto: ProtoUDP, Scope: ScopeExternal}: {ID: 2, Backends: []uint32{8}},
+		{Addr: netip.MustParseAddr("10.96.0.10")}:                                                       {},
+		{Addr: netip.MustParseAddr("10.96.0.11"), Port: 80, Proto: ProtoTCP}:                            {ID: 3, Flags: FlagUnreachable},
+	}
+	for k, s := range services {
+		must(t, m.UpsertService(k, s, 0))
+	}
+	revnats := map[uint32]RevNat{
+		1: {netip.MustParseAddr("10.96.0.10"), 443},
+		2: {netip.MustParseAddr("fd6b:7072:96::a"), 53},
+	}
+	for id, r := range revnats {
+		must(t, m.UpsertRevNat(id, r))
+	}
+
+	gotSvcs, err := m.Services()
+	must(t, err)
+	if !reflect.DeepEqual(gotSvcs, services) {
+		t.Fatalf("Services() =\n%v\nwant\n%v", gotSvcs, services)
+	}
+	gotBes, err := m.Backends()
+	must(t, err)
+	if !maps.Equal(gotBes, backends) {
+		t.Fatalf("Backends() = %v, want %v", gotBes, backends)
+	}
+	gotRns, err := m.RevNats()
+	must(t, err)
+	if !maps.Equal(gotRns, revnats) {
+		t.Fatalf("RevNats() = %v, want %v", gotRns, revnats)
+	}
+
+	// Raw layout: the port is in network order, the address v4-mapped.
+	var raw sockBackend
+	must(t, m.backends.Lookup(uint32(7), &raw))
+	if raw.Addr != netip.MustParseAddr("::ffff:10.244.1.2").As16() || raw.Port != netPort(8080) {
+		t.Fatalf("raw backend 7 = %+v", raw)
+	}
+	b := [2]byte{}
+	binary.NativeEndian.PutUint16(b[:], raw.Port)
+	if b != [2]byte{0x1f, 0x90} {
+		t.Fatalf("port bytes %x, want network order 1f90", b)
+	}
+
+	// Shrinking trims the old slots; growing again works.
+	k := ServiceKey{Addr: netip.MustParseAddr("10.96.0.10"), Port: 443, Proto: ProtoTCP}
+	must(t, m.UpsertService(k, Service{ID: 1, Backends: []uint32{9}}, 2))
+	if n := countSlots(t, m, k); n != 2 { // slot 0 + slot 1
+		t.Fatalf("after shrink: %d entries, want 2", n)
+	}
+	must(t, m.UpsertService(k, Service{ID: 1, Backends: []uint32{9, 7, 8}}, 1))
+	gotSvcs, err = m.Services()
+	must(t, err)
+	if got := gotSvcs[k].Backends; !reflect.DeepEqual(got, []uint32{9, 7, 8}) {
+		t.Fatalf("after grow: backends %v", got)
+	}
+
+	// Deletes are idempotent and remove every slot.
+	must(t, m.DeleteService(k, 3))
+	must(t, m.DeleteService(k, 3))
+	if n := countSlots(t, m, k); n != 0 {
+		t.Fatalf("after delete: %d entries left", n)
+	}
+	must(t, m.DeleteBackend(7))
+	must(t, m.DeleteBackend(7))
+	must(t, m.DeleteRevNat(1))
+	must(t, m.DeleteRevNat(1))
+	gotBes, err = m.Backends()
+	must(t, err)
+	if _, ok := gotBes[7]; ok {
+		t.Fatal("backend 7 still there")
+	}
+}
+
+func countSlots(t *testing.T, m *LBMaps, k ServiceKey) int {
+	t.Helper()
+	var key sockSvcKey
+	var val sockSvcValue
+	n := 0
+	it := m.svc.Iterate()
+	for it.Next(&key, &val) {
+		if serviceKeyFrom(&key) == k {
+			n++
+		}
+	}
+	must(t, it.Err())
+	return n
+}
+
+func TestMapValidation(t *testing.T) {
+	m := &LBMaps{} // validation fails before any map is touched
+	v4 := netip.MustParseAddr("10.96.0.10")
+	for name, err := range map[string]error{
+		"backend id 0":        m.UpsertBackend(0, Backend{Addr: v4, Port: 1, Proto: ProtoTCP}),
+		"backend no addr":     m.UpsertBackend(1, Backend{Port: 1}),
+		"port without proto":  m.UpsertService(ServiceKey{Addr: v4, Port: 80}, Service{ID: 1}, 0),
+		"proto without port":  m.UpsertService(ServiceKey{Addr: v4, Proto: ProtoTCP}, Service{ID: 1}, 0),
+		"service id 0":        m.UpsertService(ServiceKey{Addr: v4, Port: 80, Proto: ProtoTCP}, Service{}, 0),
+		"wildcard backends":   m.UpsertService(ServiceKey{Addr: v4}, Service{Backends: []uint32{1}}, 0),
+		"backend 0 in slot":   m.UpsertService(ServiceKey{Addr: v4, Port: 80, Proto: ProtoTCP}, Service{ID: 1, Backends: []uint32{0}}, 0),
+		"zone":                m.UpsertRevNat(1, RevNat{Addr: netip.MustParseAddr("fe80::1%lo"), Port: 1}),
+		"unknown scope":       m.DeleteService(ServiceKey{Addr: v4, Port: 80, Proto: ProtoTCP, Scope: 7}, 0),
+		"too many backends":   m.UpsertService(ServiceKey{Addr: v4, Port: 80, Proto: ProtoTCP}, Service{ID: 1, Backends: make([]uint32, maxSlots+1)}, 0),
+		"revnat service id 0": m.UpsertRevNat(0, RevNat{Addr: v4, Port: 1}),
+	} {
+		if err == nil {
+			t.Errorf("%s: no error", name)
+		}
+	}
+}
+
+func TestPortByteOrder(t *testing.T) {
+	for _, p := range []uint16{0, 1, 53, 80, 8080, 65535} {
+		if hostPort(netPort(p)) != p {
+			t.Errorf("round trip of %d", p)
+		}
+		var b [2]byte
+		binary.NativeEndian.PutUint16(b[:], netPort(p))
+		if binary.BigEndian.Uint16(b[:]) != p {
+			t.Errorf("netPort(%d) is not network order in memory", p)
+		}
+	}
+}
+
+func TestCgroup2MountFrom(t *testing.T) {
+	hybrid := `31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw
+`
+	got, err := cgroup2MountFrom(strings.NewReader(hybrid))
+	if err != nil || got != "/sys/fs/cgroup/unified" {
+		t.Fatalf("hybrid: %q, %v", got, err)
+	}
+	escaped := "50 1 0:40 / /run/my\\040cgroup rw - cgroup2 none rw\n"
+	got, err = cgroup2MountFrom(strings.NewReader(escaped))
+	if err != nil || got != "/run/my cgroup" {
+		t.Fatalf("escaped: %q, %v", got, err)
+	}
+	if _, err := cgroup2MountFrom(strings.NewReader("31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n")); err == nil {
+		t.Fatal("no cgroup2 mount: no error")
+	}
+}
+
+func TestServiceKeyString(t *testing.T) {
+	k := ServiceKey{Addr: netip.MustParseAddr("fd6b:7072:96::a"), Port: 53, Proto: ProtoUDP}
+	if s := k.String(); s != "[fd6b:7072:96::a]:53/UDP scope 0" {
+		t.Errorf("String() = %q", s)
+	}
+	if s := (ServiceKey{Addr: netip.MustParseAddr("10.96.0.10")}).String(); s != "10.96.0.10/* scope 0" {
+		t.Errorf("wildcard String() = %q", s)
+	}
+}

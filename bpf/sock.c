@@ -1,0 +1,428 @@
+//go:build ignore
+
+/*
+ * Socket-level load balancer: translates connect()/sendmsg() to a Service
+ * VIP into a backend address before the kernel routes anything, and reverses
+ * the translation for recvmsg()/getpeername() so applications only ever see
+ * the VIP. The map schema (v1) is documented in docs/ARCHITECTURE.md.
+ */
+
+#include <linux/bpf.h>
+#include <bpf_helpers.h>
+#include <bpf_endian.h>
+
+/* Not taken from errno.h/in.h/socket.h: the build must not use host headers. */
+#define ECONNREFUSED 111
+#define EHOSTUNREACH 113
+#define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+
+#define SVC_F_UNREACHABLE 1
+#define SCOPE_SOCKET 0
+
+#define NSEC_PER_SEC 1000000000ULL
+
+/* Default sizes; the loader overrides max_entries from its Config. */
+#define SVC_MAP_SIZE 262144
+#define BACKEND_MAP_SIZE 262144
+#define REVNAT_MAP_SIZE 65536
+#define SK_REVNAT_MAP_SIZE 131072
+#define AFFINITY_MAP_SIZE 65536
+
+/*
+ * Every struct below has explicit padding fields so that no byte of a hash
+ * key is left to the compiler: the kernel compares keys byte for byte.
+ */
+struct svc_key {
+	__u8 addr[16]; /* IPv4 stored as ::ffff:a.b.c.d */
+	__be16 port;   /* 0 together with proto 0: wildcard entry */
+	__u8 proto;
+	__u8 scope;
+	__u16 slot; /* 0: frontend, 1..count: backend slots */
+	__u16 pad;
+};
+
+struct svc_value {
+	__u16 count; /* slot 0 only */
+	__u16 flags; /* slot 0 only */
+	union {
+		__u32 svc_id;     /* slot 0 */
+		__u32 backend_id; /* slots 1..count */
+	};
+	__u32 affinity_timeout_sec; /* slot 0 only */
+};
+
+struct backend {
+	__u8 addr[16];
+	__be16 port;
+	__u8 proto;
+	__u8 flags;
+};
+
+struct revnat {
+	__u8 addr[16];
+	__be16 port;
+	__u16 pad;
+};
+
+struct sk_revnat_key {
+	__u64 cookie; /* socket cookie */
+	__u8 addr[16]; /* backend */
+	__be16 port;   /* backend */
+	__u8 pad[6];
+};
+
+struct sk_revnat_value {
+	__u8 addr[16]; /* VIP */
+	__be16 port;   /* VIP */
+	__u16 pad;
+	__u32 svc_id;
+};
+
+struct affinity_key {
+	__u64 netns_cookie;
+	__u32 svc_id;
+	__u32 pad;
+};
+
+struct affinity_value {
+	__u32 backend_id;
+	__u32 last_used_sec;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct svc_key);
+	__type(value, struct svc_value);
+	__uint(max_entries, SVC_MAP_SIZE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kpr_svc_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct backend);
+	__uint(max_entries, BACKEND_MAP_SIZE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kpr_backends_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct revnat);
+	__uint(max_entries, REVNAT_MAP_SIZE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kpr_revnat_v1 SEC(".maps");
+
+/* LRU: entries of closed sockets age out; there is no socket-close hook here. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct sk_revnat_key);
+	__type(value, struct sk_revnat_value);
+	__uint(max_entries, SK_REVNAT_MAP_SIZE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kpr_sk_revnat_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct affinity_key);
+	__type(value, struct affinity_value);
+	__uint(max_entries, AFFINITY_MAP_SIZE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kpr_affinity_v1 SEC(".maps");
+
+/* The context exposes addresses as __u32 words, the maps as bytes. */
+union addr16 {
+	__u8 b[16];
+	__u32 w[4];
+};
+
+static __always_inline void addr_from_v4(union addr16 *a, __u32 ip4)
+{
+	a->w[0] = 0;
+	a->w[1] = 0;
+	a->w[2] = bpf_htonl(0x0000ffff);
+	a->w[3] = ip4;
+}
+
+static __always_inline void addr_from_v6(union addr16 *a, struct bpf_sock_addr *ctx)
+{
+	a->w[0] = ctx->user_ip6[0];
+	a->w[1] = ctx->user_ip6[1];
+	a->w[2] = ctx->user_ip6[2];
+	a->w[3] = ctx->user_ip6[3];
+}
+
+static __always_inline int addr_is_v4mapped(const union addr16 *a)
+{
+	return a->w[0] == 0 && a->w[1] == 0 && a->w[2] == bpf_htonl(0x0000ffff);
+}
+
+static __always_inline int addr_equal(const union addr16 *a, const union addr16 *b)
+{
+	return a->w[0] == b->w[0] && a->w[1] == b->w[1] && a->w[2] == b->w[2] &&
+	       a->w[3] == b->w[3];
+}
+
+static __always_inline void addr_to_ctx(struct bpf_sock_addr *ctx, const union addr16 *a, int v4)
+{
+	if (v4) {
+		ctx->user_ip4 = a->w[3];
+		return;
+	}
+	ctx->user_ip6[0] = a->w[0];
+	ctx->user_ip6[1] = a->w[1];
+	ctx->user_ip6[2] = a->w[2];
+	ctx->user_ip6[3] = a->w[3];
+}
+
+static __always_inline int refuse(int err)
+{
+	bpf_set_retval(-err);
+	return 0;
+}
+
+static __always_inline struct backend *lookup_backend(__u32 backend_id, int v4)
+{
+	struct backend *be = bpf_map_lookup_elem(&kpr_backends_v1, &backend_id);
+	union addr16 a;
+
+	if (!be)
+		return NULL;
+	/* A v4 socket cannot be pointed at an IPv6 backend. */
+	if (v4) {
+		__builtin_memcpy(a.b, be->addr, sizeof(a.b));
+		if (!addr_is_v4mapped(&a))
+			return NULL;
+	}
+	return be;
+}
+
+static __always_inline struct backend *lookup_slot(struct svc_key *key, __u16 slot, int v4,
+						   __u32 *backend_id)
+{
+	struct svc_value *sv;
+
+	key->slot = slot;
+	sv = bpf_map_lookup_elem(&kpr_svc_v1, key);
+	if (!sv)
+		return NULL;
+	*backend_id = sv->backend_id;
+	return lookup_backend(*backend_id, v4);
+}
+
+/* Only rewrite the reverse entry when it changed: sendmsg runs per datagram. */
+static __always_inline void record_sk_revnat(struct bpf_sock_addr *ctx, const union addr16 *be_addr,
+					     __be16 be_port, const union addr16 *vip,
+					     __be16 vip_port, __u32 svc_id)
+{
+	struct sk_revnat_key k = {};
+	struct sk_revnat_value v = {};
+	struct sk_revnat_value *old;
+
+	k.cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memcpy(k.addr, be_addr->b, sizeof(k.addr));
+	k.port = be_port;
+
+	__builtin_memcpy(v.addr, vip->b, sizeof(v.addr));
+	v.port = vip_port;
+	v.svc_id = svc_id;
+
+	old = bpf_map_lookup_elem(&kpr_sk_revnat_v1, &k);
+	if (old && old->svc_id == svc_id && old->port == vip_port) {
+		union addr16 o;
+
+		__builtin_memcpy(o.b, old->addr, sizeof(o.b));
+		if (addr_equal(&o, vip))
+			return;
+	}
+	bpf_map_update_elem(&kpr_sk_revnat_v1, &k, &v, BPF_ANY);
+}
+
+/*
+ * Translates ctx's destination if it is a Service frontend. Returns the
+ * program's return value: 1 to let the call proceed (translated or not), 0
+ * after bpf_set_retval() to fail it.
+ */
+static __always_inline int sock_lb(struct bpf_sock_addr *ctx, int v4, int is_connect)
+{
+	struct svc_key key = {};
+	struct svc_value *sv;
+	struct backend *be = NULL;
+	union addr16 vip, be_addr;
+	__u32 proto = ctx->protocol;
+	__be16 vip_port, be_port;
+	__u32 backend_id = 0, svc_id, timeout;
+	__u16 count, flags;
+	__u32 now = 0;
+
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return 1;
+
+	if (v4)
+		addr_from_v4(&vip, ctx->user_ip4);
+	else
+		addr_from_v6(&vip, ctx);
+	vip_port = (__be16)ctx->user_port;
+
+	__builtin_memcpy(key.addr, vip.b, sizeof(key.addr));
+	key.port = vip_port;
+	key.proto = (__u8)proto;
+	key.scope = SCOPE_SOCKET;
+
+	sv = bpf_map_lookup_elem(&kpr_svc_v1, &key);
+	if (!sv) {
+		key.port = 0;
+		key.proto = 0;
+		if (bpf_map_lookup_elem(&kpr_svc_v1, &key))
+			return refuse(ECONNREFUSED);
+		return 1;
+	}
+
+	/* Copy out: the entry can be replaced while we run. */
+	count = sv->count;
+	flags = sv->flags;
+	svc_id = sv->svc_id;
+	timeout = sv->affinity_timeout_sec;
+
+	if (count == 0)
+		return refuse((flags & SVC_F_UNREACHABLE) ? EHOSTUNREACH : ECONNREFUSED);
+
+	if (timeout) {
+		struct affinity_key ak = {};
+		struct affinity_value *av;
+
+		now = (__u32)(bpf_ktime_get_ns() / NSEC_PER_SEC);
+		ak.netns_cookie = bpf_get_netns_cookie(ctx);
+		ak.svc_id = svc_id;
+		av = bpf_map_lookup_elem(&kpr_affinity_v1, &ak);
+		if (av && now - av->last_used_sec <= timeout) {
+			backend_id = av->backend_id;
+			be = lookup_backend(backend_id, v4);
+		}
+	}
+
+	if (!be)
+		be = lookup_slot(&key, (__u16)(bpf_get_prandom_u32() % count + 1), v4, &backend_id);
+	/* A slot or backend vanished under a concurrent update: slot 1 always exists
+	 * while count > 0 unless the whole Service is being replaced. */
+	if (!be)
+		be = lookup_slot(&key, 1, v4, &backend_id);
+	if (!be)
+		return refuse(ECONNREFUSED);
+
+	__builtin_memcpy(be_addr.b, be->addr, sizeof(be_addr.b));
+	be_port = be->port;
+
+	if (timeout) {
+		struct affinity_key ak = {};
+		struct affinity_value av = {};
+
+		ak.netns_cookie = bpf_get_netns_cookie(ctx);
+		ak.svc_id = svc_id;
+		av.backend_id = backend_id;
+		av.last_used_sec = now;
+		bpf_map_update_elem(&kpr_affinity_v1, &ak, &av, BPF_ANY);
+	}
+
+	addr_to_ctx(ctx, &be_addr, v4);
+	ctx->user_port = (__u32)be_port;
+
+	if (is_connect || proto == IPPROTO_UDP)
+		record_sk_revnat(ctx, &be_addr, be_port, &vip, vip_port, svc_id);
+	return 1;
+}
+
+/* Rewrites a backend source/peer address back to the VIP the socket used. */
+static __always_inline int sock_revnat(struct bpf_sock_addr *ctx, int v4)
+{
+	struct sk_revnat_key k = {};
+	struct sk_revnat_value *v;
+	struct revnat *rn;
+	union addr16 peer, vip, cur;
+	__be16 vip_port;
+	__u32 svc_id;
+
+	if (v4)
+		addr_from_v4(&peer, ctx->user_ip4);
+	else
+		addr_from_v6(&peer, ctx);
+
+	k.cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memcpy(k.addr, peer.b, sizeof(k.addr));
+	k.port = (__be16)ctx->user_port;
+
+	v = bpf_map_lookup_elem(&kpr_sk_revnat_v1, &k);
+	if (!v)
+		return 1;
+	__builtin_memcpy(vip.b, v->addr, sizeof(vip.b));
+	vip_port = v->port;
+	svc_id = v->svc_id;
+
+	/* The Service (or its frontend) may be gone: then show the truth. */
+	rn = bpf_map_lookup_elem(&kpr_revnat_v1, &svc_id);
+	if (!rn || rn->port != vip_port)
+		return 1;
+	__builtin_memcpy(cur.b, rn->addr, sizeof(cur.b));
+	if (!addr_equal(&cur, &vip))
+		return 1;
+	if (v4 && !addr_is_v4mapped(&vip))
+		return 1;
+
+	addr_to_ctx(ctx, &vip, v4);
+	ctx->user_port = (__u32)vip_port;
+	return 1;
+}
+
+SEC("cgroup/connect4")
+int connect4(struct bpf_sock_addr *ctx)
+{
+	return sock_lb(ctx, 1, 1);
+}
+
+SEC("cgroup/connect6")
+int connect6(struct bpf_sock_addr *ctx)
+{
+	return sock_lb(ctx, 0, 1);
+}
+
+SEC("cgroup/sendmsg4")
+int sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return sock_lb(ctx, 1, 0);
+}
+
+SEC("cgroup/sendmsg6")
+int sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return sock_lb(ctx, 0, 0);
+}
+
+SEC("cgroup/recvmsg4")
+int recvmsg4(struct bpf_sock_addr *ctx)
+{
+	return sock_revnat(ctx, 1);
+}
+
+SEC("cgroup/recvmsg6")
+int recvmsg6(struct bpf_sock_addr *ctx)
+{
+	return sock_revnat(ctx, 0);
+}
+
+SEC("cgroup/getpeername4")
+int getpeername4(struct bpf_sock_addr *ctx)
+{
+	return sock_revnat(ctx, 1);
+}
+
+SEC("cgroup/getpeername6")
+int getpeername6(struct bpf_sock_addr *ctx)
+{
+	return sock_revnat(ctx, 0);
+}
+
+char __license[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,155 @@
+package bpf
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+)
+
+// Proto is an IP protocol number (IPPROTO_*), as stored in the maps.
+type Proto uint8
+
+// Protocols a Service frontend or backend can use.
+const (
+	ProtoTCP  Proto = 6
+	ProtoUDP  Proto = 17
+	ProtoSCTP Proto = 132
+)
+
+func (p Proto) String() string {
+	switch p {
+	case 0:
+		return "ANY"
+	case ProtoTCP:
+		return "TCP"
+	case ProtoUDP:
+		return "UDP"
+	case ProtoSCTP:
+		return "SCTP"
+	}
+	return fmt.Sprintf("proto(%d)", uint8(p))
+}
+
+// Scope says which datapath a frontend belongs to.
+type Scope uint8
+
+const (
+	// ScopeSocket frontends are translated by the cgroup socket hooks, for
+	// traffic from local sockets.
+	ScopeSocket Scope = 0
+	// ScopeExternal frontends are for traffic entering the node (tc/XDP).
+	ScopeExternal Scope = 1
+)
+
+// ServiceFlags are the flags of a frontend (slot 0).
+type ServiceFlags uint16
+
+// FlagUnreachable makes a frontend without backends fail with EHOSTUNREACH
+// instead of ECONNREFUSED: endpoints exist, but none is usable under a Local
+// traffic policy. Mirrors SVC_F_UNREACHABLE in sock.c.
+const FlagUnreachable ServiceFlags = 1
+
+// ServiceKey identifies a frontend. Port 0 with Proto 0 is the wildcard
+// entry that marks Addr as a VIP, so that ports it does not serve are refused
+// instead of leaking out of the node. IPv4 addresses are stored IPv4-mapped;
+// dumps return them unmapped.
+type ServiceKey struct {
+	Addr  netip.Addr
+	Port  uint16
+	Proto Proto
+	Scope Scope
+}
+
+// Wildcard reports whether k is the wildcard entry of its address.
+func (k ServiceKey) Wildcard() bool { return k.Port == 0 && k.Proto == 0 }
+
+func (k ServiceKey) String() string {
+	if k.Wildcard() {
+		return fmt.Sprintf("%s/* scope %d", k.Addr, k.Scope)
+	}
+	return fmt.Sprintf("%s/%s scope %d", netip.AddrPortFrom(k.Addr, k.Port), k.Proto, k.Scope)
+}
+
+// Service is a frontend's slot 0 plus its backend slots.
+type Service struct {
+	// ID is the svc_id, also the key of the frontend's reverse NAT entry.
+	ID                 uint32
+	Flags              ServiceFlags
+	AffinityTimeoutSec uint32
+	// Backends are backend IDs in slot order (slot 1 first). A slot that is
+	// missing from the map (only during a concurrent update) dumps as 0.
+	Backends []uint32
+}
+
+// Backend is an endpoint a frontend translates to.
+type Backend struct {
+	Addr  netip.Addr
+	Port  uint16
+	Proto Proto
+}
+
+// RevNat is the frontend address that replies are translated back to.
+type RevNat struct {
+	Addr netip.Addr
+	Port uint16
+}
+
+// maxSlots is the largest backend count a frontend can carry (count is u16).
+const maxSlots = 1<<16 - 1
+
+func (k ServiceKey) validate() error {
+	if err := validAddr(k.Addr); err != nil {
+		return fmt.Errorf("service %s: %w", k, err)
+	}
+	if k.Scope > ScopeExternal {
+		return fmt.Errorf("service %s: unknown scope %d", k, k.Scope)
+	}
+	if (k.Port == 0) != (k.Proto == 0) {
+		return fmt.Errorf("service %s: port and protocol must both be set, or both be 0 for the wildcard entry", k)
+	}
+	return nil
+}
+
+func validAddr(a netip.Addr) error {
+	if !a.IsValid() {
+		return fmt.Errorf("invalid address")
+	}
+	if a.Zone() != "" {
+		return fmt.Errorf("address %s has a zone, which the maps cannot hold", a)
+	}
+	return nil
+}
+
+// netPort converts a host-order port to the network-order value the C side
+// reads as __be16.
+func netPort(p uint16) uint16 {
+	var b [2]byte
+	binary.BigEndian.PutUint16(b[:], p)
+	return binary.NativeEndian.Uint16(b[:])
+}
+
+// hostPort is the inverse of netPort.
+func hostPort(p uint16) uint16 {
+	var b [2]byte
+	binary.NativeEndian.PutUint16(b[:], p)
+	return binary.BigEndian.Uint16(b[:])
+}
+
+func svcKey(k ServiceKey, slot uint16) sockSvcKey {
+	return sockSvcKey{
+		Addr:  k.Addr.As16(),
+		Port:  netPort(k.Port),
+		Proto: uint8(k.Proto),
+		Scope: uint8(k.Scope),
+		Slot:  slot,
+	}
+}
+
+func serviceKeyFrom(k *sockSvcKey) ServiceKey {
+	return ServiceKey{
+		Addr:  netip.AddrFrom16(k.Addr).Unmap(),
+		Port:  hostPort(k.Port),
+		Proto: Proto(k.Proto),
+		Scope: Scope(k.Scope),
+	}
+}

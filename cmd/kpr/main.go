@@ -1,0 +1,254 @@
+// Command kpr is the eBPF kube-proxy replacement: `kpr run` is the node agent (started by
+// systemd); the other subcommands inspect or remove what it programmed.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/signal"
+	"slices"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+
+	"github.com/kpr-dev/kpr/bpf"
+	"github.com/kpr-dev/kpr/node/agent"
+	"github.com/kpr-dev/kpr/node/config"
+	"github.com/kpr-dev/kpr/node/datapath"
+)
+
+func main() {
+	if err := newRoot(os.Stdout).Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "kpr:", err)
+		os.Exit(1)
+	}
+}
+
+func newRoot(out io.Writer) *cobra.Command {
+	root := &cobra.Command{
+		Use:           "kpr",
+		Short:         "kpr replaces kube-proxy with an eBPF datapath",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.SetOut(out)
+	root.AddCommand(runCmd(), statusCmd(out), serviceCmd(out), cleanupCmd(out), versionCmd(out))
+	return root
+}
+
+func runCmd() *cobra.Command {
+	c := &cobra.Command{
+		Use:   "run",
+		Short: "run the node agent (normally started by systemd as kpr.service)",
+		Args:  cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			cfg, err := config.Load(c.Flags())
+			if err != nil {
+				return err
+			}
+			log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+			defer stop()
+			return agent.New(cfg, log).Run(ctx)
+		},
+	}
+	config.AddFlags(c.Flags())
+	return c
+}
+
+// loadForInspection reads the settings inspection commands need (pin dir, run dir) with the
+// same precedence as `kpr run`.
+func loadForInspection(fs *pflag.FlagSet) (*config.Config, error) {
+	return config.Load(fs)
+}
+
+func statusCmd(out io.Writer) *cobra.Command {
+	c := &cobra.Command{
+		Use:   "status",
+		Short: "show the agent's state in a few lines",
+		Args:  cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			cfg, err := loadForInspection(c.Flags())
+			if err != nil {
+				return err
+			}
+			return printStatus(out, cfg)
+		},
+	}
+	config.AddFlags(c.Flags())
+	return c
+}
+
+func printStatus(out io.Writer, cfg *config.Config) error {
+	w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	defer w.Flush()
+	st, err := agent.ReadStatus(cfg.RunDir)
+	switch {
+	case err != nil:
+		fmt.Fprintf(w, "Agent:\tno status in %s (%v)\n", cfg.RunDir, err)
+	default:
+		state := "running"
+		if !st.Stopped.IsZero() {
+			state = "stopped at " + st.Stopped.Format(time.RFC3339)
+		} else if syscall.Kill(st.PID, 0) != nil {
+			state = "not running (last pid " + fmt.Sprint(st.PID) + ")"
+		}
+		fmt.Fprintf(w, "Agent:\t%s, version %s, pid %d, node %q\n", state, st.Version, st.PID, st.Node)
+		fmt.Fprintf(w, "API server:\t%s (%s)\n", st.API, strings.Join(st.APIServers, ", "))
+		sync := "not yet synced"
+		if st.Synced {
+			sync = fmt.Sprintf("last sync %s ago, took %s", time.Since(st.LastSync).Round(time.Second), st.LastSyncDuration)
+		}
+		if st.LastSyncError != "" {
+			sync += ", error: " + st.LastSyncError
+		}
+		fmt.Fprintf(w, "Sync:\t%s\n", sync)
+		if st.Error != "" {
+			fmt.Fprintf(w, "Error:\t%s\n", st.Error)
+		}
+	}
+	links, err := bpf.Attached(cfg.BPFPinDir)
+	if err != nil {
+		fmt.Fprintf(w, "Datapath:\tnot loaded (%v)\n", err)
+		return nil
+	}
+	cgroup := ""
+	if st != nil {
+		cgroup = " to " + st.Cgroup
+	}
+	fmt.Fprintf(w, "Datapath:\t%d programs attached%s, pinned in %s (%s)\n", len(links), cgroup, cfg.BPFPinDir, strings.Join(links, " "))
+	m, err := bpf.OpenMaps(cfg.BPFPinDir)
+	if err != nil {
+		fmt.Fprintf(w, "Maps:\t%v\n", err)
+		return nil
+	}
+	defer m.Close()
+	svcs, err1 := m.Services()
+	bes, err2 := m.Backends()
+	if err := errors.Join(err1, err2); err != nil {
+		fmt.Fprintf(w, "Maps:\t%v\n", err)
+		return nil
+	}
+	n := 0
+	for k := range svcs {
+		if !datapath.IsWildcard(k) {
+			n++
+		}
+	}
+	fmt.Fprintf(w, "Load balancing:\t%d frontends, %d backends\n", n, len(bes))
+	return nil
+}
+
+func serviceCmd(out io.Writer) *cobra.Command {
+	svc := &cobra.Command{Use: "service", Short: "inspect programmed Services"}
+	list := &cobra.Command{
+		Use:   "list",
+		Short: "list the frontends and backends programmed in the datapath (from the pinned maps)",
+		Args:  cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			cfg, err := loadForInspection(c.Flags())
+			if err != nil {
+				return err
+			}
+			m, err := bpf.OpenMaps(cfg.BPFPinDir)
+			if err != nil {
+				return err
+			}
+			defer m.Close()
+			return listServices(out, m)
+		},
+	}
+	config.AddFlags(list.Flags())
+	svc.AddCommand(list)
+	return svc
+}
+
+func listServices(out io.Writer, m datapath.LBMap) error {
+	svcs, err := m.Services()
+	if err != nil {
+		return err
+	}
+	bes, err := m.Backends()
+	if err != nil {
+		return err
+	}
+	w := tabwriter.NewWriter(out, 0, 4, 3, ' ', 0)
+	defer w.Flush()
+	fmt.Fprintln(w, "ID\tFrontend\tScope\tBackends")
+	for _, k := range datapath.SortedKeys(svcs) {
+		if datapath.IsWildcard(k) {
+			continue
+		}
+		s := svcs[k]
+		scope := "socket"
+		if k.Scope == bpf.ScopeExternal {
+			scope = "external"
+		}
+		fe := fmt.Sprintf("%s/%s", netip.AddrPortFrom(k.Addr, k.Port), datapath.ProtoName(k.Proto))
+		if len(s.Backends) == 0 {
+			why := "none: refused (no endpoints)"
+			if s.Flags&bpf.FlagUnreachable != 0 {
+				why = "none: unreachable (no local endpoints)"
+			}
+			fmt.Fprintf(w, "%d\t%s\t%s\t%s\n", s.ID, fe, scope, why)
+			continue
+		}
+		lines := make([]string, 0, len(s.Backends))
+		for _, id := range s.Backends {
+			b, ok := bes[id]
+			if !ok {
+				lines = append(lines, fmt.Sprintf("%d => (missing)", id))
+				continue
+			}
+			lines = append(lines, fmt.Sprintf("%d => %s/%s", id, netip.AddrPortFrom(b.Addr, b.Port), datapath.ProtoName(b.Proto)))
+		}
+		slices.Sort(lines)
+		for i, l := range lines {
+			if i == 0 {
+				fmt.Fprintf(w, "%d\t%s\t%s\t%s\n", s.ID, fe, scope, l)
+			} else {
+				fmt.Fprintf(w, "\t\t\t%s\n", l)
+			}
+		}
+	}
+	return nil
+}
+
+func cleanupCmd(out io.Writer) *cobra.Command {
+	c := &cobra.Command{
+		Use:   "cleanup",
+		Short: "detach and remove everything kpr programmed (pinned maps and links)",
+		Args:  cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			cfg, err := loadForInspection(c.Flags())
+			if err != nil {
+				return err
+			}
+			if err := bpf.Cleanup(cfg.BPFPinDir); err != nil {
+				return err
+			}
+			fmt.Fprintf(out, "removed the datapath pinned in %s\n", cfg.BPFPinDir)
+			return nil
+		},
+	}
+	config.AddFlags(c.Flags())
+	return c
+}
+
+func versionCmd(out io.Writer) *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "print kpr's version",
+		Args:  cobra.NoArgs,
+		Run:   func(*cobra.Command, []string) { fmt.Fprintln(out, "kpr", agent.Version) },
+	}
+}

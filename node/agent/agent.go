@@ -1,0 +1,453 @@
+// Package agent is kpr's node agent: it finds the API server, loads the datapath, watches
+// Services, EndpointSlices and its Node, and keeps the load-balancer maps equal to what
+// kube-proxy would compute, applying only differences.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	v1 "k8s.io/api/core/v1"
+	discovery "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/selection"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/kpr-dev/kpr/bpf"
+	"github.com/kpr-dev/kpr/kubeadm"
+	"github.com/kpr-dev/kpr/node/config"
+	"github.com/kpr-dev/kpr/node/datapath"
+	"github.com/kpr-dev/kpr/node/lbstate"
+	"github.com/kpr-dev/kpr/systemd"
+)
+
+// Version is stamped by the build.
+var Version = "dev"
+
+// Agent is one running kpr on one node.
+type Agent struct {
+	cfg    *config.Config
+	log    *slog.Logger
+	notify systemd.Notifier
+
+	node    lbstate.Node
+	cluster *kubeadm.Cluster
+	dp      *bpf.Datapath
+	rec     *datapath.Reconciler
+	client  kubernetes.Interface
+
+	services cache.SharedIndexInformer
+	slices   cache.SharedIndexInformer
+	nodes    cache.SharedIndexInformer
+
+	tracker tracker
+	status  *statusWriter
+
+	mu           sync.Mutex
+	lastLoop     time.Time
+	lastFull     time.Time
+	syncFailures int
+	apiDown      bool
+}
+
+// New prepares an agent; Run starts it.
+func New(cfg *config.Config, log *slog.Logger) *Agent {
+	return &Agent{cfg: cfg, log: log, notify: systemd.Notifier{Log: func(f string, a ...any) { log.Warn(fmt.Sprintf(f, a...)) }}}
+}
+
+// Run loads the datapath, tells systemd it is ready, and keeps the datapath in sync until ctx
+// is cancelled. Returning leaves the datapath programmed and pinned.
+func (a *Agent) Run(ctx context.Context) error {
+	a.status = &statusWriter{dir: a.cfg.RunDir}
+	a.status.set(func(s *Status) {
+		s.Version, s.PID, s.Started = Version, os.Getpid(), time.Now()
+	})
+	if err := a.setup(); err != nil {
+		a.status.set(func(s *Status) { s.Error = err.Error() })
+		return err
+	}
+	defer a.dp.Close()
+
+	// READY once the datapath is loaded, attached and restored from the pins: on a
+	// control-plane node the API server itself may wait for kubelet, which waits for us.
+	a.notify.Ready()
+	a.notify.Status("datapath loaded; waiting for the API server")
+	a.log.Info("datapath ready", "pinDir", a.cfg.BPFPinDir, "cgroup", a.status.get().Cgroup, "restoredFrontends", a.status.get().Frontends)
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	a.startInformers(ctx)
+	r := newRunner(a.syncOnce, a.cfg.MinSyncPeriod, a.cfg.SyncPeriod)
+	a.tracker.onChange = r.Run
+	var wg sync.WaitGroup
+	wg.Go(func() { r.Loop(ctx) })
+	wg.Go(func() { a.notify.Watchdog(ctx, a.Healthy) })
+	wg.Go(func() { a.watchAPI(ctx) })
+	r.Run()
+	<-ctx.Done()
+	a.notify.Stopping()
+	a.log.Info("stopping; the datapath stays in place")
+	cancel()
+	wg.Wait()
+	a.status.set(func(s *Status) { s.Stopped = time.Now() })
+	return nil
+}
+
+func (a *Agent) setup() error {
+	cluster, err := kubeadm.Discover(kubeadm.Options{
+		KubeadmConfig: a.cfg.KubeadmConfig,
+		KubeletConf:   a.cfg.KubeletKubeconfig,
+		Kubeconfig:    a.cfg.Kubeconfig,
+		APIServers:    a.cfg.APIServers,
+	})
+	if err != nil {
+		return fmt.Errorf("finding the API server: %w", err)
+	}
+	if cluster.RESTConfig == nil {
+		return fmt.Errorf("finding the API server: no credentials (set kubeconfig, or kubeletKubeconfig to the node's kubelet.conf); tried: %s", strings.Join(cluster.Sources, "; "))
+	}
+	a.cluster = cluster
+	for _, s := range cluster.Sources {
+		a.log.Info("api discovery", "source", s)
+	}
+	name := a.cfg.NodeName
+	if name == "" {
+		if name, err = os.Hostname(); err != nil {
+			return fmt.Errorf("nodeName: not set and the host name is unknown: %w", err)
+		}
+	}
+	a.node.Name = strings.ToLower(name)
+
+	if err := bpf.Probe(); err != nil {
+		return fmt.Errorf("kernel: %w", err)
+	}
+	cgroup := a.cfg.CgroupPath
+	if cgroup == "" {
+		if cgroup, err = bpf.CgroupV2Mount(); err != nil {
+			return fmt.Errorf("cgroupPath: not set and no cgroup2 mount found: %w", err)
+		}
+	}
+	if err := ensureBPFFS(a.cfg.BPFPinDir); err != nil {
+		return fmt.Errorf("bpfPinDir: %w", err)
+	}
+	dp, err := bpf.Load(bpf.Config{
+		PinDir:            a.cfg.BPFPinDir,
+		CgroupPath:        cgroup,
+		ServiceMapSize:    a.cfg.ServiceMapSize,
+		BackendMapSize:    a.cfg.BackendMapSize,
+		SockRevNatMapSize: a.cfg.SockRevNatMapSize,
+		AffinityMapSize:   a.cfg.AffinityMapSize,
+	})
+	if err != nil {
+		return fmt.Errorf("loading the datapath: %+v", err)
+	}
+	a.dp = dp
+	rec, err := datapath.NewReconciler(dp.Maps)
+	if err != nil {
+		dp.Close()
+		return fmt.Errorf("restoring from %s: %w", a.cfg.BPFPinDir, err)
+	}
+	a.rec = rec
+	svcs, _ := dp.Maps.Services()
+	client, err := kubernetes.NewForConfig(cluster.RESTConfig)
+	if err != nil {
+		dp.Close()
+		return fmt.Errorf("API client: %w", err)
+	}
+	a.client = client
+	a.status.set(func(s *Status) {
+		s.Node = a.node.Name
+		s.APIServers = cluster.Endpoints
+		s.PinDir = a.cfg.BPFPinDir
+		s.Cgroup = cgroup
+		s.Frontends = len(svcs)
+		s.API = "connecting"
+	})
+	return nil
+}
+
+// proxySelector is kube-proxy's: objects that name another proxy, and headless Services'
+// slices, are not ours.
+func proxySelector() string {
+	noProxyName, _ := labels.NewRequirement(lbstate.LabelServiceProxyName, selection.DoesNotExist, nil)
+	noHeadless, _ := labels.NewRequirement(lbstate.LabelHeadless, selection.DoesNotExist, nil)
+	return labels.NewSelector().Add(*noProxyName, *noHeadless).String()
+}
+
+const byService = "byService"
+
+func (a *Agent) startInformers(ctx context.Context) {
+	f := informers.NewSharedInformerFactoryWithOptions(a.client, 0,
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = proxySelector() }))
+	a.services = f.Core().V1().Services().Informer()
+	a.slices = f.Discovery().V1().EndpointSlices().Informer()
+	_ = a.slices.AddIndexers(cache.Indexers{byService: func(obj any) ([]string, error) {
+		s, ok := obj.(*discovery.EndpointSlice)
+		if !ok || s.Labels[discovery.LabelServiceName] == "" {
+			return nil, nil
+		}
+		return []string{s.Namespace + "/" + s.Labels[discovery.LabelServiceName]}, nil
+	}})
+	nf := informers.NewSharedInformerFactoryWithOptions(a.client, 0,
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
+			o.FieldSelector = fields.OneTermEqualSelector("metadata.name", a.node.Name).String()
+		}))
+	a.nodes = nf.Core().V1().Nodes().Informer()
+
+	serviceName := func(obj any) string {
+		if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+			obj = d.Obj
+		}
+		m, err := meta.Accessor(obj)
+		if err != nil {
+			return ""
+		}
+		if s, ok := obj.(*discovery.EndpointSlice); ok {
+			if s.Labels[discovery.LabelServiceName] == "" {
+				return ""
+			}
+			return s.Namespace + "/" + s.Labels[discovery.LabelServiceName]
+		}
+		return m.GetNamespace() + "/" + m.GetName()
+	}
+	h := cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(obj any) { a.tracker.touch(serviceName(obj)) },
+		UpdateFunc: func(_, obj any) { a.tracker.touch(serviceName(obj)) },
+		DeleteFunc: func(obj any) { a.tracker.touch(serviceName(obj)) },
+	}
+	_, _ = a.services.AddEventHandler(h)
+	_, _ = a.slices.AddEventHandler(h)
+	nodeChanged := func(obj any) {
+		if n, ok := obj.(*v1.Node); ok {
+			a.mu.Lock()
+			zone := n.Labels[v1.LabelTopologyZone]
+			changed := zone != a.node.Zone
+			a.node.Zone = zone
+			a.mu.Unlock()
+			if changed {
+				a.tracker.touchAll()
+			}
+		}
+	}
+	_, _ = a.nodes.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    nodeChanged,
+		UpdateFunc: func(_, obj any) { nodeChanged(obj) },
+	})
+	for _, inf := range []cache.SharedIndexInformer{a.services, a.slices, a.nodes} {
+		_ = inf.SetWatchErrorHandler(func(_ *cache.Reflector, err error) { a.apiError(err) })
+	}
+	f.Start(ctx.Done())
+	nf.Start(ctx.Done())
+}
+
+func (a *Agent) apiError(err error) {
+	if errors.Is(err, context.Canceled) {
+		return
+	}
+	a.mu.Lock()
+	was := a.apiDown
+	a.apiDown = true
+	a.mu.Unlock()
+	if !was {
+		a.log.Warn("API server unreachable; keeping the programmed datapath and retrying", "err", err)
+		a.notify.Status("API server unreachable; datapath kept as programmed")
+		a.status.set(func(s *Status) { s.API = "unreachable since " + time.Now().Format(time.RFC3339) + ": " + err.Error() })
+	}
+}
+
+// watchAPI notices when an unreachable API server answers again, so the state change is
+// logged once; client-go's reflectors do the actual retrying with backoff.
+func (a *Agent) watchAPI(ctx context.Context) {
+	t := time.NewTicker(2 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		a.mu.Lock()
+		down := a.apiDown
+		a.mu.Unlock()
+		if !down && a.status.get().API == "connected" {
+			continue
+		}
+		rctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		err := a.client.Discovery().RESTClient().Get().AbsPath("/version").Do(rctx).Error()
+		cancel()
+		if err != nil {
+			continue
+		}
+		a.mu.Lock()
+		a.apiDown = false
+		a.mu.Unlock()
+		if down {
+			a.log.Info("API server reachable again")
+		}
+		a.status.set(func(s *Status) { s.API = "connected" })
+		a.tracker.touchAll()
+	}
+}
+
+// syncOnce computes the desired state of the Services that changed and programs the
+// difference. It is the runner's only function, so it never runs concurrently.
+func (a *Agent) syncOnce() error {
+	a.mu.Lock()
+	a.lastLoop = time.Now()
+	full := time.Since(a.lastFull) >= a.cfg.SyncPeriod
+	node := a.node
+	a.mu.Unlock()
+	if !a.services.HasSynced() || !a.slices.HasSynced() {
+		return nil
+	}
+	start := time.Now()
+	touched, all := a.tracker.take()
+	if full || all {
+		touched = nil
+		names := map[string]bool{}
+		for _, n := range a.rec.Services() {
+			names[n] = true
+		}
+		for _, k := range a.services.GetIndexer().ListKeys() {
+			names[k] = true
+		}
+		for n := range names {
+			a.rec.Set(n, a.frontends(n, node))
+		}
+	} else {
+		for _, n := range touched {
+			a.rec.Set(n, a.frontends(n, node))
+		}
+	}
+	if touched == nil {
+		a.rec.Resync()
+	}
+	st, err := a.rec.Sync(touched)
+	elapsed := time.Since(start)
+	a.mu.Lock()
+	if err != nil {
+		a.syncFailures++
+	} else {
+		a.syncFailures = 0
+		if touched == nil {
+			a.lastFull = start
+		}
+	}
+	a.mu.Unlock()
+	a.status.set(func(s *Status) {
+		s.Synced = true
+		s.LastSync = start
+		s.LastSyncDuration = elapsed.String()
+		s.Services = len(a.rec.Services())
+		s.Frontends = st.Frontends
+		s.Backends = st.Backends
+		s.LastSyncError = ""
+		if err != nil {
+			s.LastSyncError = err.Error()
+		}
+		if s.API == "connecting" {
+			s.API = "connected"
+		}
+	})
+	if err != nil {
+		a.log.Error("datapath sync failed; will retry", "err", err)
+		return err
+	}
+	if st.Upserted > 0 || st.Deleted > 0 || st.Full {
+		a.log.Info("datapath synced", "full", st.Full, "upserted", st.Upserted, "deleted", st.Deleted,
+			"frontends", st.Frontends, "backends", st.Backends, "took", elapsed)
+	}
+	a.notify.Status(fmt.Sprintf("serving %d Services (%d frontends, %d backends)", len(a.rec.Services()), st.Frontends, st.Backends))
+	return nil
+}
+
+// frontends computes one Service's socket-LB frontends from the informer caches.
+func (a *Agent) frontends(name string, node lbstate.Node) []lbstate.Frontend {
+	obj, exists, err := a.services.GetIndexer().GetByKey(name)
+	if err != nil || !exists {
+		return nil
+	}
+	svc, ok := obj.(*v1.Service)
+	if !ok {
+		return nil
+	}
+	if why := lbstate.Ignored(svc); why != "" {
+		return nil
+	}
+	objs, _ := a.slices.GetIndexer().ByIndex(byService, name)
+	eps := make([]*discovery.EndpointSlice, 0, len(objs))
+	for _, o := range objs {
+		if s, ok := o.(*discovery.EndpointSlice); ok {
+			eps = append(eps, s)
+		}
+	}
+	return lbstate.Frontends(svc, lbstate.ServiceEndpoints(eps, node.Name), node)
+}
+
+// Healthy is true while the sync loop runs and the datapath accepts writes. An unreachable API
+// server is not unhealthy: the datapath keeps serving, and a restart would not help.
+func (a *Agent) Healthy() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.lastLoop.IsZero() {
+		return true
+	}
+	return time.Since(a.lastLoop) < 2*a.cfg.SyncPeriod+10*time.Second && a.syncFailures < 5
+}
+
+// tracker collects the Services that changed since the last sync.
+type tracker struct {
+	mu       sync.Mutex
+	dirty    map[string]bool
+	all      bool
+	onChange func()
+}
+
+func (t *tracker) touch(name string) {
+	if name == "" {
+		return
+	}
+	t.mu.Lock()
+	if t.dirty == nil {
+		t.dirty = map[string]bool{}
+	}
+	t.dirty[name] = true
+	fn := t.onChange
+	t.mu.Unlock()
+	if fn != nil {
+		fn()
+	}
+}
+
+func (t *tracker) touchAll() {
+	t.mu.Lock()
+	t.all = true
+	fn := t.onChange
+	t.mu.Unlock()
+	if fn != nil {
+		fn()
+	}
+}
+
+func (t *tracker) take() ([]string, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	out := make([]string, 0, len(t.dirty))
+	for n := range t.dirty {
+		out = append(out, n)
+	}
+	all := t.all
+	t.dirty, t.all = nil, false
+	return out, all
+}

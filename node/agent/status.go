@@ -1,0 +1,100 @@
+package agent
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// StatusFile is the name of the agent's status file inside runDir.
+const StatusFile = "status.json"
+
+// Status is what the running agent reports about itself, for `kpr status`.
+type Status struct {
+	Version          string    `json:"version"`
+	PID              int       `json:"pid"`
+	Started          time.Time `json:"started"`
+	Stopped          time.Time `json:"stopped,omitzero"`
+	Node             string    `json:"node"`
+	APIServers       []string  `json:"apiServers"`
+	API              string    `json:"api"`
+	PinDir           string    `json:"pinDir"`
+	Cgroup           string    `json:"cgroup"`
+	Synced           bool      `json:"synced"`
+	LastSync         time.Time `json:"lastSync,omitzero"`
+	LastSyncDuration string    `json:"lastSyncDuration,omitempty"`
+	LastSyncError    string    `json:"lastSyncError,omitempty"`
+	Services         int       `json:"services"`
+	Frontends        int       `json:"frontends"`
+	Backends         int       `json:"backends"`
+	Error            string    `json:"error,omitempty"`
+}
+
+// statusWriter keeps the status and writes it atomically on every change.
+type statusWriter struct {
+	dir string
+	mu  sync.Mutex
+	s   Status
+}
+
+func (w *statusWriter) get() Status {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.s
+}
+
+func (w *statusWriter) set(change func(*Status)) {
+	w.mu.Lock()
+	change(&w.s)
+	b, _ := json.MarshalIndent(w.s, "", "  ")
+	w.mu.Unlock()
+	if w.dir == "" {
+		return
+	}
+	if err := os.MkdirAll(w.dir, 0o755); err != nil {
+		return
+	}
+	tmp := filepath.Join(w.dir, "."+StatusFile+".tmp")
+	if err := os.WriteFile(tmp, append(b, '\n'), 0o644); err == nil {
+		_ = os.Rename(tmp, filepath.Join(w.dir, StatusFile))
+	}
+}
+
+// ReadStatus reads the status file the agent writes in runDir.
+func ReadStatus(runDir string) (*Status, error) {
+	b, err := os.ReadFile(filepath.Join(runDir, StatusFile))
+	if err != nil {
+		return nil, err
+	}
+	var s Status
+	if err := json.Unmarshal(b, &s); err != nil {
+		return nil, fmt.Errorf("%s: %w", filepath.Join(runDir, StatusFile), err)
+	}
+	return &s, nil
+}
+
+// ensureBPFFS mounts bpffs on /sys/fs/bpf when kpr's pin directory is below it and nothing is
+// mounted there yet, as a node's init would; other locations must already be on a bpffs.
+func ensureBPFFS(pinDir string) error {
+	const root = "/sys/fs/bpf"
+	rel, err := filepath.Rel(root, pinDir)
+	if err != nil || rel == ".." || len(rel) >= 3 && rel[:3] == "../" {
+		return nil
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(root, &st); err != nil {
+		return fmt.Errorf("%s: %w", root, err)
+	}
+	if st.Type == unix.BPF_FS_MAGIC {
+		return nil
+	}
+	if err := unix.Mount("bpffs", root, "bpf", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("mounting bpffs on %s: %w", root, err)
+	}
+	return nil
+}

@@ -1,0 +1,224 @@
+// Package config holds kpr's one configuration struct. Every setting has a YAML key in
+// /etc/kpr/kpr.yaml, a command-line flag and a KPR_* environment variable; precedence is
+// flag > environment > file > default. Validation happens once, at start, and every error
+// names the key it is about.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/go-viper/mapstructure/v2"
+	"github.com/spf13/pflag"
+	"github.com/spf13/viper"
+)
+
+// DefaultFile is where packages install the configuration.
+const DefaultFile = "/etc/kpr/kpr.yaml"
+
+// Config is kpr's configuration. The mapstructure tag is the YAML key.
+type Config struct {
+	// Finding the API server (see package kubeadm).
+	Kubeconfig        string   `mapstructure:"kubeconfig"`
+	KubeletKubeconfig string   `mapstructure:"kubeletKubeconfig"`
+	KubeadmConfig     string   `mapstructure:"kubeadmConfig"`
+	APIServers        []string `mapstructure:"apiServers"`
+
+	NodeName string `mapstructure:"nodeName"`
+
+	// Cluster networking; empty means "take it from the kubeadm files".
+	ServiceCIDRs []string `mapstructure:"serviceCIDRs"`
+	ClusterCIDR  []string `mapstructure:"clusterCIDR"`
+
+	// Datapath.
+	CgroupPath        string `mapstructure:"cgroupPath"`
+	BPFPinDir         string `mapstructure:"bpfPinDir"`
+	ServiceMapSize    int    `mapstructure:"serviceMapSize"`
+	BackendMapSize    int    `mapstructure:"backendMapSize"`
+	SockRevNatMapSize int    `mapstructure:"sockRevNatMapSize"`
+	AffinityMapSize   int    `mapstructure:"affinityMapSize"`
+
+	// Sync loop, as kube-proxy's syncPeriod and minSyncPeriod.
+	SyncPeriod    time.Duration `mapstructure:"syncPeriod"`
+	MinSyncPeriod time.Duration `mapstructure:"minSyncPeriod"`
+
+	// RunDir holds the agent's status file for `kpr status`.
+	RunDir string `mapstructure:"runDir"`
+}
+
+type setting struct {
+	key, flag, usage string
+	def              any
+}
+
+var settings = []setting{
+	{"kubeconfig", "kubeconfig", "kubeconfig to reach the API server with (default: the node's kubelet.conf)", ""},
+	{"kubeletKubeconfig", "kubelet-kubeconfig", "the node's kubelet kubeconfig, written by kubeadm", "/etc/kubernetes/kubelet.conf"},
+	{"kubeadmConfig", "kubeadm-config", "kubeadm config file (InitConfiguration/ClusterConfiguration/JoinConfiguration) to take the API endpoints and subnets from", ""},
+	{"apiServers", "apiserver", "API server endpoints (https://host:port), in failover order; overrides the kubeadm files", []string{}},
+	{"nodeName", "node-name", "this node's name in the API (default: the host name)", ""},
+	{"serviceCIDRs", "service-cidr", "Service CIDRs (default: the kubeadm serviceSubnet)", []string{}},
+	{"clusterCIDR", "cluster-cidr", "pod CIDRs (default: the kubeadm podSubnet)", []string{}},
+	{"cgroupPath", "cgroup-path", "cgroup v2 directory the socket load balancer attaches to (default: the root of the cgroup2 mount)", ""},
+	{"bpfPinDir", "bpf-pin-dir", "bpffs directory where kpr pins its maps and links", "/sys/fs/bpf/kpr"},
+	{"serviceMapSize", "service-map-size", "entries in the service map (frontends plus backend slots)", 262144},
+	{"backendMapSize", "backend-map-size", "entries in the backend map", 262144},
+	{"sockRevNatMapSize", "sock-revnat-map-size", "entries in the socket reverse-NAT map (UDP replies, getpeername)", 131072},
+	{"affinityMapSize", "affinity-map-size", "entries in the session-affinity map", 65536},
+	{"syncPeriod", "sync-period", "longest interval between full syncs of the datapath", 30 * time.Second},
+	{"minSyncPeriod", "min-sync-period", "shortest interval between two syncs; changes within it are batched", time.Second},
+	{"runDir", "run-dir", "directory for the agent's status file", "/run/kpr"},
+}
+
+// EnvName is the environment variable of a key: KPR_ plus the key in upper snake case.
+func EnvName(key string) string {
+	var b strings.Builder
+	b.WriteString("KPR_")
+	for i, r := range key {
+		if r >= 'A' && r <= 'Z' && i > 0 {
+			b.WriteByte('_')
+		}
+		b.WriteRune(r)
+	}
+	return strings.ToUpper(b.String())
+}
+
+// AddFlags registers every setting's flag, plus --config.
+func AddFlags(fs *pflag.FlagSet) {
+	fs.String("config", DefaultFile, "configuration file (YAML); a missing default file is not an error")
+	for _, s := range settings {
+		switch d := s.def.(type) {
+		case string:
+			fs.String(s.flag, d, s.usage)
+		case []string:
+			fs.StringSlice(s.flag, d, s.usage)
+		case int:
+			fs.Int(s.flag, d, s.usage)
+		case time.Duration:
+			fs.Duration(s.flag, d, s.usage)
+		}
+	}
+}
+
+// Load builds the configuration from flags, environment and file, and validates it.
+func Load(fs *pflag.FlagSet) (*Config, error) {
+	v := viper.New()
+	for _, s := range settings {
+		v.SetDefault(s.key, s.def)
+		if err := v.BindEnv(s.key, EnvName(s.key)); err != nil {
+			return nil, err
+		}
+		if f := fs.Lookup(s.flag); f != nil {
+			if err := v.BindPFlag(s.key, f); err != nil {
+				return nil, err
+			}
+		}
+	}
+	file := DefaultFile
+	explicit := false
+	if f := fs.Lookup("config"); f != nil {
+		file, explicit = f.Value.String(), f.Changed
+	}
+	if env, ok := os.LookupEnv("KPR_CONFIG"); ok && !explicit {
+		file, explicit = env, true
+	}
+	if file != "" {
+		v.SetConfigFile(file)
+		v.SetConfigType("yaml")
+		if err := v.ReadInConfig(); err != nil {
+			var notFound viper.ConfigFileNotFoundError
+			if explicit || !(errors.As(err, &notFound) || errors.Is(err, os.ErrNotExist)) {
+				return nil, fmt.Errorf("config file %s: %w", file, err)
+			}
+		} else if err := checkKeys(v, file); err != nil {
+			return nil, err
+		}
+	}
+	var c Config
+	err := v.Unmarshal(&c, func(dc *mapstructure.DecoderConfig) {
+		dc.DecodeHook = mapstructure.ComposeDecodeHookFunc(mapstructure.StringToTimeDurationHookFunc(), mapstructure.StringToSliceHookFunc(","))
+	})
+	if err != nil {
+		return nil, fmt.Errorf("configuration: %w", err)
+	}
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+// checkKeys rejects keys in the file that kpr does not know, naming them, so a typo is not
+// silently ignored.
+func checkKeys(v *viper.Viper, file string) error {
+	known := map[string]bool{}
+	for _, s := range settings {
+		known[strings.ToLower(s.key)] = true
+	}
+	var errs []error
+	for _, k := range v.AllKeys() {
+		if !known[k] {
+			errs = append(errs, fmt.Errorf("%s: unknown key %q", file, k))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Validate checks every field and returns all problems at once, each naming its key.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(key, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", key, fmt.Sprintf(format, args...)))
+	}
+	for _, s := range c.APIServers {
+		if strings.TrimSpace(s) == "" {
+			bad("apiServers", "empty endpoint")
+		}
+	}
+	for key, list := range map[string][]string{"serviceCIDRs": c.ServiceCIDRs, "clusterCIDR": c.ClusterCIDR} {
+		for _, s := range list {
+			if _, err := netip.ParsePrefix(strings.TrimSpace(s)); err != nil {
+				bad(key, "%q is not a CIDR", s)
+			}
+		}
+	}
+	if c.BPFPinDir == "" || !filepath.IsAbs(c.BPFPinDir) {
+		bad("bpfPinDir", "%q must be an absolute path", c.BPFPinDir)
+	}
+	if c.CgroupPath != "" && !filepath.IsAbs(c.CgroupPath) {
+		bad("cgroupPath", "%q must be an absolute path", c.CgroupPath)
+	}
+	if c.RunDir == "" || !filepath.IsAbs(c.RunDir) {
+		bad("runDir", "%q must be an absolute path", c.RunDir)
+	}
+	for key, n := range map[string]int{"serviceMapSize": c.ServiceMapSize, "backendMapSize": c.BackendMapSize, "sockRevNatMapSize": c.SockRevNatMapSize, "affinityMapSize": c.AffinityMapSize} {
+		if n < 1 || n > 1<<24 {
+			bad(key, "%d is out of range 1..16777216", n)
+		}
+	}
+	if c.MinSyncPeriod < 0 {
+		bad("minSyncPeriod", "%s is negative", c.MinSyncPeriod)
+	}
+	if c.SyncPeriod <= 0 {
+		bad("syncPeriod", "%s must be positive", c.SyncPeriod)
+	} else if c.SyncPeriod < c.MinSyncPeriod {
+		bad("syncPeriod", "%s is shorter than minSyncPeriod %s", c.SyncPeriod, c.MinSyncPeriod)
+	}
+	// Map iteration above is random; give the user a stable order.
+	slices.SortFunc(errs, func(a, b error) int { return strings.Compare(a.Error(), b.Error()) })
+	return errors.Join(errs...)
+}
+
+// Keys lists the configuration keys, for documentation and tests.
+func Keys() []string {
+	out := make([]string, 0, len(settings))
+	for _, s := range settings {
+		out = append(out, s.key)
+	}
+	return out
+}

@@ -1,0 +1,477 @@
+// Package datapath turns desired frontends into load-balancer map entries. It keeps a mirror of
+// what is programmed, allocates stable service and backend IDs (restored from the pinned maps on
+// start, so a restart rewrites nothing), and applies only differences, in make-before-break
+// order: backends, reverse NAT, service slots, then removals.
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+
+	v1 "k8s.io/api/core/v1"
+
+	"github.com/kpr-dev/kpr/bpf"
+	"github.com/kpr-dev/kpr/node/lbstate"
+)
+
+// LBMap is the datapath's load-balancer state: implemented by bpf.LBMaps, by Fake (in memory)
+// and by Faulty (fault injection around another LBMap).
+type LBMap interface {
+	UpsertBackend(id uint32, b bpf.Backend) error
+	DeleteBackend(id uint32) error
+	UpsertService(k bpf.ServiceKey, s bpf.Service, prevCount int) error
+	DeleteService(k bpf.ServiceKey, count int) error
+	UpsertRevNat(id uint32, r bpf.RevNat) error
+	DeleteRevNat(id uint32) error
+	Services() (map[bpf.ServiceKey]bpf.Service, error)
+	Backends() (map[uint32]bpf.Backend, error)
+	RevNats() (map[uint32]bpf.RevNat, error)
+}
+
+// maxID bounds service and backend IDs; 0 is never used so a zero value means "none".
+const maxID = 1<<24 - 1
+
+// Proto converts a Kubernetes protocol to the datapath's.
+func Proto(p v1.Protocol) bpf.Proto {
+	switch p {
+	case v1.ProtocolUDP:
+		return bpf.ProtoUDP
+	case v1.ProtocolSCTP:
+		return bpf.ProtoSCTP
+	}
+	return bpf.ProtoTCP
+}
+
+// Key converts a frontend key to the datapath's service key.
+func Key(k lbstate.FrontendKey) bpf.ServiceKey {
+	return bpf.ServiceKey{Addr: k.Addr, Port: k.Port, Proto: Proto(k.Protocol), Scope: bpf.Scope(k.Scope)}
+}
+
+// wildcard is the entry that marks addr as a VIP in scope, so ports it does not serve are
+// refused instead of leaving the node untranslated.
+func wildcard(addr netip.Addr, scope bpf.Scope) bpf.ServiceKey {
+	return bpf.ServiceKey{Addr: addr, Scope: scope}
+}
+
+// IsWildcard reports whether k is a VIP marker rather than a frontend.
+func IsWildcard(k bpf.ServiceKey) bool { return k.Port == 0 && k.Proto == 0 }
+
+type backendKey struct {
+	addr  netip.AddrPort
+	proto bpf.Proto
+}
+
+// entry is one desired or programmed service-map entry, without its service ID.
+type entry struct {
+	flags    bpf.ServiceFlags
+	affinity uint32
+	backends []backendKey
+	owner    string // namespace/name of the Service; "" for wildcards
+}
+
+func (e entry) equal(o entry) bool {
+	return e.flags == o.flags && e.affinity == o.affinity && slices.Equal(e.backends, o.backends)
+}
+
+// Reconciler programs frontends into an LBMap. It is not safe for concurrent use; the agent's
+// sync loop is its only caller.
+type Reconciler struct {
+	lb LBMap
+
+	// desired, by owning Service.
+	desired map[string][]lbstate.Frontend
+
+	// mirror of the kernel state.
+	programmed map[bpf.ServiceKey]programmedEntry
+	svcIDs     idAllocator
+	backendIDs idAllocator
+	backends   map[backendKey]uint32
+	backendKey map[uint32]backendKey
+	backendRef map[uint32]int
+
+	// full forces the next Sync to re-read the maps and diff everything (after a failure).
+	full bool
+}
+
+type programmedEntry struct {
+	id    uint32
+	count int
+	entry
+}
+
+// NewReconciler restores IDs and the mirror from what lb already holds (pinned maps survive
+// restarts), so the first sync only writes real differences.
+func NewReconciler(lb LBMap) (*Reconciler, error) {
+	r := &Reconciler{lb: lb, desired: map[string][]lbstate.Frontend{}}
+	if err := r.restore(); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+func (r *Reconciler) restore() error {
+	svcs, err := r.lb.Services()
+	if err != nil {
+		return fmt.Errorf("reading service map: %w", err)
+	}
+	bes, err := r.lb.Backends()
+	if err != nil {
+		return fmt.Errorf("reading backend map: %w", err)
+	}
+	r.programmed = make(map[bpf.ServiceKey]programmedEntry, len(svcs))
+	r.svcIDs = newIDAllocator()
+	r.backendIDs = newIDAllocator()
+	r.backends = make(map[backendKey]uint32, len(bes))
+	r.backendKey = make(map[uint32]backendKey, len(bes))
+	r.backendRef = make(map[uint32]int, len(bes))
+	for id, b := range bes {
+		k := backendKey{netip.AddrPortFrom(b.Addr.Unmap(), b.Port), b.Proto}
+		if _, dup := r.backends[k]; dup {
+			// Two IDs for one backend (a crash mid-update): keep the first, the other is
+			// collected below once nothing references it.
+			r.backendRef[id] = 0
+			r.backendIDs.reserve(id)
+			continue
+		}
+		r.backends[k] = id
+		r.backendKey[id] = k
+		r.backendIDs.reserve(id)
+		r.backendRef[id] = 0
+	}
+	for k, s := range svcs {
+		pe := programmedEntry{id: s.ID, count: len(s.Backends), entry: entry{flags: s.Flags, affinity: s.AffinityTimeoutSec}}
+		for _, id := range s.Backends {
+			b, ok := bes[id]
+			if !ok {
+				// A slot pointing at a missing backend: make sure the next write replaces it.
+				pe.backends = append(pe.backends, backendKey{})
+				continue
+			}
+			pe.backends = append(pe.backends, backendKey{netip.AddrPortFrom(b.Addr.Unmap(), b.Port), b.Proto})
+			r.backendRef[id]++
+		}
+		if s.ID != 0 {
+			r.svcIDs.reserve(s.ID)
+		}
+		r.programmed[k] = pe
+	}
+	return nil
+}
+
+// Set records the desired frontends of one Service (namespace/name); nil or empty removes it.
+// Nothing is written until Sync.
+func (r *Reconciler) Set(service string, fes []lbstate.Frontend) {
+	if len(fes) == 0 {
+		delete(r.desired, service)
+		return
+	}
+	r.desired[service] = fes
+}
+
+// Services returns the names of the Services with desired frontends.
+func (r *Reconciler) Services() []string {
+	out := make([]string, 0, len(r.desired))
+	for s := range r.desired {
+		out = append(out, s)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// Stats describes one Sync.
+type Stats struct {
+	Frontends, Backends int // programmed after the sync
+	Upserted, Deleted   int // service-map frontends written and removed
+	Full                bool
+}
+
+// Sync makes the maps hold exactly the desired state. touched lists the Services that changed
+// since the last successful sync; nil means all of them. A failure leaves every Service either
+// as it was or as desired (never half-programmed) and makes the next Sync a full one.
+func (r *Reconciler) Sync(touched []string) (Stats, error) {
+	st := Stats{Full: touched == nil || r.full}
+	if r.full {
+		if err := r.restore(); err != nil {
+			return st, err
+		}
+	}
+	want := r.want()
+
+	// Keys to examine: everything on a full sync, else what the touched Services own now or
+	// owned before.
+	var keys []bpf.ServiceKey
+	if st.Full {
+		for k := range want {
+			keys = append(keys, k)
+		}
+		for k := range r.programmed {
+			if _, ok := want[k]; !ok {
+				keys = append(keys, k)
+			}
+		}
+	} else {
+		seen := map[bpf.ServiceKey]bool{}
+		add := func(k bpf.ServiceKey) {
+			if !seen[k] {
+				seen[k] = true
+				keys = append(keys, k)
+			}
+		}
+		touchedSet := make(map[string]bool, len(touched))
+		for _, s := range touched {
+			touchedSet[s] = true
+		}
+		for k, e := range want {
+			if touchedSet[e.owner] || IsWildcard(k) {
+				add(k)
+			}
+		}
+		for k, pe := range r.programmed {
+			if touchedSet[pe.owner] || IsWildcard(k) {
+				add(k)
+			} else if _, ok := want[k]; !ok {
+				add(k)
+			}
+		}
+	}
+	// Upserts before deletes, so that a frontend moving between Services never disappears.
+	slices.SortFunc(keys, compareKeys)
+	var errs []error
+	for _, k := range keys {
+		e, ok := want[k]
+		if !ok {
+			continue
+		}
+		changed, err := r.upsert(k, e)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("frontend %s: %w", keyString(k), err))
+			continue
+		}
+		if changed {
+			st.Upserted++
+		}
+	}
+	for _, k := range keys {
+		if _, ok := want[k]; ok {
+			continue
+		}
+		if _, ok := r.programmed[k]; !ok {
+			continue
+		}
+		if err := r.remove(k); err != nil {
+			errs = append(errs, fmt.Errorf("frontend %s: %w", keyString(k), err))
+			continue
+		}
+		st.Deleted++
+	}
+	if err := r.collectBackends(); err != nil {
+		errs = append(errs, err)
+	}
+	r.full = len(errs) > 0
+	st.Frontends = len(r.programmed)
+	st.Backends = len(r.backends)
+	return st, errors.Join(errs...)
+}
+
+// want is the full desired service map, with a wildcard per VIP address and scope.
+func (r *Reconciler) want() map[bpf.ServiceKey]entry {
+	out := map[bpf.ServiceKey]entry{}
+	for owner, fes := range r.desired {
+		for _, fe := range fes {
+			k := Key(fe.FrontendKey)
+			e := entry{affinity: fe.AffinityTimeoutSec, owner: owner}
+			if len(fe.Backends) == 0 && fe.NoBackends == lbstate.Unreachable {
+				e.flags |= bpf.FlagUnreachable
+			}
+			for _, b := range fe.Backends {
+				e.backends = append(e.backends, backendKey{b, k.Proto})
+			}
+			out[k] = e
+			out[wildcard(k.Addr, k.Scope)] = entry{}
+		}
+	}
+	return out
+}
+
+func (r *Reconciler) upsert(k bpf.ServiceKey, e entry) (bool, error) {
+	pe, exists := r.programmed[k]
+	if exists && pe.entry.equal(e) {
+		pe.owner = e.owner
+		r.programmed[k] = pe
+		return false, nil
+	}
+	// New backends first, so no slot ever names a backend the datapath cannot find.
+	ids := make([]uint32, 0, len(e.backends))
+	for _, bk := range e.backends {
+		id, err := r.ensureBackend(bk)
+		if err != nil {
+			return false, err
+		}
+		ids = append(ids, id)
+	}
+	id := pe.id
+	if !exists || id == 0 {
+		var err error
+		if id, err = r.svcIDs.alloc(); err != nil {
+			return false, err
+		}
+	}
+	if !IsWildcard(k) && (!exists || pe.id == 0) {
+		if err := r.lb.UpsertRevNat(id, bpf.RevNat{Addr: k.Addr, Port: k.Port}); err != nil {
+			if !exists {
+				r.svcIDs.release(id)
+			}
+			return false, err
+		}
+	}
+	svc := bpf.Service{ID: id, Flags: e.flags, AffinityTimeoutSec: e.affinity, Backends: ids}
+	if err := r.lb.UpsertService(k, svc, pe.count); err != nil {
+		// The slots may be partly written; slot 0 still describes the old, complete state
+		// or the new one. Forget the mirror entry's backends so a retry rewrites it.
+		if exists {
+			pe.backends = nil
+			r.programmed[k] = pe
+		}
+		return false, err
+	}
+	for _, old := range pe.backends {
+		if bid, ok := r.backends[old]; ok {
+			r.backendRef[bid]--
+		}
+	}
+	for _, bid := range ids {
+		r.backendRef[bid]++
+	}
+	r.programmed[k] = programmedEntry{id: id, count: len(ids), entry: e}
+	return true, nil
+}
+
+func (r *Reconciler) remove(k bpf.ServiceKey) error {
+	pe := r.programmed[k]
+	if err := r.lb.DeleteService(k, pe.count); err != nil {
+		return err
+	}
+	if !IsWildcard(k) && pe.id != 0 {
+		if err := r.lb.DeleteRevNat(pe.id); err != nil {
+			return err
+		}
+	}
+	if pe.id != 0 {
+		r.svcIDs.release(pe.id)
+	}
+	for _, old := range pe.backends {
+		if bid, ok := r.backends[old]; ok {
+			r.backendRef[bid]--
+		}
+	}
+	delete(r.programmed, k)
+	return nil
+}
+
+func (r *Reconciler) ensureBackend(bk backendKey) (uint32, error) {
+	if id, ok := r.backends[bk]; ok {
+		return id, nil
+	}
+	id, err := r.backendIDs.alloc()
+	if err != nil {
+		return 0, err
+	}
+	if err := r.lb.UpsertBackend(id, bpf.Backend{Addr: bk.addr.Addr(), Port: bk.addr.Port(), Proto: bk.proto}); err != nil {
+		r.backendIDs.release(id)
+		return 0, err
+	}
+	r.backends[bk] = id
+	r.backendKey[id] = bk
+	r.backendRef[id] = 0
+	return id, nil
+}
+
+// collectBackends deletes backends no slot references any more, last, so a reader that found
+// a slot a moment ago still finds its backend.
+func (r *Reconciler) collectBackends() error {
+	var errs []error
+	for id, n := range r.backendRef {
+		if n > 0 {
+			continue
+		}
+		if err := r.lb.DeleteBackend(id); err != nil {
+			errs = append(errs, fmt.Errorf("backend %d: %w", id, err))
+			continue
+		}
+		delete(r.backendRef, id)
+		r.backendIDs.release(id)
+		if bk, ok := r.backendKey[id]; ok && r.backends[bk] == id {
+			delete(r.backends, bk)
+		}
+		delete(r.backendKey, id)
+	}
+	return errors.Join(errs...)
+}
+
+func compareKeys(a, b bpf.ServiceKey) int {
+	if c := a.Addr.Compare(b.Addr); c != 0 {
+		return c
+	}
+	if a.Port != b.Port {
+		return int(a.Port) - int(b.Port)
+	}
+	if a.Proto != b.Proto {
+		return int(a.Proto) - int(b.Proto)
+	}
+	return int(a.Scope) - int(b.Scope)
+}
+
+func keyString(k bpf.ServiceKey) string {
+	if IsWildcard(k) {
+		return k.Addr.String() + " (any port)"
+	}
+	return fmt.Sprintf("%s/%s", netip.AddrPortFrom(k.Addr, k.Port), ProtoName(k.Proto))
+}
+
+// ProtoName is the lower-case name of a datapath protocol.
+func ProtoName(p bpf.Proto) string {
+	switch p {
+	case bpf.ProtoTCP:
+		return "tcp"
+	case bpf.ProtoUDP:
+		return "udp"
+	case bpf.ProtoSCTP:
+		return "sctp"
+	case 0:
+		return "any"
+	}
+	return fmt.Sprintf("proto-%d", p)
+}
+
+// idAllocator hands out small, stable IDs, reusing released ones.
+type idAllocator struct {
+	used map[uint32]bool
+	next uint32
+}
+
+func newIDAllocator() idAllocator { return idAllocator{used: map[uint32]bool{}, next: 1} }
+
+func (a *idAllocator) reserve(id uint32) { a.used[id] = true }
+
+func (a *idAllocator) release(id uint32) { delete(a.used, id) }
+
+func (a *idAllocator) alloc() (uint32, error) {
+	for range maxID {
+		id := a.next
+		a.next++
+		if a.next > maxID {
+			a.next = 1
+		}
+		if !a.used[id] {
+			a.used[id] = true
+			return id, nil
+		}
+	}
+	return 0, errors.New("no free ID: every ID up to 2^24 is in use")
+}
+
+// Resync makes the next Sync re-read the maps and correct anything that differs from the
+// desired state, whoever changed it.
+func (r *Reconciler) Resync() { r.full = true }

@@ -1,0 +1,215 @@
+package datapath
+
+import (
+	"fmt"
+	"maps"
+	"slices"
+	"sync"
+
+	"github.com/kpr-dev/kpr/bpf"
+)
+
+type slotKey struct {
+	svc  bpf.ServiceKey
+	slot int
+}
+
+// Fake is an in-memory LBMap with the BPF maps' layout (slot 0 plus one entry per backend
+// slot). After every write it checks what a datapath reader could see at that moment: every
+// frontend's slots 1..count exist and name a backend that exists. A violation is recorded, so
+// tests can prove the update order is make-before-break.
+type Fake struct {
+	mu         sync.Mutex
+	master     map[bpf.ServiceKey]bpf.Service // slot 0 (Backends unused)
+	slots      map[slotKey]uint32
+	backends   map[uint32]bpf.Backend
+	revnat     map[uint32]bpf.RevNat
+	Violations []string
+	Writes     int
+}
+
+// NewFake returns an empty Fake.
+func NewFake() *Fake {
+	return &Fake{
+		master:   map[bpf.ServiceKey]bpf.Service{},
+		slots:    map[slotKey]uint32{},
+		backends: map[uint32]bpf.Backend{},
+		revnat:   map[uint32]bpf.RevNat{},
+	}
+}
+
+func (f *Fake) check(op string) {
+	f.Writes++
+	for k, m := range f.master {
+		for i := 1; i <= len(m.Backends); i++ {
+			id, ok := f.slots[slotKey{k, i}]
+			if !ok {
+				f.Violations = append(f.Violations, fmt.Sprintf("after %s: %s slot %d missing", op, keyString(k), i))
+				continue
+			}
+			if _, ok := f.backends[id]; !ok {
+				f.Violations = append(f.Violations, fmt.Sprintf("after %s: %s slot %d names missing backend %d", op, keyString(k), i, id))
+			}
+		}
+	}
+}
+
+func (f *Fake) UpsertBackend(id uint32, b bpf.Backend) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.backends[id] = b
+	f.check("UpsertBackend")
+	return nil
+}
+
+func (f *Fake) DeleteBackend(id uint32) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.backends, id)
+	f.check("DeleteBackend")
+	return nil
+}
+
+func (f *Fake) UpsertService(k bpf.ServiceKey, s bpf.Service, prevCount int) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for i, id := range s.Backends {
+		f.slots[slotKey{k, i + 1}] = id
+		f.check("UpsertService slot")
+	}
+	m := s
+	m.Backends = make([]uint32, len(s.Backends)) // only the count lives in slot 0
+	f.master[k] = m
+	f.check("UpsertService master")
+	for i := len(s.Backends) + 1; i <= prevCount; i++ {
+		delete(f.slots, slotKey{k, i})
+		f.check("UpsertService trim")
+	}
+	return nil
+}
+
+func (f *Fake) DeleteService(k bpf.ServiceKey, count int) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.master, k)
+	f.check("DeleteService master")
+	for i := 1; i <= count; i++ {
+		delete(f.slots, slotKey{k, i})
+	}
+	f.check("DeleteService slots")
+	return nil
+}
+
+func (f *Fake) UpsertRevNat(id uint32, r bpf.RevNat) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.revnat[id] = r
+	return nil
+}
+
+func (f *Fake) DeleteRevNat(id uint32) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.revnat, id)
+	return nil
+}
+
+func (f *Fake) Services() (map[bpf.ServiceKey]bpf.Service, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	out := make(map[bpf.ServiceKey]bpf.Service, len(f.master))
+	for k, m := range f.master {
+		s := m
+		s.Backends = make([]uint32, 0, len(m.Backends))
+		for i := 1; i <= len(m.Backends); i++ {
+			s.Backends = append(s.Backends, f.slots[slotKey{k, i}])
+		}
+		out[k] = s
+	}
+	return out, nil
+}
+
+func (f *Fake) Backends() (map[uint32]bpf.Backend, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return maps.Clone(f.backends), nil
+}
+
+func (f *Fake) RevNats() (map[uint32]bpf.RevNat, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return maps.Clone(f.revnat), nil
+}
+
+// Slots returns the number of slot entries (excluding slot 0), to check that trimming happens.
+func (f *Fake) Slots() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.slots)
+}
+
+// Faulty wraps an LBMap and fails the writes Fail selects.
+type Faulty struct {
+	LBMap
+	// Fail is called with the operation name ("UpsertBackend", "UpsertService", ...) and the
+	// number of writes so far; a non-nil error is returned instead of writing.
+	Fail   func(op string, n int) error
+	writes int
+}
+
+func (f *Faulty) fail(op string) error {
+	f.writes++
+	if f.Fail == nil {
+		return nil
+	}
+	return f.Fail(op, f.writes)
+}
+
+func (f *Faulty) UpsertBackend(id uint32, b bpf.Backend) error {
+	if err := f.fail("UpsertBackend"); err != nil {
+		return err
+	}
+	return f.LBMap.UpsertBackend(id, b)
+}
+
+func (f *Faulty) DeleteBackend(id uint32) error {
+	if err := f.fail("DeleteBackend"); err != nil {
+		return err
+	}
+	return f.LBMap.DeleteBackend(id)
+}
+
+func (f *Faulty) UpsertService(k bpf.ServiceKey, s bpf.Service, prev int) error {
+	if err := f.fail("UpsertService"); err != nil {
+		return err
+	}
+	return f.LBMap.UpsertService(k, s, prev)
+}
+
+func (f *Faulty) DeleteService(k bpf.ServiceKey, count int) error {
+	if err := f.fail("DeleteService"); err != nil {
+		return err
+	}
+	return f.LBMap.DeleteService(k, count)
+}
+
+func (f *Faulty) UpsertRevNat(id uint32, r bpf.RevNat) error {
+	if err := f.fail("UpsertRevNat"); err != nil {
+		return err
+	}
+	return f.LBMap.UpsertRevNat(id, r)
+}
+
+func (f *Faulty) DeleteRevNat(id uint32) error {
+	if err := f.fail("DeleteRevNat"); err != nil {
+		return err
+	}
+	return f.LBMap.DeleteRevNat(id)
+}
+
+// SortedKeys returns m's keys in a stable order, for tests and listings.
+func SortedKeys[V any](m map[bpf.ServiceKey]V) []bpf.ServiceKey {
+	keys := slices.Collect(maps.Keys(m))
+	slices.SortFunc(keys, compareKeys)
+	return keys
+}

@@ -1,0 +1,343 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	v1 "k8s.io/api/core/v1"
+	discovery "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/utils/ptr"
+
+	"github.com/kpr-dev/kpr/test/sandbox"
+)
+
+const ns = "default"
+
+func service(name string, ports ...v1.ServicePort) *v1.Service {
+	return &v1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},
+		Spec: v1.ServiceSpec{
+			Type:           v1.ServiceTypeClusterIP,
+			IPFamilyPolicy: ptr.To(v1.IPFamilyPolicyRequireDualStack),
+			IPFamilies:     []v1.IPFamily{v1.IPv4Protocol, v1.IPv6Protocol},
+			Ports:          ports,
+		},
+	}
+}
+
+// slice is an EndpointSlice of service svc for one address family, with the given pods as
+// ready endpoints on their nodes.
+func slice(svc, name string, family discovery.AddressType, ports []discovery.EndpointPort, pods ...*sandbox.Pod) *discovery.EndpointSlice {
+	s := &discovery.EndpointSlice{
+		ObjectMeta: metav1.ObjectMeta{
+			Name:      name,
+			Namespace: ns,
+			Labels:    map[string]string{discovery.LabelServiceName: svc, discovery.LabelManagedBy: "kpr-e2e"},
+		},
+		AddressType: family,
+		Ports:       ports,
+	}
+	for _, p := range pods {
+		addr := p.IPv4
+		if family == discovery.AddressTypeIPv6 {
+			addr = p.IPv6
+		}
+		s.Endpoints = append(s.Endpoints, discovery.Endpoint{
+			Addresses:  []string{addr.String()},
+			Conditions: discovery.EndpointConditions{Ready: ptr.To(true)},
+			NodeName:   ptr.To(p.Node.Name),
+			TargetRef:  &v1.ObjectReference{Kind: "Pod", Namespace: p.Namespace, Name: p.Name},
+		})
+	}
+	return s
+}
+
+func port(name string, p int32, proto v1.Protocol) discovery.EndpointPort {
+	return discovery.EndpointPort{Name: ptr.To(name), Port: ptr.To(p), Protocol: ptr.To(proto)}
+}
+
+func vips(t *testing.T, svc *v1.Service) (v4, v6 netip.Addr) {
+	t.Helper()
+	for _, s := range svc.Spec.ClusterIPs {
+		a := netip.MustParseAddr(s)
+		if a.Is4() {
+			v4 = a
+		} else {
+			v6 = a
+		}
+	}
+	if !v4.IsValid() || !v6.IsValid() {
+		t.Fatalf("service %s has ClusterIPs %v, want one per family", svc.Name, svc.Spec.ClusterIPs)
+	}
+	return v4, v6
+}
+
+func target(a netip.Addr, p uint16) string { return netip.AddrPortFrom(a, p).String() }
+
+// TestClusterIP runs kpr on a node of a real cluster (etcd + kube-apiserver) and checks, from
+// client processes in a pod and on the node, what a user of ClusterIP Services observes.
+func TestClusterIP(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	e := newEnv(t, ctx)
+	api := e.cp.Client
+
+	var webPods []*sandbox.Pod
+	for i, name := range []string{"web-a", "web-b"} {
+		p, err := e.node.AddPod(ctx, ns, name, 2+i)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := p.Start(ctx, e.probe, "serve", "--name", name, "--tcp", "8080", "--udp", "5353"); err != nil {
+			t.Fatal(err)
+		}
+		webPods = append(webPods, p)
+	}
+	client, err := e.node.AddPod(ctx, ns, "client", 9)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range webPods {
+		out, err := e.node.Exec(ctx, 0, e.probe, "ready", "--target", target(p.IPv4, 8080), "--timeout", "10s")
+		if err != nil {
+			t.Fatalf("server in %s not ready: %v %s", p.Name, err, out)
+		}
+	}
+
+	e.startKpr(ctx)
+
+	// A dual-stack Service with a named target port and a UDP port, and its two slices.
+	web, err := api.CoreV1().Services(ns).Create(ctx, service("web",
+		v1.ServicePort{Name: "http", Port: 80, TargetPort: intstr.FromString("http"), Protocol: v1.ProtocolTCP},
+		v1.ServicePort{Name: "dns", Port: 53, TargetPort: intstr.FromInt32(5353), Protocol: v1.ProtocolUDP},
+	), metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ports := []discovery.EndpointPort{port("http", 8080, v1.ProtocolTCP), port("dns", 5353, v1.ProtocolUDP)}
+	for _, s := range []*discovery.EndpointSlice{
+		slice("web", "web-v4", discovery.AddressTypeIPv4, ports, webPods...),
+		slice("web", "web-v6", discovery.AddressTypeIPv6, ports, webPods...),
+	} {
+		if _, err := api.DiscoveryV1().EndpointSlices(ns).Create(ctx, s, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	vip4, vip6 := vips(t, web)
+	e.eventually(10*time.Second, "the web Service answers through its ClusterIP", func() error {
+		rs := e.probeFrom(client, "--target", target(vip4, 80), "--timeout", "500ms")
+		if len(rs) != 1 || !rs[0].OK {
+			return fmt.Errorf("%+v", rs)
+		}
+		return nil
+	})
+
+	allWeb := []string{"web-a", "web-b"}
+	for _, vip := range []netip.Addr{vip4, vip6} {
+		t.Run("tcp from a pod reaches every backend "+vip.String(), func(t *testing.T) {
+			rs := e.probeFrom(client, "--target", target(vip, 80), "--count", "60")
+			if f := failures(rs); len(f) > 0 {
+				t.Fatalf("%d of %d connections failed: %v", len(f), len(rs), f)
+			}
+			if got := slices.Sorted(maps.Keys(backends(rs))); !slices.Equal(got, allWeb) {
+				t.Fatalf("backends reached %v, want %v", got, allWeb)
+			}
+			for _, r := range rs {
+				if r.Peer != target(vip, 80) {
+					t.Fatalf("getpeername() = %s, want the ClusterIP %s", r.Peer, target(vip, 80))
+				}
+				seen := netip.MustParseAddrPort(r.SeenAs).Addr()
+				if seen != client.IPv4 && seen != client.IPv6 {
+					t.Fatalf("backend saw the client as %s, want the pod's own address (no SNAT)", r.SeenAs)
+				}
+			}
+		})
+		for _, mode := range []string{"connected", "unconnected"} {
+			t.Run(fmt.Sprintf("udp %s %s", mode, vip), func(t *testing.T) {
+				rs := e.probeFrom(client, "--target", target(vip, 53), "--proto", "udp", "--udp-mode", mode, "--count", "40")
+				if f := failures(rs); len(f) > 0 {
+					t.Fatalf("%d of %d requests failed: %v", len(f), len(rs), f)
+				}
+				if got := slices.Sorted(maps.Keys(backends(rs))); !slices.Equal(got, allWeb) {
+					t.Fatalf("backends reached %v, want %v", got, allWeb)
+				}
+				for _, r := range rs {
+					if r.Peer != target(vip, 53) {
+						t.Fatalf("the reply came from %s, want the ClusterIP %s", r.Peer, target(vip, 53))
+					}
+				}
+			})
+		}
+	}
+
+	t.Run("tcp from the node's own network namespace", func(t *testing.T) {
+		rs := e.probeFrom(e.node, "--target", target(vip4, 80), "--count", "20")
+		if f := failures(rs); len(f) > 0 {
+			t.Fatalf("%v", f)
+		}
+	})
+
+	t.Run("a port the ClusterIP does not serve is refused at once", func(t *testing.T) {
+		for _, args := range [][]string{
+			{"--target", target(vip4, 81)},
+			{"--target", target(vip4, 80), "--proto", "udp", "--udp-mode", "unconnected"},
+			{"--target", target(vip6, 53)},
+		} {
+			rs := e.probeFrom(client, append(args, "--timeout", "3s")...)
+			if len(rs) != 1 || rs[0].OK || rs[0].Errno != "ECONNREFUSED" || rs[0].ElapsedMS > 1000 {
+				t.Fatalf("%v: %+v, want ECONNREFUSED at once", args, rs)
+			}
+		}
+	})
+
+	t.Run("a Service without endpoints is refused at once", func(t *testing.T) {
+		empty, err := api.CoreV1().Services(ns).Create(ctx, service("empty",
+			v1.ServicePort{Name: "http", Port: 80, Protocol: v1.ProtocolTCP},
+			v1.ServicePort{Name: "dns", Port: 53, Protocol: v1.ProtocolUDP},
+		), metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ev4, ev6 := vips(t, empty)
+		e.eventually(10*time.Second, "the empty Service is programmed", func() error {
+			out, err := e.kprCmd("service", "list")
+			if err != nil || !strings.Contains(out, target(ev4, 80)) {
+				return fmt.Errorf("%v: %s", err, out)
+			}
+			return nil
+		})
+		for _, args := range [][]string{
+			{"--target", target(ev4, 80)},
+			{"--target", target(ev6, 80)},
+			{"--target", target(ev4, 53), "--proto", "udp", "--udp-mode", "unconnected"},
+			{"--target", target(ev4, 53), "--proto", "udp", "--udp-mode", "connected"},
+		} {
+			rs := e.probeFrom(client, append(args, "--timeout", "3s")...)
+			if len(rs) != 1 || rs[0].OK || rs[0].Errno != "ECONNREFUSED" || rs[0].ElapsedMS > 1000 {
+				t.Fatalf("%v: %+v, want ECONNREFUSED at once", args, rs)
+			}
+		}
+	})
+
+	t.Run("Services kpr must not serve are not programmed", func(t *testing.T) {
+		headless := service("headless", v1.ServicePort{Name: "http", Port: 80})
+		headless.Spec.ClusterIP = v1.ClusterIPNone
+		other := service("other-proxy", v1.ServicePort{Name: "http", Port: 80})
+		other.Labels = map[string]string{"service.kubernetes.io/service-proxy-name": "someone-else"}
+		var ips []string
+		for _, s := range []*v1.Service{headless, other} {
+			created, err := api.CoreV1().Services(ns).Create(ctx, s, metav1.CreateOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ips = append(ips, created.Spec.ClusterIPs...)
+			if _, err := api.DiscoveryV1().EndpointSlices(ns).Create(ctx, slice(s.Name, s.Name+"-v4", discovery.AddressTypeIPv4,
+				[]discovery.EndpointPort{port("http", 8080, v1.ProtocolTCP)}, webPods...), metav1.CreateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// A later Service proves kpr has processed the events above before we look.
+		marker, err := api.CoreV1().Services(ns).Create(ctx, service("marker", v1.ServicePort{Name: "http", Port: 80}), metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		mv4, _ := vips(t, marker)
+		e.eventually(10*time.Second, "the marker Service is programmed", func() error {
+			out, err := e.kprCmd("service", "list")
+			if err != nil || !strings.Contains(out, target(mv4, 80)) {
+				return fmt.Errorf("%v: %s", err, out)
+			}
+			return nil
+		})
+		out, _ := e.kprCmd("service", "list")
+		for _, ip := range ips {
+			if ip != "None" && strings.Contains(out, ip) {
+				t.Fatalf("%s is programmed but belongs to a Service kpr must ignore:\n%s", ip, out)
+			}
+		}
+		if c := strings.Count(out, "8080/tcp"); c != 4 {
+			t.Fatalf("want only web's 4 TCP backend lines (2 per family), got %d:\n%s", c, out)
+		}
+	})
+
+	t.Run("removing an endpoint stops new connections to it", func(t *testing.T) {
+		s, err := api.DiscoveryV1().EndpointSlices(ns).Get(ctx, "web-v4", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.Endpoints = s.Endpoints[:1] // web-a only
+		if _, err := api.DiscoveryV1().EndpointSlices(ns).Update(ctx, s, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		e.eventually(10*time.Second, "web-b is gone from the v4 ClusterIP", func() error {
+			out, _ := e.kprCmd("service", "list")
+			if strings.Contains(out, webPods[1].IPv4.String()+":8080") {
+				return fmt.Errorf("still programmed:\n%s", out)
+			}
+			return nil
+		})
+		rs := e.probeFrom(client, "--target", target(vip4, 80), "--count", "40")
+		if got := backends(rs); len(failures(rs)) > 0 || got["web-a"] != 40 {
+			t.Fatalf("after removing web-b: %v failures %v", got, failures(rs))
+		}
+		// The v6 slice still has both.
+		rs = e.probeFrom(client, "--target", target(vip6, 80), "--count", "40")
+		if got := slices.Sorted(maps.Keys(backends(rs))); !slices.Equal(got, allWeb) {
+			t.Fatalf("v6 backends %v, want %v", got, allWeb)
+		}
+	})
+
+	t.Run("a restart keeps the programmed state and connections work throughout", func(t *testing.T) {
+		before, err := e.kprCmd("service", "list")
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.stopKpr()
+		rs := e.probeFrom(client, "--target", target(vip6, 80), "--count", "20")
+		if f := failures(rs); len(f) > 0 {
+			t.Fatalf("while kpr is stopped: %v", f)
+		}
+		e.startKpr(ctx)
+		after, err := e.kprCmd("service", "list")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if before != after {
+			t.Fatalf("the restart changed the datapath:\nbefore:\n%s\nafter:\n%s", before, after)
+		}
+		rs = e.probeFrom(client, "--target", target(vip4, 53), "--proto", "udp", "--count", "20")
+		if f := failures(rs); len(f) > 0 {
+			t.Fatalf("after the restart: %v", f)
+		}
+		status, err := e.kprCmd("status")
+		if err != nil || !strings.Contains(status, "running") || !strings.Contains(status, "8 programs attached") {
+			t.Fatalf("kpr status: %v\n%s", err, status)
+		}
+	})
+
+	t.Run("deleting the Service removes its translation", func(t *testing.T) {
+		if err := api.CoreV1().Services(ns).Delete(ctx, "web", metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		e.eventually(10*time.Second, "web's ClusterIP is gone from the datapath", func() error {
+			out, _ := e.kprCmd("service", "list")
+			if strings.Contains(out, vip4.String()) || strings.Contains(out, vip6.String()) {
+				return fmt.Errorf("still programmed:\n%s", out)
+			}
+			return nil
+		})
+		// Untranslated, the VIP leads nowhere: the packet dies in the control-plane namespace.
+		rs := e.probeFrom(client, "--target", target(vip4, 80), "--timeout", "1s")
+		if len(rs) != 1 || rs[0].OK || rs[0].Errno == "ECONNREFUSED" {
+			t.Fatalf("after deleting the Service: %+v, want no answer", rs)
+		}
+	})
+}

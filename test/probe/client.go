@@ -1,0 +1,278 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// hello is what the client sends first, so the server answers at once instead of waiting to see
+// whether an HTTP request follows.
+const hello = "PROBE\n"
+
+// maxCount bounds --count.
+const maxCount = 1_000_000
+
+// Result is one attempt, printed as one JSON line.
+type Result struct {
+	Attempt int    `json:"attempt"`
+	OK      bool   `json:"ok"`
+	Backend string `json:"backend,omitempty"` // NAME of the server that answered
+	// Errno is the kernel's error name (ECONNREFUSED, EHOSTUNREACH, ...). A timeout without one
+	// is reported as ETIMEDOUT with Timeout set.
+	Errno   string `json:"errno,omitempty"`
+	Err     string `json:"err,omitempty"`
+	Timeout bool   `json:"timeout,omitempty"`
+	// Peer is getpeername(2) for connected sockets (what a reverse translation must restore)
+	// and the recvfrom(2) source for unconnected UDP.
+	Peer      string  `json:"peer,omitempty"`
+	Local     string  `json:"local,omitempty"`   // getsockname(2)
+	SeenAs    string  `json:"seen_as,omitempty"` // the client address the server saw
+	ElapsedMS float64 `json:"elapsed_ms"`
+}
+
+type clientFlags struct {
+	target   string
+	proto    string
+	udpMode  string
+	count    int
+	timeout  time.Duration
+	interval time.Duration
+}
+
+func (f *clientFlags) register(fs *flag.FlagSet, timeout time.Duration) {
+	fs.StringVar(&f.target, "target", "", "HOST:PORT to reach")
+	fs.StringVar(&f.proto, "proto", "tcp", "tcp or udp")
+	fs.StringVar(&f.udpMode, "udp-mode", "connected", "connected (connect+send+recv) or unconnected (sendto+recvfrom)")
+	fs.DurationVar(&f.timeout, "timeout", timeout, "per attempt (client) or overall (ready)")
+}
+
+func (f *clientFlags) check() error {
+	if _, _, err := net.SplitHostPort(f.target); err != nil {
+		return fmt.Errorf("--target %q: %w", f.target, err)
+	}
+	if f.proto != "tcp" && f.proto != "udp" {
+		return fmt.Errorf("--proto %q: want tcp or udp", f.proto)
+	}
+	if f.udpMode != "connected" && f.udpMode != "unconnected" {
+		return fmt.Errorf("--udp-mode %q: want connected or unconnected", f.udpMode)
+	}
+	if f.timeout <= 0 {
+		return fmt.Errorf("--timeout %v: want > 0", f.timeout)
+	}
+	return nil
+}
+
+func client(args []string) error {
+	fs := flag.NewFlagSet("client", flag.ExitOnError)
+	var f clientFlags
+	f.register(fs, 2*time.Second)
+	fs.IntVar(&f.count, "count", 1, "number of attempts, each on a new socket")
+	fs.DurationVar(&f.interval, "interval", 0, "pause between attempts")
+	fs.Parse(args)
+	if err := f.check(); err != nil {
+		return err
+	}
+	if f.count < 1 || f.count > maxCount {
+		return fmt.Errorf("--count %d: want 1..%d", f.count, maxCount)
+	}
+	enc := json.NewEncoder(os.Stdout)
+	for i := 0; i < f.count; i++ {
+		if i > 0 && f.interval > 0 {
+			time.Sleep(f.interval)
+		}
+		r := attempt(f, f.timeout)
+		r.Attempt = i
+		if err := enc.Encode(r); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func ready(args []string) error {
+	fs := flag.NewFlagSet("ready", flag.ExitOnError)
+	var f clientFlags
+	f.register(fs, 10*time.Second)
+	fs.Parse(args)
+	if err := f.check(); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(f.timeout)
+	var last Result
+	for i := 0; ; i++ {
+		per := min(time.Until(deadline), time.Second)
+		if per <= 0 {
+			return fmt.Errorf("%s %s not ready after %v: %s %s", f.proto, f.target, f.timeout, last.Errno, last.Err)
+		}
+		started := time.Now()
+		last = attempt(f, per)
+		last.Attempt = i
+		if last.OK {
+			return json.NewEncoder(os.Stdout).Encode(last)
+		}
+		// Refusals come back at once; do not spin on them.
+		time.Sleep(time.Until(started.Add(100 * time.Millisecond)))
+	}
+}
+
+func attempt(f clientFlags, timeout time.Duration) Result {
+	start := time.Now()
+	var r Result
+	var err error
+	switch {
+	case f.proto == "tcp":
+		err = tcpAttempt(&r, f.target, start.Add(timeout))
+	case f.udpMode == "connected":
+		err = udpConnectedAttempt(&r, f.target, start.Add(timeout))
+	default:
+		err = udpUnconnectedAttempt(&r, f.target, start.Add(timeout))
+	}
+	r.ElapsedMS = float64(time.Since(start).Microseconds()) / 1000
+	if err != nil {
+		r.Err = err.Error()
+		var errno syscall.Errno
+		if errors.As(err, &errno) {
+			r.Errno = unix.ErrnoName(errno)
+		}
+		var ne net.Error
+		if errors.Is(err, os.ErrDeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout()) {
+			r.Timeout = true
+			if r.Errno == "" {
+				r.Errno = "ETIMEDOUT"
+			}
+		}
+		return r
+	}
+	r.OK = true
+	return r
+}
+
+func tcpAttempt(r *Result, target string, deadline time.Time) error {
+	d := net.Dialer{Deadline: deadline}
+	c, err := d.Dial("tcp", target)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	r.Local = unmapped(c.LocalAddr())
+	if r.Peer, err = peerName(c.(*net.TCPConn)); err != nil {
+		return err
+	}
+	c.SetDeadline(deadline)
+	if _, err := c.Write([]byte(hello)); err != nil {
+		return err
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return fmt.Errorf("read answer (got %q): %w", line, err)
+	}
+	return parseAnswer(r, line)
+}
+
+func udpConnectedAttempt(r *Result, target string, deadline time.Time) error {
+	d := net.Dialer{Deadline: deadline}
+	c, err := d.Dial("udp", target)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	r.Local = unmapped(c.LocalAddr())
+	if r.Peer, err = peerName(c.(*net.UDPConn)); err != nil {
+		return err
+	}
+	c.SetDeadline(deadline)
+	if _, err := c.Write([]byte(hello)); err != nil {
+		return err
+	}
+	buf := make([]byte, 2048)
+	n, err := c.Read(buf)
+	if err != nil {
+		return err
+	}
+	return parseAnswer(r, string(buf[:n]))
+}
+
+func udpUnconnectedAttempt(r *Result, target string, deadline time.Time) error {
+	raddr, err := net.ResolveUDPAddr("udp", target)
+	if err != nil {
+		return err
+	}
+	network := "udp6"
+	if raddr.IP.To4() != nil {
+		network = "udp4"
+	}
+	c, err := net.ListenUDP(network, nil)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(deadline)
+	if _, err := c.WriteToUDP([]byte(hello), raddr); err != nil {
+		return err
+	}
+	r.Local = unmapped(c.LocalAddr())
+	buf := make([]byte, 2048)
+	n, from, err := c.ReadFromUDPAddrPort(buf)
+	if err != nil {
+		return err
+	}
+	r.Peer = netip.AddrPortFrom(from.Addr().Unmap(), from.Port()).String()
+	return parseAnswer(r, string(buf[:n]))
+}
+
+// peerName asks the kernel (getpeername) rather than trusting the address that was dialed.
+func peerName(c syscall.Conn) (string, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return "", err
+	}
+	var sa unix.Sockaddr
+	var serr error
+	if err := rc.Control(func(fd uintptr) { sa, serr = unix.Getpeername(int(fd)) }); err != nil {
+		return "", err
+	}
+	if serr != nil {
+		return "", fmt.Errorf("getpeername: %w", serr)
+	}
+	switch sa := sa.(type) {
+	case *unix.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port)).String(), nil
+	case *unix.SockaddrInet6:
+		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr).Unmap(), uint16(sa.Port)).String(), nil
+	}
+	return "", fmt.Errorf("getpeername: unexpected %T", sa)
+}
+
+func unmapped(a net.Addr) string {
+	var ap netip.AddrPort
+	switch a := a.(type) {
+	case *net.TCPAddr:
+		ap = a.AddrPort()
+	case *net.UDPAddr:
+		ap = a.AddrPort()
+	default:
+		return a.String()
+	}
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()).String()
+}
+
+// parseAnswer reads "NAME ip:port".
+func parseAnswer(r *Result, line string) error {
+	name, seen, ok := strings.Cut(strings.TrimSpace(line), " ")
+	if !ok || name == "" || seen == "" {
+		return fmt.Errorf("unexpected answer %q", line)
+	}
+	r.Backend, r.SeenAs = name, seen
+	return nil
+}

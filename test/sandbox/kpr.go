@@ -1,0 +1,198 @@
+package sandbox
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/kpr-dev/kpr/bpf"
+	"github.com/kpr-dev/kpr/node/agent"
+)
+
+// Kpr runs kpr on a sandbox node with its own cgroup (the socket hooks attach there; clients
+// that should be load-balanced start in it through CgroupFD) and its own bpffs, so nothing
+// of the machine's is touched.
+type Kpr struct {
+	Node     *Node
+	Bin      string // the kpr binary
+	Cgroup   string // cgroup v2 directory kpr attaches to
+	CgroupFD int    // open fd of Cgroup, for Cmd.CgroupFD / Exec
+	PinDir   string
+	RunDir   string
+	Proc     *Process // the running `kpr run`, nil when stopped
+
+	bpffs string
+}
+
+// BuildKpr builds cmd/kpr into dir.
+func BuildKpr(dir string) (string, error) {
+	root, err := moduleRoot()
+	if err != nil {
+		return "", err
+	}
+	out, err := filepath.Abs(filepath.Join(dir, "kpr"))
+	if err != nil {
+		return "", err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), probeBuildTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", out, "./cmd/kpr")
+	cmd.Dir = root
+	if msg, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("go build ./cmd/kpr: %w: %s", err, msg)
+	}
+	return out, nil
+}
+
+// NewKpr prepares kpr for node n: a cgroup named after the sandbox and node under the
+// machine's cgroup2 mount, and a fresh bpffs in the sandbox's work directory. Close removes
+// both, after `kpr cleanup`.
+func (n *Node) NewKpr(bin string) (*Kpr, error) {
+	k := &Kpr{Node: n, Bin: bin, CgroupFD: -1}
+	mount, err := bpf.CgroupV2Mount()
+	if err != nil {
+		return nil, err
+	}
+	k.Cgroup = filepath.Join(mount, n.NS)
+	if err := os.Mkdir(k.Cgroup, 0o755); err != nil {
+		return nil, fmt.Errorf("sandbox: cgroup: %w", err)
+	}
+	if k.CgroupFD, err = unix.Open(k.Cgroup, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_CLOEXEC, 0); err != nil {
+		k.Close()
+		return nil, err
+	}
+	dir := filepath.Join(n.NodeDir, "kpr")
+	k.bpffs = filepath.Join(dir, "bpffs")
+	k.PinDir = filepath.Join(k.bpffs, "kpr")
+	k.RunDir = filepath.Join(dir, "run")
+	if err := os.MkdirAll(k.bpffs, 0o700); err != nil {
+		k.Close()
+		return nil, err
+	}
+	if err := unix.Mount("bpffs", k.bpffs, "bpf", 0, "mode=0700"); err != nil {
+		k.bpffs = ""
+		k.Close()
+		return nil, fmt.Errorf("sandbox: mounting bpffs: %w", err)
+	}
+	return k, nil
+}
+
+// Args are the settings every kpr command of this node uses.
+func (k *Kpr) Args() []string {
+	return []string{
+		"--config", "",
+		"--kubelet-kubeconfig", k.Node.KubeletConf(),
+		"--kubeadm-config", k.Node.KubeadmConfig(),
+		"--node-name", k.Node.Name,
+		"--cgroup-path", k.Cgroup,
+		"--bpf-pin-dir", k.PinDir,
+		"--run-dir", k.RunDir,
+		"--min-sync-period", "100ms",
+	}
+}
+
+// Start runs `kpr run` in the node's namespace and waits (bounded) until it has synced with
+// the API server.
+func (k *Kpr) Start(ctx context.Context, timeout time.Duration) error {
+	if k.Proc != nil {
+		return errors.New("sandbox: kpr already running")
+	}
+	started := time.Now()
+	p, err := k.Node.StartCmd(ctx, Cmd{Name: k.Bin, Args: append([]string{"run"}, k.Args()...)})
+	if err != nil {
+		return err
+	}
+	k.Proc = p
+	deadline := time.Now().Add(timeout)
+	for {
+		if p.Exited() {
+			return fmt.Errorf("kpr exited: %s", p.LogTail(20))
+		}
+		st, err := agent.ReadStatus(k.RunDir)
+		if err == nil && st.PID == p.Pid() && st.Synced && !st.LastSync.Before(started) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("kpr not synced within %s: %s", timeout, p.LogTail(20))
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// Stop sends SIGTERM and waits for kpr to exit; it must exit cleanly (status 0).
+func (k *Kpr) Stop() error {
+	if k.Proc == nil {
+		return nil
+	}
+	p := k.Proc
+	k.Proc = nil
+	if err := p.Signal(syscall.SIGTERM); err != nil {
+		return err
+	}
+	select {
+	case <-p.Done():
+	case <-time.After(stopGrace):
+		_ = p.Kill()
+		return fmt.Errorf("kpr did not stop on SIGTERM: %s", p.LogTail(20))
+	}
+	if err := p.Wait(); err != nil {
+		return fmt.Errorf("kpr exited with %v: %s", err, p.LogTail(20))
+	}
+	return nil
+}
+
+// Run runs a kpr subcommand (status, service list, cleanup) in the node's namespace.
+func (k *Kpr) Run(ctx context.Context, args ...string) (string, error) {
+	out, err := k.Node.Exec(ctx, 0, k.Bin, append(args, k.Args()...)...)
+	return string(out), err
+}
+
+// Close stops kpr, runs `kpr cleanup`, unmounts the bpffs and removes the cgroup.
+func (k *Kpr) Close() error {
+	var errs []error
+	if err := k.Stop(); err != nil {
+		errs = append(errs, err)
+	}
+	if k.bpffs != "" {
+		ctx, cancel := context.WithTimeout(context.Background(), cmdTimeout)
+		if out, err := k.Run(ctx, "cleanup"); err != nil {
+			errs = append(errs, fmt.Errorf("kpr cleanup: %w: %s", err, out))
+		}
+		cancel()
+		if err := unix.Unmount(k.bpffs, unix.MNT_DETACH); err != nil {
+			errs = append(errs, fmt.Errorf("unmounting %s: %w", k.bpffs, err))
+		}
+		k.bpffs = ""
+	}
+	if k.CgroupFD >= 0 {
+		unix.Close(k.CgroupFD)
+		k.CgroupFD = -1
+	}
+	if k.Cgroup != "" {
+		// Processes started in the cgroup may still be being reaped.
+		var err error
+		for range 50 {
+			if err = os.Remove(k.Cgroup); err == nil || errors.Is(err, os.ErrNotExist) {
+				err = nil
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("removing cgroup %s: %w", k.Cgroup, err))
+		}
+		k.Cgroup = ""
+	}
+	return errors.Join(errs...)
+}
