@@ -49,6 +49,21 @@ type ServiceFlags uint16
 // traffic policy. Mirrors SVC_F_UNREACHABLE in sock.c.
 const FlagUnreachable ServiceFlags = 1
 
+// Bits 8..11 of the flags carry the frontend's Service type for listings (`kpr service
+// list`); the datapath does not read them.
+const (
+	flagTypeShift = 8
+	flagTypeMask  = 0xf << flagTypeShift
+)
+
+// WithType returns f carrying type t (a small number chosen by the caller).
+func (f ServiceFlags) WithType(t uint8) ServiceFlags {
+	return f&^flagTypeMask | ServiceFlags(t&0xf)<<flagTypeShift
+}
+
+// Type returns the type stored by WithType.
+func (f ServiceFlags) Type() uint8 { return uint8((f & flagTypeMask) >> flagTypeShift) }
+
 // ServiceKey identifies a frontend. Port 0 with Proto 0 is the wildcard
 // entry that marks Addr as a VIP, so that ports it does not serve are refused
 // instead of leaking out of the node. IPv4 addresses are stored IPv4-mapped;

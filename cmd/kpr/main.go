@@ -24,6 +24,7 @@ import (
 	"github.com/kpr-dev/kpr/node/agent"
 	"github.com/kpr-dev/kpr/node/config"
 	"github.com/kpr-dev/kpr/node/datapath"
+	"github.com/kpr-dev/kpr/node/lbstate"
 )
 
 func main() {
@@ -183,7 +184,7 @@ func listServices(out io.Writer, m datapath.LBMap) error {
 	}
 	w := tabwriter.NewWriter(out, 0, 4, 3, ' ', 0)
 	defer w.Flush()
-	fmt.Fprintln(w, "ID\tFrontend\tScope\tBackends")
+	fmt.Fprintln(w, "ID\tFrontend\tType\tScope\tBackends")
 	for _, k := range datapath.SortedKeys(svcs) {
 		if datapath.IsWildcard(k) {
 			continue
@@ -194,29 +195,35 @@ func listServices(out io.Writer, m datapath.LBMap) error {
 			scope = "external"
 		}
 		fe := fmt.Sprintf("%s/%s", netip.AddrPortFrom(k.Addr, k.Port), datapath.ProtoName(k.Proto))
+		typ := lbstate.Type(s.Flags.Type()).String()
 		if len(s.Backends) == 0 {
 			why := "none: refused (no endpoints)"
 			if s.Flags&bpf.FlagUnreachable != 0 {
 				why = "none: unreachable (no local endpoints)"
 			}
-			fmt.Fprintf(w, "%d\t%s\t%s\t%s\n", s.ID, fe, scope, why)
+			fmt.Fprintf(w, "%d\t%s\t%s\t%s\t%s\n", s.ID, fe, typ, scope, why)
 			continue
 		}
-		lines := make([]string, 0, len(s.Backends))
+		type line struct {
+			addr netip.AddrPort
+			text string
+		}
+		lines := make([]line, 0, len(s.Backends))
 		for _, id := range s.Backends {
 			b, ok := bes[id]
 			if !ok {
-				lines = append(lines, fmt.Sprintf("%d => (missing)", id))
+				lines = append(lines, line{text: fmt.Sprintf("%d => (missing)", id)})
 				continue
 			}
-			lines = append(lines, fmt.Sprintf("%d => %s/%s", id, netip.AddrPortFrom(b.Addr, b.Port), datapath.ProtoName(b.Proto)))
+			ap := netip.AddrPortFrom(b.Addr, b.Port)
+			lines = append(lines, line{ap, fmt.Sprintf("%d => %s/%s", id, ap, datapath.ProtoName(b.Proto))})
 		}
-		slices.Sort(lines)
+		slices.SortFunc(lines, func(a, b line) int { return a.addr.Compare(b.addr) })
 		for i, l := range lines {
 			if i == 0 {
-				fmt.Fprintf(w, "%d\t%s\t%s\t%s\n", s.ID, fe, scope, l)
+				fmt.Fprintf(w, "%d\t%s\t%s\t%s\t%s\n", s.ID, fe, typ, scope, l.text)
 			} else {
-				fmt.Fprintf(w, "\t\t\t%s\n", l)
+				fmt.Fprintf(w, "\t\t\t\t%s\n", l.text)
 			}
 		}
 	}

@@ -76,14 +76,19 @@ var settings = []setting{
 	{"runDir", "run-dir", "directory for the agent's status file", "/run/kpr"},
 }
 
-// EnvName is the environment variable of a key: KPR_ plus the key in upper snake case.
+// EnvName is the environment variable of a key: KPR_ plus the key in upper snake case, a
+// word starting at each upper-case letter that follows a lower-case one (serviceCIDRs ->
+// KPR_SERVICE_CIDRS).
 func EnvName(key string) string {
 	var b strings.Builder
 	b.WriteString("KPR_")
-	for i, r := range key {
-		if r >= 'A' && r <= 'Z' && i > 0 {
+	prevLower := false
+	for _, r := range key {
+		upper := r >= 'A' && r <= 'Z'
+		if upper && prevLower {
 			b.WriteByte('_')
 		}
+		prevLower = r >= 'a' && r <= 'z'
 		b.WriteRune(r)
 	}
 	return strings.ToUpper(b.String())

@@ -281,7 +281,7 @@ func (r *Reconciler) want() map[bpf.ServiceKey]entry {
 	for owner, fes := range r.desired {
 		for _, fe := range fes {
 			k := Key(fe.FrontendKey)
-			e := entry{affinity: fe.AffinityTimeoutSec, owner: owner}
+			e := entry{affinity: fe.AffinityTimeoutSec, owner: owner, flags: bpf.ServiceFlags(0).WithType(uint8(fe.Type))}
 			if len(fe.Backends) == 0 && fe.NoBackends == lbstate.Unreachable {
 				e.flags |= bpf.FlagUnreachable
 			}

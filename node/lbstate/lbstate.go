@@ -54,6 +54,9 @@ const (
 )
 
 func (t Type) String() string {
+	if t > LoadBalancer {
+		return fmt.Sprintf("Type(%d)", uint8(t))
+	}
 	return [...]string{"ClusterIP", "NodePort", "ExternalIP", "LoadBalancer"}[t]
 }
 

@@ -268,6 +268,51 @@ func TestClusterIP(t *testing.T) {
 		}
 	})
 
+	t.Run("no new connection fails while endpoints change", func(t *testing.T) {
+		// A steady stream of new connections through the v6 ClusterIP while its slice flips
+		// between {a}, {a,b}, {b}, {a,b}: the Service always keeps an endpoint, so every
+		// connection must succeed (make-before-break updates).
+		type outcome struct {
+			rs  []result
+			err error
+		}
+		done := make(chan outcome, 1)
+		go func() {
+			rs, err := e.probeErr(client, "--target", target(vip6, 80), "--count", "600", "--interval", "5ms", "--timeout", "2s")
+			done <- outcome{rs, err}
+		}()
+		orig, err := api.DiscoveryV1().EndpointSlices(ns).Get(ctx, "web-v6", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		all := orig.Endpoints
+		sets := [][]discovery.Endpoint{all[:1], all, all[1:], all}
+		for i := range 12 {
+			s, err := api.DiscoveryV1().EndpointSlices(ns).Get(ctx, "web-v6", metav1.GetOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			s.Endpoints = sets[i%len(sets)]
+			if _, err := api.DiscoveryV1().EndpointSlices(ns).Update(ctx, s, metav1.UpdateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(150 * time.Millisecond)
+		}
+		o := <-done
+		if o.err != nil {
+			t.Fatal(o.err)
+		}
+		if len(o.rs) != 600 {
+			t.Fatalf("%d results, want 600", len(o.rs))
+		}
+		if f := failures(o.rs); len(f) > 0 {
+			t.Fatalf("%d of %d connections failed during updates: %v", len(f), len(o.rs), f)
+		}
+		if got := slices.Sorted(maps.Keys(backends(o.rs))); !slices.Equal(got, allWeb) {
+			t.Fatalf("backends reached %v, want %v", got, allWeb)
+		}
+	})
+
 	t.Run("removing an endpoint stops new connections to it", func(t *testing.T) {
 		s, err := api.DiscoveryV1().EndpointSlices(ns).Get(ctx, "web-v4", metav1.GetOptions{})
 		if err != nil {

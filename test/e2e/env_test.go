@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -117,15 +118,24 @@ type runner interface {
 	Exec(ctx context.Context, cgroupFD int, name string, args ...string) ([]byte, error)
 }
 
-// probe runs the probe client in where (a pod or the node), inside the test cgroup so kpr's
+// probeFrom runs the probe client in where (a pod or the node), inside kpr's cgroup so its
 // socket hooks apply, and returns one result per attempt.
 func (e *env) probeFrom(where runner, args ...string) []result {
 	e.t.Helper()
+	rs, err := e.probeErr(where, args...)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return rs
+}
+
+// probeErr is probeFrom for goroutines other than the test's.
+func (e *env) probeErr(where runner, args ...string) ([]result, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	out, err := where.Exec(ctx, e.kpr.CgroupFD, e.probe, append([]string{"client"}, args...)...)
 	if err != nil {
-		e.t.Fatalf("probe client %v: %v\n%s", args, err, out)
+		return nil, fmt.Errorf("probe client %v: %v\n%s", args, err, out)
 	}
 	var rs []result
 	sc := bufio.NewScanner(bytes.NewReader(out))
@@ -136,11 +146,11 @@ func (e *env) probeFrom(where runner, args ...string) []result {
 		}
 		var r result
 		if err := json.Unmarshal(line, &r); err != nil {
-			e.t.Fatalf("probe output %q: %v", line, err)
+			return nil, fmt.Errorf("probe output %q: %v", line, err)
 		}
 		rs = append(rs, r)
 	}
-	return rs
+	return rs, nil
 }
 
 // eventually retries check until it succeeds or timeout passes.

@@ -1,12 +1,13 @@
 package sandbox
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/kpr-dev/kpr/bpf"
 )
 
 // Cgroup is a cgroup v2 directory made by the sandbox, for Cmd.CgroupFD and for attaching cgroup
@@ -50,7 +51,7 @@ func (cp *ControlPlane) NewCgroup(name string) (*Cgroup, error) {
 // ownCgroup2Dir is the test process's cgroup in the cgroup v2 hierarchy, wherever that is
 // mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts).
 func ownCgroup2Dir() (string, error) {
-	mount, err := cgroup2Mount()
+	mount, err := bpf.CgroupV2Mount()
 	if err != nil {
 		return "", err
 	}
@@ -64,28 +65,4 @@ func ownCgroup2Dir() (string, error) {
 		}
 	}
 	return "", errors.New("no cgroup v2 entry in /proc/self/cgroup")
-}
-
-func cgroup2Mount() (string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		// ID parent major:minor root mountpoint options... - fstype source superoptions
-		pre, post, ok := strings.Cut(sc.Text(), " - ")
-		if !ok {
-			continue
-		}
-		fields, postFields := strings.Fields(pre), strings.Fields(post)
-		if len(fields) >= 5 && len(postFields) >= 1 && postFields[0] == "cgroup2" && fields[3] == "/" {
-			return fields[4], nil
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return "", err
-	}
-	return "", errors.New("cgroup v2 is not mounted")
 }

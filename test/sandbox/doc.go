@@ -59,7 +59,8 @@
 //
 // # Things without a kubelet or controller-manager
 //
-// The ServiceAccount admission plugin is disabled (no token controller), the sandbox writes
-// Node and Pod status itself, and a Pod bound to a node is only removed when deleted with
-// GracePeriodSeconds 0 (no kubelet confirms a graceful deletion).
+// The ServiceAccount admission plugin is disabled (no token controller) and the sandbox writes
+// Node and Pod status itself. Pods get terminationGracePeriodSeconds 0, so deleting one through
+// the API is immediate (no kubelet would confirm a graceful deletion). Nothing creates
+// EndpointSlices for Services; tests write them.
 package sandbox

@@ -12,7 +12,6 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/kpr-dev/kpr/bpf"
 	"github.com/kpr-dev/kpr/node/agent"
 )
 
@@ -22,7 +21,7 @@ import (
 type Kpr struct {
 	Node     *Node
 	Bin      string // the kpr binary
-	Cgroup   string // cgroup v2 directory kpr attaches to
+	Cgroup   string // cgroup v2 directory kpr attaches to (removed by ControlPlane.Close)
 	CgroupFD int    // open fd of Cgroup, for Cmd.CgroupFD / Exec
 	PinDir   string
 	RunDir   string
@@ -51,23 +50,16 @@ func BuildKpr(dir string) (string, error) {
 	return out, nil
 }
 
-// NewKpr prepares kpr for node n: a cgroup named after the sandbox and node under the
-// machine's cgroup2 mount, and a fresh bpffs in the sandbox's work directory. Close removes
-// both, after `kpr cleanup`.
+// NewKpr prepares kpr for node n: its own cgroup (see ControlPlane.NewCgroup) and a fresh
+// bpffs in the node's directory. Close runs `kpr cleanup` and unmounts the bpffs; call it
+// before ControlPlane.Close.
 func (n *Node) NewKpr(bin string) (*Kpr, error) {
-	k := &Kpr{Node: n, Bin: bin, CgroupFD: -1}
-	mount, err := bpf.CgroupV2Mount()
+	k := &Kpr{Node: n, Bin: bin}
+	cg, err := n.cp.NewCgroup(n.Name)
 	if err != nil {
 		return nil, err
 	}
-	k.Cgroup = filepath.Join(mount, n.NS)
-	if err := os.Mkdir(k.Cgroup, 0o755); err != nil {
-		return nil, fmt.Errorf("sandbox: cgroup: %w", err)
-	}
-	if k.CgroupFD, err = unix.Open(k.Cgroup, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_CLOEXEC, 0); err != nil {
-		k.Close()
-		return nil, err
-	}
+	k.Cgroup, k.CgroupFD = cg.Path, cg.FD
 	dir := filepath.Join(n.NodeDir, "kpr")
 	k.bpffs = filepath.Join(dir, "bpffs")
 	k.PinDir = filepath.Join(k.bpffs, "kpr")
@@ -174,25 +166,6 @@ func (k *Kpr) Close() error {
 			errs = append(errs, fmt.Errorf("unmounting %s: %w", k.bpffs, err))
 		}
 		k.bpffs = ""
-	}
-	if k.CgroupFD >= 0 {
-		unix.Close(k.CgroupFD)
-		k.CgroupFD = -1
-	}
-	if k.Cgroup != "" {
-		// Processes started in the cgroup may still be being reaped.
-		var err error
-		for range 50 {
-			if err = os.Remove(k.Cgroup); err == nil || errors.Is(err, os.ErrNotExist) {
-				err = nil
-				break
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
-		if err != nil {
-			errs = append(errs, fmt.Errorf("removing cgroup %s: %w", k.Cgroup, err))
-		}
-		k.Cgroup = ""
 	}
 	return errors.Join(errs...)
 }

@@ -92,9 +92,13 @@ type ControlPlane struct {
 	nodes   map[string]*Node
 	indexes map[int]*Node
 
-	mu       sync.Mutex
-	netnses  []string // every namespace created, for the leak check in Close
-	inodes   map[uint64]string
+	mu      sync.Mutex
+	netnses []string // every namespace created, for the leak check in Close
+	inodes  map[uint64]string
+	// nsHolds keeps every namespace alive (an open fd) until Close has looked for leftover
+	// processes: once a namespace is freed its inode number can be reused by a namespace of
+	// another sandbox running at the same time, which would be reported as ours.
+	nsHolds  []*os.File
 	closed   bool
 	closeErr error
 }
@@ -210,9 +214,14 @@ func (cp *ControlPlane) newNamespace(ctx context.Context, cs *cleanupStack, name
 	if err != nil {
 		return err
 	}
+	hold, err := os.Open(netnsPath(name))
+	if err != nil {
+		return err
+	}
 	cp.mu.Lock()
 	cp.netnses = append(cp.netnses, name)
 	cp.inodes[ino] = name
+	cp.nsHolds = append(cp.nsHolds, hold)
 	cp.mu.Unlock()
 	return nil
 }
@@ -236,6 +245,7 @@ func (cp *ControlPlane) startEtcd(ctx context.Context, etcdBin string) error {
 	}
 	cp.log("sandbox: etcd pid %d, log %s", p.Pid(), p.LogPath)
 	hc := &http.Client{Transport: &http.Transport{DialContext: cp.DialContext}, Timeout: 2 * time.Second}
+	defer hc.CloseIdleConnections()
 	return waitFor(ctx, etcdReadyTimeout, p, "etcd /health", func(ctx context.Context) error {
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://127.0.0.1:2379/health", nil)
 		if err != nil {
@@ -262,7 +272,7 @@ func (cp *ControlPlane) startAPIServer(ctx context.Context, bin string) error {
 		"--bind-address=::",
 		"--advertise-address=" + ControlPlaneIPv4,
 		fmt.Sprintf("--secure-port=%d", APIServerPort),
-		"--service-cluster-ip-range=10.96.0.0/16,fd6b:7072:96::/112",
+		"--service-cluster-ip-range=" + ServiceSubnet,
 		"--authorization-mode=Node,RBAC",
 		// No controller-manager creates service-account tokens.
 		"--disable-admission-plugins=ServiceAccount",
@@ -400,14 +410,26 @@ func (cp *ControlPlane) Close() error {
 	}
 	cp.closed = true
 	cp.mu.Unlock()
+	// Let a concurrent AddNode or AddPod finish (or fail) and hand over its cleanup first.
+	cp.topo.Lock()
+	defer cp.topo.Unlock()
 
 	errs := []error{cp.cleanup.unwind()}
-	cp.procs.spawner.close()
-	// A process whose start raced with the first unwind registered its Stop afterwards.
-	errs = append(errs, cp.cleanup.unwind())
+	if cp.procs != nil {
+		cp.procs.spawner.close()
+		// A process whose start raced with the first unwind registered its Stop afterwards.
+		errs = append(errs, cp.cleanup.unwind())
+	}
 	cp.mu.Lock()
 	inodes := cp.inodes
+	holds := cp.nsHolds
+	cp.nsHolds = nil
 	cp.mu.Unlock()
+	defer func() {
+		for _, f := range holds {
+			f.Close()
+		}
+	}()
 	if left := processesInNetns(inodes); len(left) > 0 {
 		var pids []string
 		for pid, ns := range left {

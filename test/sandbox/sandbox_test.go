@@ -20,6 +20,7 @@ import (
 	authorizationv1 "k8s.io/api/authorization/v1"
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
@@ -158,6 +159,20 @@ func TestSandbox(t *testing.T) {
 		}
 	})
 
+	t.Run("probe errors", func(t *testing.T) {
+		closed := target(podA.IPv4, 9999)
+		for _, c := range []struct{ proto, mode, errno string }{
+			{"tcp", "", "ECONNREFUSED"},
+			{"udp", "connected", "ECONNREFUSED"},
+			{"udp", "unconnected", "ETIMEDOUT"}, // no ICMP errors on an unconnected socket
+		} {
+			r := runClient(t, ctx, node1.Exec, probe, closed, c.proto, c.mode, 1, "--timeout", "500ms")[0]
+			if r.OK || r.Errno != c.errno {
+				t.Errorf("%s %s to a closed port: %+v, want %s", c.proto, c.mode, r, c.errno)
+			}
+		}
+	})
+
 	t.Run("curl", func(t *testing.T) {
 		if _, err := exec.LookPath("curl"); err != nil {
 			t.Skip("no curl")
@@ -237,6 +252,13 @@ func TestSandbox(t *testing.T) {
 		svc, err := cp.Client.CoreV1().Services("default").Get(ctx, "kubernetes", metav1.GetOptions{})
 		if err != nil || svc.Spec.ClusterIP != "10.96.0.1" {
 			t.Errorf("kubernetes Service: %v %v", svc.Spec.ClusterIP, err)
+		}
+		// No kubelet confirms deletions; a zero termination grace period makes them immediate.
+		if err := cp.Client.CoreV1().Pods("e2e").Delete(ctx, "pod-b", metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := cp.Client.CoreV1().Pods("e2e").Get(ctx, "pod-b", metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+			t.Errorf("pod-b after delete: %v, want NotFound", err)
 		}
 	})
 

@@ -1,0 +1,66 @@
+package main
+
+import (
+	"bytes"
+	"net/netip"
+	"strings"
+	"testing"
+
+	v1 "k8s.io/api/core/v1"
+
+	"github.com/kpr-dev/kpr/node/datapath"
+	"github.com/kpr-dev/kpr/node/lbstate"
+)
+
+func TestServiceListShowsWhatIsProgrammed(t *testing.T) {
+	m := datapath.NewFake()
+	r, err := datapath.NewReconciler(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	web := lbstate.Frontend{
+		FrontendKey: lbstate.FrontendKey{Addr: netip.MustParseAddr("10.96.0.10"), Port: 80, Protocol: v1.ProtocolTCP},
+		Type:        lbstate.ClusterIP,
+		Backends:    []netip.AddrPort{netip.MustParseAddrPort("10.244.1.3:8080"), netip.MustParseAddrPort("10.244.1.2:8080")},
+	}
+	empty := lbstate.Frontend{
+		FrontendKey: lbstate.FrontendKey{Addr: netip.MustParseAddr("fd6b:7072:96::a"), Port: 53, Protocol: v1.ProtocolUDP},
+		Type:        lbstate.ClusterIP,
+	}
+	local := lbstate.Frontend{
+		FrontendKey: lbstate.FrontendKey{Addr: netip.MustParseAddr("10.96.0.11"), Port: 80, Protocol: v1.ProtocolTCP},
+		Type:        lbstate.ClusterIP,
+		NoBackends:  lbstate.Unreachable,
+	}
+	r.Set("default/web", []lbstate.Frontend{web})
+	r.Set("default/empty", []lbstate.Frontend{empty})
+	r.Set("default/local", []lbstate.Frontend{local})
+	if _, err := r.Sync(nil); err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	if err := listServices(&out, m); err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+	want := [][]string{
+		{"ID", "Frontend", "Type", "Scope", "Backends"},
+		{"10.96.0.10:80/tcp", "ClusterIP", "socket", "=> 10.244.1.2:8080/tcp"},
+		{"=> 10.244.1.3:8080/tcp"},
+		{"10.96.0.11:80/tcp", "ClusterIP", "socket", "none: unreachable (no local endpoints)"},
+		{"[fd6b:7072:96::a]:53/udp", "ClusterIP", "socket", "none: refused (no endpoints)"},
+	}
+	if len(lines) != len(want) {
+		t.Fatalf("got %d lines, want %d:\n%s", len(lines), len(want), out.String())
+	}
+	for i, parts := range want {
+		for _, p := range parts {
+			if !strings.Contains(lines[i], p) {
+				t.Fatalf("line %d %q lacks %q:\n%s", i, lines[i], p, out.String())
+			}
+		}
+	}
+	if strings.Contains(out.String(), "any port") {
+		t.Fatalf("wildcard entries must not be listed:\n%s", out.String())
+	}
+}
