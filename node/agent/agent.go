@@ -5,9 +5,9 @@ package agent
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"strings"
 	"sync"
@@ -22,6 +22,7 @@ import (
 	"k8s.io/apimachinery/pkg/selection"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/kpr-dev/kpr/bpf"
@@ -93,7 +94,6 @@ func (a *Agent) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
 	wg.Go(func() { r.Loop(ctx) })
 	wg.Go(func() { a.notify.Watchdog(ctx, a.Healthy) })
-	wg.Go(func() { a.watchAPI(ctx) })
 	r.Run()
 	<-ctx.Done()
 	a.notify.Stopping()
@@ -160,7 +160,9 @@ func (a *Agent) setup() error {
 	}
 	a.rec = rec
 	svcs, _ := dp.Maps.Services()
-	client, err := kubernetes.NewForConfig(cluster.RESTConfig)
+	cfg := rest.CopyConfig(cluster.RESTConfig)
+	cfg.Dial = a.observeDial(cfg.Dial)
+	client, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
 		dp.Close()
 		return fmt.Errorf("API client: %w", err)
@@ -244,60 +246,48 @@ func (a *Agent) startInformers(ctx context.Context) {
 		AddFunc:    nodeChanged,
 		UpdateFunc: func(_, obj any) { nodeChanged(obj) },
 	})
-	for _, inf := range []cache.SharedIndexInformer{a.services, a.slices, a.nodes} {
-		_ = inf.SetWatchErrorHandler(func(_ *cache.Reflector, err error) { a.apiError(err) })
-	}
 	f.Start(ctx.Done())
 	nf.Start(ctx.Done())
 }
 
-func (a *Agent) apiError(err error) {
-	if errors.Is(err, context.Canceled) {
-		return
+// observeDial wraps the API client's dialer to follow whether the API server can be reached.
+// client-go's reflectors retry a refused connection quietly, with backoff, and keep the
+// caches; this is where kpr learns about the outage, logs it once per state change, and keeps
+// the datapath as programmed. It costs no request of its own.
+func (a *Agent) observeDial(dial func(ctx context.Context, network, addr string) (net.Conn, error)) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	if dial == nil {
+		d := &net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}
+		dial = d.DialContext
 	}
-	a.mu.Lock()
-	was := a.apiDown
-	a.apiDown = true
-	a.mu.Unlock()
-	if !was {
-		a.log.Warn("API server unreachable; keeping the programmed datapath and retrying", "err", err)
-		a.notify.Status("API server unreachable; datapath kept as programmed")
-		a.status.set(func(s *Status) { s.API = "unreachable since " + time.Now().Format(time.RFC3339) + ": " + err.Error() })
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := dial(ctx, network, addr)
+		if err != nil && ctx.Err() == nil {
+			a.setAPIDown(true, err)
+		} else if err == nil {
+			a.setAPIDown(false, nil)
+		}
+		return c, err
 	}
 }
 
-// watchAPI notices when an unreachable API server answers again, so the state change is
-// logged once; client-go's reflectors do the actual retrying with backoff.
-func (a *Agent) watchAPI(ctx context.Context) {
-	t := time.NewTicker(2 * time.Second)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		a.mu.Lock()
-		down := a.apiDown
-		a.mu.Unlock()
-		if !down && a.status.get().API == "connected" {
-			continue
-		}
-		rctx, cancel := context.WithTimeout(ctx, 3*time.Second)
-		err := a.client.Discovery().RESTClient().Get().AbsPath("/version").Do(rctx).Error()
-		cancel()
-		if err != nil {
-			continue
-		}
-		a.mu.Lock()
-		a.apiDown = false
-		a.mu.Unlock()
-		if down {
-			a.log.Info("API server reachable again")
-		}
-		a.status.set(func(s *Status) { s.API = "connected" })
-		a.tracker.touchAll()
+func (a *Agent) setAPIDown(down bool, err error) {
+	a.mu.Lock()
+	changed := a.apiDown != down
+	a.apiDown = down
+	a.mu.Unlock()
+	if !changed {
+		return
 	}
+	if down {
+		a.log.Warn("API server unreachable; keeping the programmed datapath and retrying", "err", err)
+		a.notify.Status("API server unreachable; datapath kept as programmed")
+		a.status.set(func(s *Status) { s.API = "unreachable since " + time.Now().Format(time.RFC3339) + ": " + err.Error() })
+		return
+	}
+	a.log.Info("API server reachable again")
+	a.status.set(func(s *Status) { s.API = "connected" })
+	// Informers resume from where they were; a full pass makes sure nothing is missed.
+	a.tracker.touchAll()
 }
 
 // syncOnce computes the desired state of the Services that changed and programs the

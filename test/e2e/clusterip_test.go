@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"maps"
 	"net/netip"
+	"os"
 	"slices"
 	"strings"
 	"testing"
@@ -16,8 +17,18 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/utils/ptr"
 
+	"github.com/kpr-dev/kpr/node/agent"
 	"github.com/kpr-dev/kpr/test/sandbox"
 )
+
+func readFile(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
 
 const ns = "default"
 
@@ -132,7 +143,7 @@ func TestClusterIP(t *testing.T) {
 		}
 	}
 	vip4, vip6 := vips(t, web)
-	e.eventually(10*time.Second, "the web Service answers through its ClusterIP", func() error {
+	eventually(t, 10*time.Second, "the web Service answers through its ClusterIP", func() error {
 		rs := e.probeFrom(client, "--target", target(vip4, 80), "--timeout", "500ms")
 		if len(rs) != 1 || !rs[0].OK {
 			return fmt.Errorf("%+v", rs)
@@ -207,7 +218,7 @@ func TestClusterIP(t *testing.T) {
 			t.Fatal(err)
 		}
 		ev4, ev6 := vips(t, empty)
-		e.eventually(10*time.Second, "the empty Service is programmed", func() error {
+		eventually(t, 10*time.Second, "the empty Service is programmed", func() error {
 			out, err := e.kprCmd("service", "list")
 			if err != nil || !strings.Contains(out, target(ev4, 80)) {
 				return fmt.Errorf("%v: %s", err, out)
@@ -250,7 +261,7 @@ func TestClusterIP(t *testing.T) {
 			t.Fatal(err)
 		}
 		mv4, _ := vips(t, marker)
-		e.eventually(10*time.Second, "the marker Service is programmed", func() error {
+		eventually(t, 10*time.Second, "the marker Service is programmed", func() error {
 			out, err := e.kprCmd("service", "list")
 			if err != nil || !strings.Contains(out, target(mv4, 80)) {
 				return fmt.Errorf("%v: %s", err, out)
@@ -322,7 +333,7 @@ func TestClusterIP(t *testing.T) {
 		if _, err := api.DiscoveryV1().EndpointSlices(ns).Update(ctx, s, metav1.UpdateOptions{}); err != nil {
 			t.Fatal(err)
 		}
-		e.eventually(10*time.Second, "web-b is gone from the v4 ClusterIP", func() error {
+		eventually(t, 10*time.Second, "web-b is gone from the v4 ClusterIP", func() error {
 			out, _ := e.kprCmd("service", "list")
 			if strings.Contains(out, webPods[1].IPv4.String()+":8080") {
 				return fmt.Errorf("still programmed:\n%s", out)
@@ -368,11 +379,65 @@ func TestClusterIP(t *testing.T) {
 		}
 	})
 
+	t.Run("while the API server is down the datapath keeps serving", func(t *testing.T) {
+		logBefore := readFile(t, e.kpr.Proc.LogPath)
+		if err := e.cp.StopAPIServer(); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, 30*time.Second, "kpr reports the API server unreachable", func() error {
+			st, err := agent.ReadStatus(e.kpr.RunDir)
+			if err != nil || !strings.HasPrefix(st.API, "unreachable") {
+				return fmt.Errorf("status %+v %v\nkpr log:\n%s", st, err, e.kpr.Proc.LogTail(30))
+			}
+			return nil
+		})
+		rs := e.probeFrom(client, "--target", target(vip6, 80), "--count", "20")
+		if got := slices.Sorted(maps.Keys(backends(rs))); len(failures(rs)) > 0 || !slices.Equal(got, allWeb) {
+			t.Fatalf("with the API server down: backends %v, failures %v", got, failures(rs))
+		}
+		time.Sleep(3 * time.Second) // long enough for client-go to retry a few times
+		if err := e.cp.StartAPIServer(ctx); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, 30*time.Second, "kpr reconnects", func() error {
+			st, err := agent.ReadStatus(e.kpr.RunDir)
+			if err != nil || st.API != "connected" {
+				return fmt.Errorf("status %+v %v", st, err)
+			}
+			return nil
+		})
+		// A change made after the outage reaches the datapath: web-b back in the v4 slice.
+		sl, err := api.DiscoveryV1().EndpointSlices(ns).Get(ctx, "web-v4", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sl.Endpoints = slice("web", "web-v4", discovery.AddressTypeIPv4, ports, webPods...).Endpoints
+		if _, err := api.DiscoveryV1().EndpointSlices(ns).Update(ctx, sl, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, 30*time.Second, "web-b is back behind the v4 ClusterIP", func() error {
+			rs := e.probeFrom(client, "--target", target(vip4, 80), "--count", "30")
+			if got := slices.Sorted(maps.Keys(backends(rs))); !slices.Equal(got, allWeb) {
+				return fmt.Errorf("backends %v", got)
+			}
+			return nil
+		})
+		log := strings.TrimPrefix(readFile(t, e.kpr.Proc.LogPath), logBefore)
+		if n := strings.Count(log, "API server unreachable"); n != 1 {
+			t.Fatalf("kpr logged the outage %d times, want once:\n%s", n, log)
+		}
+		if n := strings.Count(log, "API server reachable again"); n != 1 {
+			t.Fatalf("kpr logged the recovery %d times, want once:\n%s", n, log)
+		}
+	})
+
 	t.Run("deleting the Service removes its translation", func(t *testing.T) {
 		if err := api.CoreV1().Services(ns).Delete(ctx, "web", metav1.DeleteOptions{}); err != nil {
 			t.Fatal(err)
 		}
-		e.eventually(10*time.Second, "web's ClusterIP is gone from the datapath", func() error {
+		// Each informer resumes its watch on its own backoff (up to 30 s in client-go) after the
+		// API outage of the previous subtest.
+		eventually(t, 45*time.Second, "web's ClusterIP is gone from the datapath", func() error {
 			out, _ := e.kprCmd("service", "list")
 			if strings.Contains(out, vip4.String()) || strings.Contains(out, vip6.String()) {
 				return fmt.Errorf("still programmed:\n%s", out)

@@ -154,8 +154,8 @@ func (e *env) probeErr(where runner, args ...string) ([]result, error) {
 }
 
 // eventually retries check until it succeeds or timeout passes.
-func (e *env) eventually(timeout time.Duration, what string, check func() error) {
-	e.t.Helper()
+func eventually(t *testing.T, timeout time.Duration, what string, check func() error) {
+	t.Helper()
 	deadline := time.Now().Add(timeout)
 	var err error
 	for {
@@ -163,7 +163,7 @@ func (e *env) eventually(timeout time.Duration, what string, check func() error)
 			return
 		}
 		if time.Now().After(deadline) {
-			e.t.Fatalf("%s: not within %s: %v", what, timeout, err)
+			t.Fatalf("%s: not within %s: %v", what, timeout, err)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}

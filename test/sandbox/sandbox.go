@@ -101,6 +101,9 @@ type ControlPlane struct {
 	nsHolds  []*os.File
 	closed   bool
 	closeErr error
+
+	apiserverBin  string
+	apiserverProc *Process
 }
 
 var prefixRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,31}$`)
@@ -292,6 +295,7 @@ func (cp *ControlPlane) startAPIServer(ctx context.Context, bin string) error {
 	if err != nil {
 		return err
 	}
+	cp.apiserverBin, cp.apiserverProc = bin, p
 	cp.log("sandbox: kube-apiserver pid %d, log %s", p.Pid(), p.LogPath)
 
 	cfg, err := clientcmd.BuildConfigFromFlags("", cp.AdminKubeconfig)
@@ -354,6 +358,25 @@ func (cp *ControlPlane) bootstrapObjects(ctx context.Context) error {
 		return fmt.Errorf("RoleBinding %s: %w", rb.Name, err)
 	}
 	return nil
+}
+
+// StopAPIServer stops kube-apiserver (etcd keeps running), so a test can see how clients
+// behave while the API is unreachable.
+func (cp *ControlPlane) StopAPIServer() error {
+	if cp.apiserverProc == nil {
+		return errors.New("sandbox: kube-apiserver is not running")
+	}
+	p := cp.apiserverProc
+	cp.apiserverProc = nil
+	return p.Stop()
+}
+
+// StartAPIServer starts kube-apiserver again after StopAPIServer and waits for /readyz.
+func (cp *ControlPlane) StartAPIServer(ctx context.Context) error {
+	if cp.apiserverProc != nil {
+		return errors.New("sandbox: kube-apiserver is already running")
+	}
+	return cp.startAPIServer(ctx, cp.apiserverBin)
 }
 
 func (cp *ControlPlane) isClosed() bool {
