@@ -2,6 +2,7 @@ package bpf
 
 import (
 	"errors"
+	"fmt"
 	"maps"
 	"net/netip"
 	"os"
@@ -230,6 +231,8 @@ func TestSocketLB(t *testing.T) {
 
 	t.Run("affinity", func(t *testing.T) {
 		k := ServiceKey{Addr: vip4, Port: 90, Proto: ProtoTCP}
+		must(t, d.Maps.UpsertAffinityMatch(svcAffinity, beTCPA))
+		must(t, d.Maps.UpsertAffinityMatch(svcAffinity, beTCPB))
 		must(t, d.Maps.UpsertService(k, Service{ID: svcAffinity, AffinityTimeoutSec: 600, Backends: []uint32{beTCPA, beTCPB}}, 0))
 		must(t, d.Maps.UpsertRevNat(svcAffinity, RevNat{Addr: vip4, Port: 90}))
 		first := ""
@@ -265,6 +268,8 @@ func TestSocketLB(t *testing.T) {
 		}
 		must(t, d.Maps.DeleteService(k, 2))
 		must(t, d.Maps.DeleteRevNat(svcAffinity))
+		must(t, d.Maps.DeleteAffinityMatch(svcAffinity, beTCPA))
+		must(t, d.Maps.DeleteAffinityMatch(svcAffinity, beTCPB))
 	})
 
 	t.Run("missing slot falls back to slot 1", func(t *testing.T) {
@@ -292,13 +297,16 @@ func TestSocketLB(t *testing.T) {
 		const tmpBackend = 30
 		must(t, d.Maps.UpsertBackend(tmpBackend, Backend{tcpA.Addr(), tcpA.Port(), ProtoTCP}))
 		k := ServiceKey{Addr: vip4, Port: 92, Proto: ProtoTCP}
+		must(t, d.Maps.UpsertAffinityMatch(21, tmpBackend))
 		must(t, d.Maps.UpsertService(k, Service{ID: 21, AffinityTimeoutSec: 600, Backends: []uint32{tmpBackend}}, 0))
 		ex, err := e.dialTCP(unix.AF_INET, netip.AddrPortFrom(vip4, 92))
 		must(t, err)
 		if ex.backend != tcpA.String() {
 			t.Fatalf("went to %s, want %s", ex.backend, tcpA)
 		}
+		must(t, d.Maps.UpsertAffinityMatch(21, beTCPB))
 		must(t, d.Maps.UpsertService(k, Service{ID: 21, AffinityTimeoutSec: 600, Backends: []uint32{beTCPB}}, 1))
+		must(t, d.Maps.DeleteAffinityMatch(21, tmpBackend))
 		must(t, d.Maps.DeleteBackend(tmpBackend))
 		for i := range 10 {
 			ex, err := e.dialTCP(unix.AF_INET, netip.AddrPortFrom(vip4, 92))
@@ -308,6 +316,65 @@ func TestSocketLB(t *testing.T) {
 			}
 		}
 		must(t, d.Maps.DeleteService(k, 1))
+		must(t, d.Maps.DeleteAffinityMatch(21, beTCPB))
+	})
+
+	t.Run("affinity does not follow a backend that left the service but serves another", func(t *testing.T) {
+		// Backend IDs are shared between Services: beTCPA serves both A and B. When it
+		// leaves A it stays in the backend map for B, so "the remembered backend still
+		// exists" must not be enough for A's clients to keep using it.
+		const svcA, svcB = 22, 23
+		kA := ServiceKey{Addr: vip4, Port: 93, Proto: ProtoTCP}
+		kB := ServiceKey{Addr: vip4, Port: 94, Proto: ProtoTCP}
+		vipA, vipB := netip.AddrPortFrom(vip4, 93), netip.AddrPortFrom(vip4, 94)
+		must(t, d.Maps.UpsertAffinityMatch(svcA, beTCPA))
+		must(t, d.Maps.UpsertAffinityMatch(svcB, beTCPA))
+		must(t, d.Maps.UpsertService(kA, Service{ID: svcA, AffinityTimeoutSec: 600, Backends: []uint32{beTCPA}}, 0))
+		must(t, d.Maps.UpsertService(kB, Service{ID: svcB, AffinityTimeoutSec: 600, Backends: []uint32{beTCPA}}, 0))
+		must(t, d.Maps.UpsertRevNat(svcA, RevNat{Addr: vip4, Port: 93}))
+		must(t, d.Maps.UpsertRevNat(svcB, RevNat{Addr: vip4, Port: 94}))
+		defer func() {
+			must(t, d.Maps.DeleteService(kA, 1))
+			must(t, d.Maps.DeleteService(kB, 1))
+			must(t, d.Maps.DeleteRevNat(svcA))
+			must(t, d.Maps.DeleteRevNat(svcB))
+			for _, am := range []AffinityMatch{{svcA, beTCPA}, {svcA, beTCPB}, {svcB, beTCPA}} {
+				must(t, d.Maps.DeleteAffinityMatch(am.SvcID, am.BackendID))
+			}
+		}()
+		dialWant := func(what string, vip, want netip.AddrPort) {
+			t.Helper()
+			ex, err := e.dialTCP(unix.AF_INET, vip)
+			must(t, err)
+			if ex.backend != want.String() || ex.peer != vip {
+				t.Fatalf("%s: backend %s peer %s, want %s and the VIP %s", what, ex.backend, ex.peer, want, vip)
+			}
+		}
+		dialWant("A before the change", vipA, tcpA)
+		dialWant("B before the change", vipB, tcpA)
+		if id, ok := affinityBackend(t, d.Maps, svcA); !ok || id != beTCPA {
+			t.Fatalf("affinity entry of A: backend %d (present %v), want %d", id, ok, beTCPA)
+		}
+
+		// beTCPA leaves A, in the reconciler's order: the new backend's pair, the
+		// slots, then the old pair.
+		must(t, d.Maps.UpsertAffinityMatch(svcA, beTCPB))
+		must(t, d.Maps.UpsertService(kA, Service{ID: svcA, AffinityTimeoutSec: 600, Backends: []uint32{beTCPB}}, 1))
+		// The pair, not the slots, decides: until it goes, the remembered backend is
+		// still used. This also proves the client really is pinned, so the checks
+		// below would catch a datapath that ignored the match map.
+		dialWant("A with the old pair still present", vipA, tcpA)
+		must(t, d.Maps.DeleteAffinityMatch(svcA, beTCPA))
+
+		for i := range 20 {
+			dialWant(fmt.Sprintf("A, connection %d after the change", i), vipA, tcpB)
+		}
+		if id, ok := affinityBackend(t, d.Maps, svcA); !ok || id != beTCPB {
+			t.Fatalf("affinity entry of A after the change: backend %d (present %v), want %d", id, ok, beTCPB)
+		}
+		for i := range 5 {
+			dialWant(fmt.Sprintf("B, connection %d after the change", i), vipB, tcpA)
+		}
 	})
 
 	t.Run("delete service stops translation", func(t *testing.T) {
@@ -351,6 +418,25 @@ func TestSocketLB(t *testing.T) {
 	})
 }
 
+// affinityBackend returns the backend the (only) affinity entry of svcID names.
+func affinityBackend(t *testing.T, m *LBMaps, svcID uint32) (uint32, bool) {
+	t.Helper()
+	var key sockAffinityKey
+	var val sockAffinityValue
+	id, found := uint32(0), false
+	it := m.affinity.Iterate()
+	for it.Next(&key, &val) {
+		if key.SvcId == svcID {
+			if found {
+				t.Fatalf("several affinity entries for service %d", svcID)
+			}
+			id, found = val.BackendId, true
+		}
+	}
+	must(t, it.Err())
+	return id, found
+}
+
 // pinnedLinks returns link ID and program ID of every pinned link.
 func pinnedLinks(t *testing.T, pinDir string) map[string][2]uint32 {
 	t.Helper()
@@ -378,6 +464,7 @@ func TestRestartAndCleanup(t *testing.T) {
 		t.Fatalf("Load: %v", err)
 	}
 	programServices(t, d1.Maps)
+	must(t, d1.Maps.UpsertAffinityMatch(svcTCP, beTCPA))
 	linksBefore := pinnedLinks(t, e.pinDir)
 
 	// The links sit on the test cgroup and nowhere else.
@@ -404,6 +491,8 @@ func TestRestartAndCleanup(t *testing.T) {
 	must(t, err)
 	rns1, err := d1.Maps.RevNats()
 	must(t, err)
+	ams1, err := d1.Maps.AffinityMatches()
+	must(t, err)
 	must(t, d1.Close())
 
 	// Stopped kpr: pins keep translating.
@@ -425,8 +514,10 @@ func TestRestartAndCleanup(t *testing.T) {
 	must(t, err)
 	rns2, err := d2.Maps.RevNats()
 	must(t, err)
-	if !reflect.DeepEqual(svcs1, svcs2) || !maps.Equal(bes1, bes2) || !maps.Equal(rns1, rns2) {
-		t.Fatalf("map contents changed across restart:\n%v\n%v\n%v\n%v", svcs1, svcs2, bes1, bes2)
+	ams2, err := d2.Maps.AffinityMatches()
+	must(t, err)
+	if !reflect.DeepEqual(svcs1, svcs2) || !maps.Equal(bes1, bes2) || !maps.Equal(rns1, rns2) || !maps.Equal(ams1, ams2) || len(ams2) != 1 {
+		t.Fatalf("map contents changed across restart:\n%v\n%v\n%v\n%v\n%v\n%v", svcs1, svcs2, bes1, bes2, ams1, ams2)
 	}
 	linksAfter := pinnedLinks(t, e.pinDir)
 	for name, before := range linksBefore {
@@ -486,6 +577,17 @@ func TestLoadRejectsIncompatiblePinnedMap(t *testing.T) {
 		t.Fatal("Load with a different ServiceMapSize succeeded")
 	}
 	for _, want := range []string{"kpr_svc_v1", "ServiceMapSize"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not name %s", err, want)
+		}
+	}
+	cfg = e.config()
+	cfg.AffinityMatchMapSize *= 2
+	_, err = Load(cfg)
+	if err == nil {
+		t.Fatal("Load with a different AffinityMatchMapSize succeeded")
+	}
+	for _, want := range []string{"kpr_affinity_match_v1", "AffinityMatchMapSize", "has 256 entries"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q does not name %s", err, want)
 		}

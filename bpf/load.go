@@ -19,11 +19,12 @@ import (
 
 // Default map sizes (entries), used for the zero values of Config.
 const (
-	DefaultServiceMapSize    = 262144
-	DefaultBackendMapSize    = 262144
-	DefaultRevNatMapSize     = 65536
-	DefaultSockRevNatMapSize = 131072
-	DefaultAffinityMapSize   = 65536
+	DefaultServiceMapSize       = 262144
+	DefaultBackendMapSize       = 262144
+	DefaultRevNatMapSize        = 65536
+	DefaultSockRevNatMapSize    = 131072
+	DefaultAffinityMapSize      = 65536
+	DefaultAffinityMatchMapSize = 65536
 )
 
 // linksDir is where the cgroup links are pinned, below Config.PinDir.
@@ -42,6 +43,9 @@ type Config struct {
 	RevNatMapSize     int
 	SockRevNatMapSize int
 	AffinityMapSize   int
+	// AffinityMatchMapSize bounds the (frontend, backend) pairs of all frontends with
+	// session affinity together.
+	AffinityMatchMapSize int
 }
 
 // mapSize ties a map to the Config field that sizes it, for error messages.
@@ -58,9 +62,10 @@ func (c Config) mapSizes() ([]mapSize, error) {
 		{sockMapKprRevnatV1, "RevNatMapSize", c.RevNatMapSize},
 		{sockMapKprSkRevnatV1, "SockRevNatMapSize", c.SockRevNatMapSize},
 		{sockMapKprAffinityV1, "AffinityMapSize", c.AffinityMapSize},
+		{sockMapKprAffinityMatchV1, "AffinityMatchMapSize", c.AffinityMatchMapSize},
 	}
 	defaults := []int{DefaultServiceMapSize, DefaultBackendMapSize, DefaultRevNatMapSize,
-		DefaultSockRevNatMapSize, DefaultAffinityMapSize}
+		DefaultSockRevNatMapSize, DefaultAffinityMapSize, DefaultAffinityMatchMapSize}
 	for i := range sizes {
 		switch {
 		case sizes[i].size < 0 || uint64(sizes[i].size) > math.MaxUint32:

@@ -20,6 +20,9 @@ type LBMaps struct {
 	revNat     *ebpf.Map
 	sockRevNat *ebpf.Map
 	affinity   *ebpf.Map
+	// affinityMatch holds the (svc_id, backend_id) pairs an affinity entry may
+	// name; see UpsertAffinityMatch.
+	affinityMatch *ebpf.Map
 }
 
 // mapNames lists the pinned maps in a stable order.
@@ -29,25 +32,28 @@ var mapNames = []string{
 	sockMapKprRevnatV1,
 	sockMapKprSkRevnatV1,
 	sockMapKprAffinityV1,
+	sockMapKprAffinityMatchV1,
 }
 
 func newLBMaps(m *sockMaps) *LBMaps {
 	return &LBMaps{
-		svc:        m.KprSvcV1,
-		backends:   m.KprBackendsV1,
-		revNat:     m.KprRevnatV1,
-		sockRevNat: m.KprSkRevnatV1,
-		affinity:   m.KprAffinityV1,
+		svc:           m.KprSvcV1,
+		backends:      m.KprBackendsV1,
+		revNat:        m.KprRevnatV1,
+		sockRevNat:    m.KprSkRevnatV1,
+		affinity:      m.KprAffinityV1,
+		affinityMatch: m.KprAffinityMatchV1,
 	}
 }
 
 func (m *LBMaps) byName() map[string]**ebpf.Map {
 	return map[string]**ebpf.Map{
-		sockMapKprSvcV1:      &m.svc,
-		sockMapKprBackendsV1: &m.backends,
-		sockMapKprRevnatV1:   &m.revNat,
-		sockMapKprSkRevnatV1: &m.sockRevNat,
-		sockMapKprAffinityV1: &m.affinity,
+		sockMapKprSvcV1:           &m.svc,
+		sockMapKprBackendsV1:      &m.backends,
+		sockMapKprRevnatV1:        &m.revNat,
+		sockMapKprSkRevnatV1:      &m.sockRevNat,
+		sockMapKprAffinityV1:      &m.affinity,
+		sockMapKprAffinityMatchV1: &m.affinityMatch,
 	}
 }
 
@@ -55,11 +61,12 @@ func (m *LBMaps) byName() map[string]**ebpf.Map {
 // derived from the bpf2go types, so a pinned map from another schema is
 // rejected instead of misread.
 var mapLayouts = map[string][2]int{
-	sockMapKprSvcV1:      {binary.Size(sockSvcKey{}), binary.Size(sockSvcValue{})},
-	sockMapKprBackendsV1: {binary.Size(uint32(0)), binary.Size(sockBackend{})},
-	sockMapKprRevnatV1:   {binary.Size(uint32(0)), binary.Size(sockRevnat{})},
-	sockMapKprSkRevnatV1: {binary.Size(sockSkRevnatKey{}), binary.Size(sockSkRevnatValue{})},
-	sockMapKprAffinityV1: {binary.Size(sockAffinityKey{}), binary.Size(sockAffinityValue{})},
+	sockMapKprSvcV1:           {binary.Size(sockSvcKey{}), binary.Size(sockSvcValue{})},
+	sockMapKprBackendsV1:      {binary.Size(uint32(0)), binary.Size(sockBackend{})},
+	sockMapKprRevnatV1:        {binary.Size(uint32(0)), binary.Size(sockRevnat{})},
+	sockMapKprSkRevnatV1:      {binary.Size(sockSkRevnatKey{}), binary.Size(sockSkRevnatValue{})},
+	sockMapKprAffinityV1:      {binary.Size(sockAffinityKey{}), binary.Size(sockAffinityValue{})},
+	sockMapKprAffinityMatchV1: {binary.Size(sockAffinityMatchKey{}), binary.Size(uint8(0))},
 }
 
 // OpenMaps opens the maps pinned in pinDir without loading any program, for
@@ -312,4 +319,54 @@ func (m *LBMaps) RevNats() (map[uint32]RevNat, error) {
 		return nil, fmt.Errorf("dump %s: %w", sockMapKprRevnatV1, err)
 	}
 	return out, nil
+}
+
+// UpsertAffinityMatch allows affinity entries of svc_id svcID to keep naming backend backendID.
+// The datapath reuses a remembered backend only if this pair exists: backend IDs are shared
+// between Services, so a backend that left one Service but still serves another must not
+// keep receiving the first one's clients. Write the pair before any slot of the frontend
+// names the backend, delete it after the last one stopped naming it.
+func (m *LBMaps) UpsertAffinityMatch(svcID, backendID uint32) error {
+	key, err := affinityMatchKey(svcID, backendID)
+	if err != nil {
+		return err
+	}
+	if err := m.affinityMatch.Update(&key, uint8(0), ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("update %s[%d,%d]: %w", sockMapKprAffinityMatchV1, svcID, backendID, err)
+	}
+	return nil
+}
+
+// DeleteAffinityMatch removes the pair; deleting a missing pair is no error.
+func (m *LBMaps) DeleteAffinityMatch(svcID, backendID uint32) error {
+	key, err := affinityMatchKey(svcID, backendID)
+	if err != nil {
+		return err
+	}
+	if err := deleteIgnoreMissing(m.affinityMatch, &key); err != nil {
+		return fmt.Errorf("delete %s[%d,%d]: %w", sockMapKprAffinityMatchV1, svcID, backendID, err)
+	}
+	return nil
+}
+
+// AffinityMatches dumps the (svc_id, backend_id) pairs.
+func (m *LBMaps) AffinityMatches() (map[AffinityMatch]struct{}, error) {
+	out := make(map[AffinityMatch]struct{})
+	var key sockAffinityMatchKey
+	var val uint8
+	it := m.affinityMatch.Iterate()
+	for it.Next(&key, &val) {
+		out[AffinityMatch{SvcID: key.SvcId, BackendID: key.BackendId}] = struct{}{}
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("dump %s: %w", sockMapKprAffinityMatchV1, err)
+	}
+	return out, nil
+}
+
+func affinityMatchKey(svcID, backendID uint32) (sockAffinityMatchKey, error) {
+	if svcID == 0 || backendID == 0 {
+		return sockAffinityMatchKey{}, fmt.Errorf("affinity match %d/%d: service and backend ID 0 are reserved", svcID, backendID)
+	}
+	return sockAffinityMatchKey{SvcId: svcID, BackendId: backendID}, nil
 }

@@ -14,11 +14,12 @@ import (
 // The schema in docs/ARCHITECTURE.md, in bytes: a change to sock.c that
 // moves these is a new schema version, not an edit.
 var schemaSizes = map[string][2]int{
-	sockMapKprSvcV1:      {24, 12},
-	sockMapKprBackendsV1: {4, 20},
-	sockMapKprRevnatV1:   {4, 20},
-	sockMapKprSkRevnatV1: {32, 24},
-	sockMapKprAffinityV1: {16, 8},
+	sockMapKprSvcV1:           {24, 12},
+	sockMapKprBackendsV1:      {4, 20},
+	sockMapKprRevnatV1:        {4, 20},
+	sockMapKprSkRevnatV1:      {32, 24},
+	sockMapKprAffinityV1:      {16, 8},
+	sockMapKprAffinityMatchV1: {8, 1},
 }
 
 func TestGeneratedTypesMatchObject(t *testing.T) {
@@ -121,6 +122,34 @@ func TestMapRoundTrip(t *testing.T) {
 		t.Fatalf("RevNats() = %v, want %v", gotRns, revnats)
 	}
 
+	matches := map[AffinityMatch]struct{}{{1, 7}: {}, {1, 9}: {}, {3, 7}: {}}
+	for am := range matches {
+		must(t, m.UpsertAffinityMatch(am.SvcID, am.BackendID))
+		must(t, m.UpsertAffinityMatch(am.SvcID, am.BackendID)) // idempotent
+	}
+	gotMatches, err := m.AffinityMatches()
+	must(t, err)
+	if !maps.Equal(gotMatches, matches) {
+		t.Fatalf("AffinityMatches() = %v, want %v", gotMatches, matches)
+	}
+	var rawMatch sockAffinityMatchKey
+	var rawVal uint8
+	it := m.affinityMatch.Iterate()
+	for it.Next(&rawMatch, &rawVal) {
+		if rawVal != 0 {
+			t.Errorf("affinity match %+v has value %d, want 0", rawMatch, rawVal)
+		}
+	}
+	must(t, it.Err())
+	must(t, m.DeleteAffinityMatch(1, 9))
+	must(t, m.DeleteAffinityMatch(1, 9)) // idempotent
+	gotMatches, err = m.AffinityMatches()
+	must(t, err)
+	delete(matches, AffinityMatch{1, 9})
+	if !maps.Equal(gotMatches, matches) {
+		t.Fatalf("after delete: AffinityMatches() = %v, want %v", gotMatches, matches)
+	}
+
 	// Raw layout: the port is in network order, the address v4-mapped.
 	var raw sockBackend
 	must(t, m.backends.Lookup(uint32(7), &raw))
@@ -193,6 +222,9 @@ func TestMapValidation(t *testing.T) {
 		"unknown scope":       m.DeleteService(ServiceKey{Addr: v4, Port: 80, Proto: ProtoTCP, Scope: 7}, 0),
 		"too many backends":   m.UpsertService(ServiceKey{Addr: v4, Port: 80, Proto: ProtoTCP}, Service{ID: 1, Backends: make([]uint32, maxSlots+1)}, 0),
 		"revnat service id 0": m.UpsertRevNat(0, RevNat{Addr: v4, Port: 1}),
+		"match service id 0":  m.UpsertAffinityMatch(0, 1),
+		"match backend id 0":  m.UpsertAffinityMatch(1, 0),
+		"delete match id 0":   m.DeleteAffinityMatch(0, 1),
 	} {
 		if err == nil {
 			t.Errorf("%s: no error", name)

@@ -28,6 +28,7 @@
 #define REVNAT_MAP_SIZE 65536
 #define SK_REVNAT_MAP_SIZE 131072
 #define AFFINITY_MAP_SIZE 65536
+#define AFFINITY_MATCH_MAP_SIZE 65536
 
 /*
  * Every struct below has explicit padding fields so that no byte of a hash
@@ -90,6 +91,18 @@ struct affinity_value {
 	__u32 last_used_sec;
 };
 
+/*
+ * Backend IDs are shared between Services (one per backend address, port and
+ * protocol), so "the remembered backend still exists" does not mean "it still
+ * belongs to this Service". The agent keeps one entry per (svc_id, backend_id)
+ * of every frontend with affinity, and an affinity hit is only reused if its
+ * pair is here.
+ */
+struct affinity_match_key {
+	__u32 svc_id;
+	__u32 backend_id;
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, struct svc_key);
@@ -133,6 +146,15 @@ struct {
 	__uint(max_entries, AFFINITY_MAP_SIZE);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kpr_affinity_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct affinity_match_key);
+	__type(value, __u8); /* unused: presence is the answer */
+	__uint(max_entries, AFFINITY_MATCH_MAP_SIZE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kpr_affinity_match_v1 SEC(".maps");
 
 /* The context exposes addresses as __u32 words, the maps as bytes. */
 union addr16 {
@@ -300,8 +322,15 @@ static __always_inline int sock_lb(struct bpf_sock_addr *ctx, int v4, int is_con
 		ak.svc_id = svc_id;
 		av = bpf_map_lookup_elem(&kpr_affinity_v1, &ak);
 		if (av && now - av->last_used_sec <= timeout) {
-			backend_id = av->backend_id;
-			be = lookup_backend(backend_id, v4);
+			struct affinity_match_key mk = {};
+
+			mk.svc_id = svc_id;
+			mk.backend_id = av->backend_id;
+			/* The backend may have left this Service while staying in another. */
+			if (bpf_map_lookup_elem(&kpr_affinity_match_v1, &mk)) {
+				backend_id = mk.backend_id;
+				be = lookup_backend(backend_id, v4);
+			}
 		}
 	}
 

@@ -20,6 +20,12 @@ type sockAffinityKey struct {
 	Pad         uint32
 }
 
+type sockAffinityMatchKey struct {
+	_         structs.HostLayout
+	SvcId     uint32
+	BackendId uint32
+}
+
 type sockAffinityValue struct {
 	_           structs.HostLayout
 	BackendId   uint32
@@ -79,19 +85,20 @@ type sockSvcValue struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	sockMapKprAffinityV1 = "kpr_affinity_v1"
-	sockMapKprBackendsV1 = "kpr_backends_v1"
-	sockMapKprRevnatV1   = "kpr_revnat_v1"
-	sockMapKprSkRevnatV1 = "kpr_sk_revnat_v1"
-	sockMapKprSvcV1      = "kpr_svc_v1"
-	sockProgConnect4     = "connect4"
-	sockProgConnect6     = "connect6"
-	sockProgGetpeername4 = "getpeername4"
-	sockProgGetpeername6 = "getpeername6"
-	sockProgRecvmsg4     = "recvmsg4"
-	sockProgRecvmsg6     = "recvmsg6"
-	sockProgSendmsg4     = "sendmsg4"
-	sockProgSendmsg6     = "sendmsg6"
+	sockMapKprAffinityMatchV1 = "kpr_affinity_match_v1"
+	sockMapKprAffinityV1      = "kpr_affinity_v1"
+	sockMapKprBackendsV1      = "kpr_backends_v1"
+	sockMapKprRevnatV1        = "kpr_revnat_v1"
+	sockMapKprSkRevnatV1      = "kpr_sk_revnat_v1"
+	sockMapKprSvcV1           = "kpr_svc_v1"
+	sockProgConnect4          = "connect4"
+	sockProgConnect6          = "connect6"
+	sockProgGetpeername4      = "getpeername4"
+	sockProgGetpeername6      = "getpeername6"
+	sockProgRecvmsg4          = "recvmsg4"
+	sockProgRecvmsg6          = "recvmsg6"
+	sockProgSendmsg4          = "sendmsg4"
+	sockProgSendmsg6          = "sendmsg6"
 )
 
 // loadSock returns the embedded CollectionSpec for sock.
@@ -150,11 +157,12 @@ type sockProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockMapSpecs struct {
-	KprAffinityV1 *ebpf.MapSpec `ebpf:"kpr_affinity_v1"`
-	KprBackendsV1 *ebpf.MapSpec `ebpf:"kpr_backends_v1"`
-	KprRevnatV1   *ebpf.MapSpec `ebpf:"kpr_revnat_v1"`
-	KprSkRevnatV1 *ebpf.MapSpec `ebpf:"kpr_sk_revnat_v1"`
-	KprSvcV1      *ebpf.MapSpec `ebpf:"kpr_svc_v1"`
+	KprAffinityMatchV1 *ebpf.MapSpec `ebpf:"kpr_affinity_match_v1"`
+	KprAffinityV1      *ebpf.MapSpec `ebpf:"kpr_affinity_v1"`
+	KprBackendsV1      *ebpf.MapSpec `ebpf:"kpr_backends_v1"`
+	KprRevnatV1        *ebpf.MapSpec `ebpf:"kpr_revnat_v1"`
+	KprSkRevnatV1      *ebpf.MapSpec `ebpf:"kpr_sk_revnat_v1"`
+	KprSvcV1           *ebpf.MapSpec `ebpf:"kpr_svc_v1"`
 }
 
 // sockVariableSpecs contains global variables before they are loaded into the kernel.
@@ -183,15 +191,17 @@ func (o *sockObjects) Close() error {
 //
 // It can be passed to loadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockMaps struct {
-	KprAffinityV1 *ebpf.Map `ebpf:"kpr_affinity_v1"`
-	KprBackendsV1 *ebpf.Map `ebpf:"kpr_backends_v1"`
-	KprRevnatV1   *ebpf.Map `ebpf:"kpr_revnat_v1"`
-	KprSkRevnatV1 *ebpf.Map `ebpf:"kpr_sk_revnat_v1"`
-	KprSvcV1      *ebpf.Map `ebpf:"kpr_svc_v1"`
+	KprAffinityMatchV1 *ebpf.Map `ebpf:"kpr_affinity_match_v1"`
+	KprAffinityV1      *ebpf.Map `ebpf:"kpr_affinity_v1"`
+	KprBackendsV1      *ebpf.Map `ebpf:"kpr_backends_v1"`
+	KprRevnatV1        *ebpf.Map `ebpf:"kpr_revnat_v1"`
+	KprSkRevnatV1      *ebpf.Map `ebpf:"kpr_sk_revnat_v1"`
+	KprSvcV1           *ebpf.Map `ebpf:"kpr_svc_v1"`
 }
 
 func (m *sockMaps) Close() error {
 	return _SockClose(
+		m.KprAffinityMatchV1,
 		m.KprAffinityV1,
 		m.KprBackendsV1,
 		m.KprRevnatV1,

@@ -211,13 +211,14 @@ func (e *testEnv) do(fn func() error) error {
 
 func (e *testEnv) config() Config {
 	return Config{
-		PinDir:            e.pinDir,
-		CgroupPath:        e.cgroup,
-		ServiceMapSize:    1024,
-		BackendMapSize:    1024,
-		RevNatMapSize:     256,
-		SockRevNatMapSize: 1024,
-		AffinityMapSize:   256,
+		PinDir:               e.pinDir,
+		CgroupPath:           e.cgroup,
+		ServiceMapSize:       1024,
+		BackendMapSize:       1024,
+		RevNatMapSize:        256,
+		SockRevNatMapSize:    1024,
+		AffinityMapSize:      256,
+		AffinityMatchMapSize: 256,
 	}
 }
 

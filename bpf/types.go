@@ -109,6 +109,11 @@ type RevNat struct {
 	Port uint16
 }
 
+// AffinityMatch is a (svc_id, backend_id) pair that session affinity may keep using.
+type AffinityMatch struct {
+	SvcID, BackendID uint32
+}
+
 // maxSlots is the largest backend count a frontend can carry (count is u16).
 const maxSlots = 1<<16 - 1
 

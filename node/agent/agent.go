@@ -142,12 +142,13 @@ func (a *Agent) setup() error {
 		return fmt.Errorf("bpfPinDir: %w", err)
 	}
 	dp, err := bpf.Load(bpf.Config{
-		PinDir:            a.cfg.BPFPinDir,
-		CgroupPath:        cgroup,
-		ServiceMapSize:    a.cfg.ServiceMapSize,
-		BackendMapSize:    a.cfg.BackendMapSize,
-		SockRevNatMapSize: a.cfg.SockRevNatMapSize,
-		AffinityMapSize:   a.cfg.AffinityMapSize,
+		PinDir:               a.cfg.BPFPinDir,
+		CgroupPath:           cgroup,
+		ServiceMapSize:       a.cfg.ServiceMapSize,
+		BackendMapSize:       a.cfg.BackendMapSize,
+		SockRevNatMapSize:    a.cfg.SockRevNatMapSize,
+		AffinityMapSize:      a.cfg.AffinityMapSize,
+		AffinityMatchMapSize: a.cfg.AffinityMatchMapSize,
 	})
 	if err != nil {
 		return fmt.Errorf("loading the datapath: %+v", err)

@@ -43,6 +43,8 @@ type Config struct {
 	BackendMapSize    int    `mapstructure:"backendMapSize"`
 	SockRevNatMapSize int    `mapstructure:"sockRevNatMapSize"`
 	AffinityMapSize   int    `mapstructure:"affinityMapSize"`
+	// AffinityMatchMapSize bounds the {frontend, backend} pairs under session affinity.
+	AffinityMatchMapSize int `mapstructure:"affinityMatchMapSize"`
 
 	// Sync loop, as kube-proxy's syncPeriod and minSyncPeriod.
 	SyncPeriod    time.Duration `mapstructure:"syncPeriod"`
@@ -71,6 +73,7 @@ var settings = []setting{
 	{"backendMapSize", "backend-map-size", "entries in the backend map", 262144},
 	{"sockRevNatMapSize", "sock-revnat-map-size", "entries in the socket reverse-NAT map (UDP replies, getpeername)", 131072},
 	{"affinityMapSize", "affinity-map-size", "entries in the session-affinity map", 65536},
+	{"affinityMatchMapSize", "affinity-match-map-size", "entries in the map of backends each session-affinity frontend may stick to", 65536},
 	{"syncPeriod", "sync-period", "longest interval between full syncs of the datapath", 30 * time.Second},
 	{"minSyncPeriod", "min-sync-period", "shortest interval between two syncs; changes within it are batched", time.Second},
 	{"runDir", "run-dir", "directory for the agent's status file", "/run/kpr"},
@@ -201,7 +204,7 @@ func (c *Config) Validate() error {
 	if c.RunDir == "" || !filepath.IsAbs(c.RunDir) {
 		bad("runDir", "%q must be an absolute path", c.RunDir)
 	}
-	for key, n := range map[string]int{"serviceMapSize": c.ServiceMapSize, "backendMapSize": c.BackendMapSize, "sockRevNatMapSize": c.SockRevNatMapSize, "affinityMapSize": c.AffinityMapSize} {
+	for key, n := range map[string]int{"serviceMapSize": c.ServiceMapSize, "backendMapSize": c.BackendMapSize, "sockRevNatMapSize": c.SockRevNatMapSize, "affinityMapSize": c.AffinityMapSize, "affinityMatchMapSize": c.AffinityMatchMapSize} {
 		if n < 1 || n > 1<<24 {
 			bad(key, "%d is out of range 1..16777216", n)
 		}

@@ -1,12 +1,13 @@
 // Package datapath turns desired frontends into load-balancer map entries. It keeps a mirror of
 // what is programmed, allocates stable service and backend IDs (restored from the pinned maps on
 // start, so a restart rewrites nothing), and applies only differences, in make-before-break
-// order: backends, reverse NAT, service slots, then removals.
+// order: backends, reverse NAT, affinity match entries, service slots, then removals.
 package datapath
 
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 
@@ -28,6 +29,13 @@ type LBMap interface {
 	Services() (map[bpf.ServiceKey]bpf.Service, error)
 	Backends() (map[uint32]bpf.Backend, error)
 	RevNats() (map[uint32]bpf.RevNat, error)
+	// Affinity match entries: a frontend with session affinity (svc_id) may keep sending a
+	// client to a remembered backend only while the pair exists. Backend IDs are shared
+	// between Services, so the backend's existence alone does not say it still serves this
+	// one.
+	UpsertAffinityMatch(svcID, backendID uint32) error
+	DeleteAffinityMatch(svcID, backendID uint32) error
+	AffinityMatches() (map[bpf.AffinityMatch]struct{}, error)
 }
 
 // maxID bounds service and backend IDs; 0 is never used so a zero value means "none".
@@ -90,6 +98,8 @@ type Reconciler struct {
 	backends   map[backendKey]uint32
 	backendKey map[uint32]backendKey
 	backendRef map[uint32]int
+	// matches mirrors the affinity match entries: svc_id -> backend IDs.
+	matches map[uint32]map[uint32]bool
 
 	// full forces the next Sync to re-read the maps and diff everything (after a failure).
 	full bool
@@ -98,6 +108,8 @@ type Reconciler struct {
 type programmedEntry struct {
 	id    uint32
 	count int
+	// ids are the backend IDs in the slots, in slot order.
+	ids []uint32
 	entry
 }
 
@@ -107,6 +119,11 @@ func NewReconciler(lb LBMap) (*Reconciler, error) {
 	r := &Reconciler{lb: lb, desired: map[string][]lbstate.Frontend{}}
 	if err := r.restore(); err != nil {
 		return nil, err
+	}
+	// A stale pair only costs a client its affinity once more; failing to delete one is no
+	// reason not to start. The first Sync, now a full one, retries and reports it.
+	if err := r.pruneMatches(); err != nil {
+		r.full = true
 	}
 	return r, nil
 }
@@ -119,6 +136,14 @@ func (r *Reconciler) restore() error {
 	bes, err := r.lb.Backends()
 	if err != nil {
 		return fmt.Errorf("reading backend map: %w", err)
+	}
+	ams, err := r.lb.AffinityMatches()
+	if err != nil {
+		return fmt.Errorf("reading affinity match map: %w", err)
+	}
+	r.matches = map[uint32]map[uint32]bool{}
+	for am := range ams {
+		r.setMatch(am.SvcID, am.BackendID, true)
 	}
 	r.programmed = make(map[bpf.ServiceKey]programmedEntry, len(svcs))
 	r.svcIDs = newIDAllocator()
@@ -141,7 +166,7 @@ func (r *Reconciler) restore() error {
 		r.backendRef[id] = 0
 	}
 	for k, s := range svcs {
-		pe := programmedEntry{id: s.ID, count: len(s.Backends), entry: entry{flags: s.Flags, affinity: s.AffinityTimeoutSec}}
+		pe := programmedEntry{id: s.ID, count: len(s.Backends), ids: s.Backends, entry: entry{flags: s.Flags, affinity: s.AffinityTimeoutSec}}
 		for _, id := range s.Backends {
 			b, ok := bes[id]
 			if !ok {
@@ -192,9 +217,13 @@ type Stats struct {
 // as it was or as desired (never half-programmed) and makes the next Sync a full one.
 func (r *Reconciler) Sync(touched []string) (Stats, error) {
 	st := Stats{Full: touched == nil || r.full}
+	var errs []error
 	if r.full {
 		if err := r.restore(); err != nil {
 			return st, err
+		}
+		if err := r.pruneMatches(); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	want := r.want()
@@ -238,7 +267,6 @@ func (r *Reconciler) Sync(touched []string) (Stats, error) {
 	}
 	// Upserts before deletes, so that a frontend moving between Services never disappears.
 	slices.SortFunc(keys, compareKeys)
-	var errs []error
 	for _, k := range keys {
 		e, ok := want[k]
 		if !ok {
@@ -300,7 +328,15 @@ func (r *Reconciler) upsert(k bpf.ServiceKey, e entry) (bool, error) {
 	if exists && pe.entry.equal(e) {
 		pe.owner = e.owner
 		r.programmed[k] = pe
-		return false, nil
+		// The slots are right, but the pairs may not be: restored from maps written by a kpr
+		// that crashed between writes, or that did not have them yet.
+		if e.affinity > 0 && !IsWildcard(k) {
+			if err := r.addMatches(pe.id, pe.ids); err != nil {
+				return false, err
+			}
+			return false, r.dropMatches(pe.id, pe.ids)
+		}
+		return false, r.dropMatches(pe.id, nil)
 	}
 	// New backends first, so no slot ever names a backend the datapath cannot find.
 	ids := make([]uint32, 0, len(e.backends))
@@ -326,6 +362,18 @@ func (r *Reconciler) upsert(k bpf.ServiceKey, e entry) (bool, error) {
 			return false, err
 		}
 	}
+	// The pairs of new backends before any slot names them: a client sent there by a slot
+	// must find its affinity honoured on the next connect. Also when affinity is being turned
+	// off: until slot 0 is rewritten, readers still see it on.
+	var keep []uint32
+	if (e.affinity > 0 || pe.affinity > 0) && !IsWildcard(k) {
+		if err := r.addMatches(id, ids); err != nil {
+			return false, err
+		}
+	}
+	if e.affinity > 0 && !IsWildcard(k) {
+		keep = ids
+	}
 	svc := bpf.Service{ID: id, Flags: e.flags, AffinityTimeoutSec: e.affinity, Backends: ids}
 	if err := r.lb.UpsertService(k, svc, pe.count); err != nil {
 		// The slots may be partly written; slot 0 still describes the old, complete state
@@ -344,7 +392,12 @@ func (r *Reconciler) upsert(k bpf.ServiceKey, e entry) (bool, error) {
 	for _, bid := range ids {
 		r.backendRef[bid]++
 	}
-	r.programmed[k] = programmedEntry{id: id, count: len(ids), entry: e}
+	r.programmed[k] = programmedEntry{id: id, count: len(ids), ids: ids, entry: e}
+	// Pairs of backends the frontend no longer has, only now that no slot names them. Until
+	// then a client may still be pinned to one, which is what make-before-break promises.
+	if err := r.dropMatches(id, keep); err != nil {
+		return true, err
+	}
 	return true, nil
 }
 
@@ -357,6 +410,10 @@ func (r *Reconciler) remove(k bpf.ServiceKey) error {
 		if err := r.lb.DeleteRevNat(pe.id); err != nil {
 			return err
 		}
+	}
+	// Before the ID can be handed to another frontend.
+	if err := r.dropMatches(pe.id, nil); err != nil {
+		return err
 	}
 	if pe.id != 0 {
 		r.svcIDs.release(pe.id)
@@ -406,6 +463,76 @@ func (r *Reconciler) collectBackends() error {
 			delete(r.backends, bk)
 		}
 		delete(r.backendKey, id)
+	}
+	return errors.Join(errs...)
+}
+
+func (r *Reconciler) setMatch(svcID, backendID uint32, present bool) {
+	if present {
+		if r.matches[svcID] == nil {
+			r.matches[svcID] = map[uint32]bool{}
+		}
+		r.matches[svcID][backendID] = true
+		return
+	}
+	delete(r.matches[svcID], backendID)
+	if len(r.matches[svcID]) == 0 {
+		delete(r.matches, svcID)
+	}
+}
+
+// addMatches writes the affinity match entries of svcID for ids that are not there yet.
+func (r *Reconciler) addMatches(svcID uint32, ids []uint32) error {
+	for _, bid := range ids {
+		if bid == 0 || r.matches[svcID][bid] {
+			continue
+		}
+		if err := r.lb.UpsertAffinityMatch(svcID, bid); err != nil {
+			return fmt.Errorf("affinity match %d/%d: %w", svcID, bid, err)
+		}
+		r.setMatch(svcID, bid, true)
+	}
+	return nil
+}
+
+// dropMatches deletes the affinity match entries of svcID except those of keep.
+func (r *Reconciler) dropMatches(svcID uint32, keep []uint32) error {
+	have := r.matches[svcID]
+	if len(have) == 0 {
+		return nil
+	}
+	kept := make(map[uint32]bool, len(keep))
+	for _, bid := range keep {
+		kept[bid] = true
+	}
+	for _, bid := range slices.Sorted(maps.Keys(have)) {
+		if kept[bid] {
+			continue
+		}
+		if err := r.lb.DeleteAffinityMatch(svcID, bid); err != nil {
+			return fmt.Errorf("affinity match %d/%d: %w", svcID, bid, err)
+		}
+		r.setMatch(svcID, bid, false)
+	}
+	return nil
+}
+
+// pruneMatches deletes the affinity match entries that no programmed frontend justifies (one
+// per slot of a frontend with affinity): left by a crash or a failed write, or by a frontend
+// removed while kpr was not running. Only valid right after restore, when the mirror is what
+// the maps hold; the frontends' next writes add what is missing.
+func (r *Reconciler) pruneMatches() error {
+	justified := map[uint32][]uint32{}
+	for k, pe := range r.programmed {
+		if pe.affinity > 0 && !IsWildcard(k) && pe.id != 0 {
+			justified[pe.id] = append(justified[pe.id], pe.ids...)
+		}
+	}
+	var errs []error
+	for _, svcID := range slices.Sorted(maps.Keys(r.matches)) {
+		if err := r.dropMatches(svcID, justified[svcID]); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	return errors.Join(errs...)
 }

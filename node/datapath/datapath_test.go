@@ -3,9 +3,11 @@ package datapath
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net/netip"
 	"slices"
+	"strings"
 	"testing"
 
 	v1 "k8s.io/api/core/v1"
@@ -22,8 +24,15 @@ func fe(vip string, port uint16, proto v1.Protocol, backends ...string) lbstate.
 	return f
 }
 
+// sticky is f with sessionAffinity: ClientIP.
+func sticky(f lbstate.Frontend) lbstate.Frontend {
+	f.AffinityTimeoutSec = lbstate.DefaultAffinityTimeoutSec
+	return f
+}
+
 // programmed renders what the LBMap holds as "frontend -> sorted backends" lines, as a
-// datapath reader would resolve them.
+// datapath reader would resolve them. It also checks that the affinity match entries are
+// exactly one per slot of each frontend with affinity: none missing, none left over.
 func programmed(t *testing.T, m LBMap) map[string][]string {
 	t.Helper()
 	svcs, err := m.Services()
@@ -38,6 +47,11 @@ func programmed(t *testing.T, m LBMap) map[string][]string {
 	if err != nil {
 		t.Fatal(err)
 	}
+	ams, err := m.AffinityMatches()
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantAMs := map[bpf.AffinityMatch]struct{}{}
 	out := map[string][]string{}
 	for k, s := range svcs {
 		var bs []string
@@ -52,6 +66,12 @@ func programmed(t *testing.T, m LBMap) map[string][]string {
 		if s.Flags&bpf.FlagUnreachable != 0 {
 			bs = append(bs, "UNREACHABLE")
 		}
+		if s.AffinityTimeoutSec > 0 {
+			bs = append(bs, fmt.Sprintf("AFFINITY=%ds", s.AffinityTimeoutSec))
+			for _, id := range s.Backends {
+				wantAMs[bpf.AffinityMatch{SvcID: s.ID, BackendID: id}] = struct{}{}
+			}
+		}
 		if !IsWildcard(k) {
 			r, ok := revs[s.ID]
 			if !ok || r.Addr != k.Addr || r.Port != k.Port {
@@ -59,6 +79,9 @@ func programmed(t *testing.T, m LBMap) map[string][]string {
 			}
 		}
 		out[keyString(k)] = bs
+	}
+	if !maps.Equal(ams, wantAMs) {
+		t.Fatalf("affinity match entries %v, want one per slot of each frontend with affinity: %v", ams, wantAMs)
 	}
 	return out
 }
@@ -146,9 +169,13 @@ func TestRestartRewritesNothing(t *testing.T) {
 	state := []lbstate.Frontend{
 		fe("10.96.0.10", 80, v1.ProtocolTCP, "10.244.1.2:8080", "10.244.1.3:8080"),
 		fe("fd6b:7072:96::a", 80, v1.ProtocolTCP, "[fd6b:7072:244:1::2]:8080"),
+		sticky(fe("10.96.0.10", 443, v1.ProtocolTCP, "10.244.1.2:8443", "10.244.1.3:8443")),
 	}
 	r.Set("default/web", state)
 	mustSync(t, r, nil)
+	if ams, _ := m.AffinityMatches(); len(ams) != 2 {
+		t.Fatalf("affinity match entries %v, want 2", ams)
+	}
 	before, _ := m.Services()
 	writes := m.Writes
 
@@ -176,7 +203,7 @@ func TestRestartRewritesNothing(t *testing.T) {
 }
 
 // randomState builds n Services with random backends from a small pool, so backends are
-// shared, added and removed between rounds.
+// shared, added and removed between rounds, and session affinity turned on and off.
 func randomState(rng *rand.Rand, n int) map[string][]lbstate.Frontend {
 	out := map[string][]lbstate.Frontend{}
 	for i := range n {
@@ -189,7 +216,11 @@ func randomState(rng *rand.Rand, n int) map[string][]lbstate.Frontend {
 				bs = append(bs, fmt.Sprintf("10.244.1.%d:8080", j+2))
 			}
 		}
-		out[fmt.Sprintf("ns/s%d", i)] = []lbstate.Frontend{fe(fmt.Sprintf("10.96.0.%d", i+1), 80, v1.ProtocolTCP, bs...)}
+		f := fe(fmt.Sprintf("10.96.0.%d", i+1), 80, v1.ProtocolTCP, bs...)
+		if rng.IntN(2) == 0 {
+			f = sticky(f)
+		}
+		out[fmt.Sprintf("ns/s%d", i)] = []lbstate.Frontend{f}
 	}
 	return out
 }
@@ -230,13 +261,27 @@ func TestFailedWriteIsRetried(t *testing.T) {
 	base := map[string][]lbstate.Frontend{
 		"ns/a": {fe("10.96.0.1", 80, v1.ProtocolTCP, "10.244.1.2:80", "10.244.1.3:80")},
 		"ns/b": {fe("10.96.0.2", 80, v1.ProtocolTCP, "10.244.1.3:80")},
+		// Session affinity: pairs to add (new backend), keep, drop (backend left, affinity
+		// turned off, frontend removed).
+		"ns/s": {sticky(fe("10.96.0.4", 80, v1.ProtocolTCP, "10.244.1.2:80", "10.244.1.3:80"))},
+		"ns/t": {sticky(fe("10.96.0.5", 80, v1.ProtocolTCP, "10.244.1.3:80"))},
+		"ns/u": {sticky(fe("10.96.0.6", 80, v1.ProtocolTCP, "10.244.1.2:80"))},
 	}
 	next := map[string][]lbstate.Frontend{
 		"ns/a": {fe("10.96.0.1", 80, v1.ProtocolTCP, "10.244.1.4:80")},
 		"ns/c": {fe("10.96.0.3", 81, v1.ProtocolUDP, "10.244.1.2:81", "10.244.1.5:81")},
+		"ns/s": {sticky(fe("10.96.0.4", 80, v1.ProtocolTCP, "10.244.1.3:80", "10.244.1.4:80"))},
+		"ns/u": {fe("10.96.0.6", 80, v1.ProtocolTCP, "10.244.1.2:80")},
+		"ns/v": {sticky(fe("10.96.0.7", 81, v1.ProtocolUDP, "10.244.1.5:81"))},
 	}
-	failures := 0
-	for failAt := 1; failAt < 40; failAt++ {
+	names := slices.Sorted(maps.Keys(base))
+	for n := range next {
+		if !slices.Contains(names, n) {
+			names = append(names, n)
+		}
+	}
+	failures, matchFailures := 0, 0
+	for failAt := 1; failAt < 80; failAt++ {
 		fake := NewFake()
 		faulty := &Faulty{LBMap: fake}
 		r, _ := NewReconciler(faulty)
@@ -245,16 +290,18 @@ func TestFailedWriteIsRetried(t *testing.T) {
 		}
 		mustSync(t, r, nil)
 		faulty.writes = 0
+		failedOp := ""
 		faulty.Fail = func(op string, n int) error {
 			if n == failAt {
+				failedOp = op
 				return errors.New("injected failure in " + op)
 			}
 			return nil
 		}
-		for _, n := range []string{"ns/a", "ns/b", "ns/c"} {
+		for _, n := range names {
 			r.Set(n, next[n])
 		}
-		_, err := r.Sync([]string{"ns/a", "ns/b", "ns/c"})
+		_, err := r.Sync(names)
 		if len(fake.Violations) > 0 {
 			t.Fatalf("fail at write %d: %v", failAt, fake.Violations)
 		}
@@ -262,6 +309,9 @@ func TestFailedWriteIsRetried(t *testing.T) {
 			continue // the change needed fewer writes than failAt
 		}
 		failures++
+		if strings.Contains(failedOp, "AffinityMatch") {
+			matchFailures++
+		}
 		faulty.Fail = nil
 		if _, err := r.Sync([]string{}); err != nil {
 			t.Fatalf("fail at write %d: retry: %v", failAt, err)
@@ -275,11 +325,171 @@ func TestFailedWriteIsRetried(t *testing.T) {
 		if a, b := fmt.Sprint(programmed(t, fake)), fmt.Sprint(programmed(t, want)); a != b {
 			t.Fatalf("fail at write %d: after retry\n%s\nwant\n%s", failAt, a, b)
 		}
-		if bes, _ := fake.Backends(); len(bes) != 3 {
-			t.Fatalf("fail at write %d: backends leaked or lost: %v", failAt, bes)
+		got, _ := fake.Backends()
+		wantBes, _ := want.Backends()
+		if len(got) != len(wantBes) {
+			t.Fatalf("fail at write %d: backends leaked or lost: %v, want %d", failAt, got, len(wantBes))
 		}
 	}
-	if failures < 10 {
-		t.Fatalf("only %d injected failures hit a write; the test exercises too little", failures)
+	if failures < 20 || matchFailures < 5 {
+		t.Fatalf("only %d injected failures hit a write (%d an affinity match); the test exercises too little", failures, matchFailures)
 	}
+}
+
+// Backend IDs are shared between Services: a backend that leaves a Service with affinity but
+// still serves another keeps its ID, so only the match entries tell the datapath that the
+// first Service's clients must move on. They follow every change of the frontend.
+func TestAffinityMatchesFollowBackends(t *testing.T) {
+	m := NewFake()
+	r, _ := NewReconciler(m)
+	a := sticky(fe("10.96.0.10", 80, v1.ProtocolTCP, "10.244.1.2:8080", "10.244.1.3:8080"))
+	b := sticky(fe("10.96.0.11", 80, v1.ProtocolTCP, "10.244.1.2:8080"))
+	c := fe("10.96.0.12", 80, v1.ProtocolTCP, "10.244.1.2:8080", "10.244.1.3:8080")
+	r.Set("ns/a", []lbstate.Frontend{a})
+	r.Set("ns/b", []lbstate.Frontend{b})
+	r.Set("ns/c", []lbstate.Frontend{c})
+	mustSync(t, r, nil)
+	svcs, _ := m.Services()
+	bes, _ := m.Backends()
+	idA, idB := svcs[Key(a.FrontendKey)].ID, svcs[Key(b.FrontendKey)].ID
+	beID := map[string]uint32{}
+	for id, be := range bes {
+		beID[netip.AddrPortFrom(be.Addr, be.Port).String()] = id
+	}
+	x, y := beID["10.244.1.2:8080"], beID["10.244.1.3:8080"]
+	check := func(step string, want ...bpf.AffinityMatch) {
+		t.Helper()
+		programmed(t, m) // also: exactly one pair per slot of a frontend with affinity
+		got, _ := m.AffinityMatches()
+		wantSet := map[bpf.AffinityMatch]struct{}{}
+		for _, am := range want {
+			wantSet[am] = struct{}{}
+		}
+		if !maps.Equal(got, wantSet) {
+			t.Fatalf("%s: affinity match entries %v, want %v", step, got, wantSet)
+		}
+		if len(m.Violations) > 0 {
+			t.Fatalf("%s: %v", step, m.Violations)
+		}
+	}
+	check("start", bpf.AffinityMatch{SvcID: idA, BackendID: x}, bpf.AffinityMatch{SvcID: idA, BackendID: y}, bpf.AffinityMatch{SvcID: idB, BackendID: x})
+
+	// x leaves A but still serves B (and C): same ID, so only A's pair goes.
+	a.Backends = a.Backends[1:]
+	r.Set("ns/a", []lbstate.Frontend{a})
+	mustSync(t, r, []string{"ns/a"})
+	if bes, _ := m.Backends(); bes[x].Port != 8080 {
+		t.Fatalf("backend %d went away although B still uses it: %v", x, bes)
+	}
+	check("x left A", bpf.AffinityMatch{SvcID: idA, BackendID: y}, bpf.AffinityMatch{SvcID: idB, BackendID: x})
+
+	// x comes back to A, then affinity is turned off and on again.
+	a.Backends = append(a.Backends, netip.MustParseAddrPort("10.244.1.2:8080"))
+	r.Set("ns/a", []lbstate.Frontend{a})
+	mustSync(t, r, []string{"ns/a"})
+	check("x back in A", bpf.AffinityMatch{SvcID: idA, BackendID: x}, bpf.AffinityMatch{SvcID: idA, BackendID: y}, bpf.AffinityMatch{SvcID: idB, BackendID: x})
+	off := a
+	off.AffinityTimeoutSec = 0
+	r.Set("ns/a", []lbstate.Frontend{off})
+	mustSync(t, r, []string{"ns/a"})
+	check("affinity off", bpf.AffinityMatch{SvcID: idB, BackendID: x})
+	r.Set("ns/a", []lbstate.Frontend{a})
+	mustSync(t, r, []string{"ns/a"})
+	check("affinity on", bpf.AffinityMatch{SvcID: idA, BackendID: x}, bpf.AffinityMatch{SvcID: idA, BackendID: y}, bpf.AffinityMatch{SvcID: idB, BackendID: x})
+
+	// Removing a Service removes its pairs before its ID can be handed out again.
+	r.Set("ns/a", nil)
+	mustSync(t, r, []string{"ns/a"})
+	check("A removed", bpf.AffinityMatch{SvcID: idB, BackendID: x})
+	r.Set("ns/b", nil)
+	mustSync(t, r, []string{"ns/b"})
+	check("B removed")
+}
+
+// The Fake's reader check is what proves the order above; make sure it would notice a slot
+// written before its pair.
+func TestFakeNoticesSlotWithoutAffinityMatch(t *testing.T) {
+	m := NewFake()
+	k := bpf.ServiceKey{Addr: netip.MustParseAddr("10.96.0.10"), Port: 80, Proto: bpf.ProtoTCP}
+	if err := m.UpsertBackend(1, bpf.Backend{Addr: netip.MustParseAddr("10.244.1.2"), Port: 80, Proto: bpf.ProtoTCP}); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.UpsertService(k, bpf.Service{ID: 1, AffinityTimeoutSec: 10, Backends: []uint32{1}}, 0); err != nil {
+		t.Fatal(err)
+	}
+	if len(m.Violations) == 0 {
+		t.Fatal("a slot without an affinity match entry went unnoticed")
+	}
+}
+
+// Restoring (at start, and on the full sync after a failure) deletes the pairs no
+// programmed frontend justifies and re-adds missing ones without rewriting any frontend.
+func TestRestoreCleansAffinityMatches(t *testing.T) {
+	m := NewFake()
+	faulty := &Faulty{LBMap: m}
+	r, _ := NewReconciler(faulty)
+	state := map[string][]lbstate.Frontend{
+		"ns/a": {sticky(fe("10.96.0.10", 80, v1.ProtocolTCP, "10.244.1.2:8080", "10.244.1.3:8080"))},
+		"ns/b": {fe("10.96.0.11", 80, v1.ProtocolTCP, "10.244.1.2:8080")},
+	}
+	for n, f := range state {
+		r.Set(n, f)
+	}
+	mustSync(t, r, nil)
+	svcs, _ := m.Services()
+	idA, idB := svcs[Key(state["ns/a"][0].FrontendKey)].ID, svcs[Key(state["ns/b"][0].FrontendKey)].ID
+	legit, _ := m.AffinityMatches()
+	if len(legit) != 2 {
+		t.Fatalf("affinity match entries %v, want 2", legit)
+	}
+	missing := slices.SortedFunc(maps.Keys(legit), func(a, b bpf.AffinityMatch) int { return int(a.BackendID) - int(b.BackendID) })[0]
+
+	// What a crash or an old kpr can leave: pairs of a backend not in the slots, of a
+	// frontend without affinity, of no frontend; and a missing pair.
+	damage := func() {
+		t.Helper()
+		for _, am := range []bpf.AffinityMatch{{SvcID: idA, BackendID: 999}, {SvcID: idB, BackendID: missing.BackendID}, {SvcID: 777, BackendID: 1}} {
+			if err := m.UpsertAffinityMatch(am.SvcID, am.BackendID); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := m.DeleteAffinityMatch(missing.SvcID, missing.BackendID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	damage()
+
+	r2, err := NewReconciler(faulty)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ := m.AffinityMatches()
+	wantNow := maps.Clone(legit)
+	delete(wantNow, missing)
+	if !maps.Equal(got, wantNow) {
+		t.Fatalf("after restore: affinity match entries %v, want the stale ones gone: %v", got, wantNow)
+	}
+	for n, f := range state {
+		r2.Set(n, f)
+	}
+	writes := m.Writes
+	st := mustSync(t, r2, nil)
+	if st.Upserted != 0 || m.Writes != writes+1 {
+		t.Fatalf("re-adding the missing pair wrote %d times (stats %+v), want once and no frontend", m.Writes-writes, st)
+	}
+	programmed(t, m)
+
+	// The same on the full sync that follows a failure.
+	faulty.Fail = func(op string, _ int) error { return errors.New("injected failure in " + op) }
+	r2.Set("ns/b", []lbstate.Frontend{fe("10.96.0.11", 80, v1.ProtocolTCP, "10.244.1.4:8080")})
+	if _, err := r2.Sync([]string{"ns/b"}); err == nil {
+		t.Fatal("sync with every write failing succeeded")
+	}
+	faulty.Fail = nil
+	damage()
+	st = mustSync(t, r2, []string{})
+	if !st.Full || st.Upserted != 1 {
+		t.Fatalf("retry stats %+v, want a full sync that rewrites only ns/b", st)
+	}
+	programmed(t, m)
 }

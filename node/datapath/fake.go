@@ -9,6 +9,12 @@ import (
 	"github.com/kpr-dev/kpr/bpf"
 )
 
+var (
+	_ LBMap = (*bpf.LBMaps)(nil)
+	_ LBMap = (*Fake)(nil)
+	_ LBMap = (*Faulty)(nil)
+)
+
 type slotKey struct {
 	svc  bpf.ServiceKey
 	slot int
@@ -16,14 +22,17 @@ type slotKey struct {
 
 // Fake is an in-memory LBMap with the BPF maps' layout (slot 0 plus one entry per backend
 // slot). After every write it checks what a datapath reader could see at that moment: every
-// frontend's slots 1..count exist and name a backend that exists. A violation is recorded, so
-// tests can prove the update order is make-before-break.
+// frontend's slots 1..count exist and name a backend that exists, and if the frontend has
+// session affinity, an affinity match entry for that backend (else a client sent there
+// would lose its affinity on the next connect). A violation is recorded, so tests can prove
+// the update order is make-before-break.
 type Fake struct {
 	mu         sync.Mutex
 	master     map[bpf.ServiceKey]bpf.Service // slot 0 (Backends unused)
 	slots      map[slotKey]uint32
 	backends   map[uint32]bpf.Backend
 	revnat     map[uint32]bpf.RevNat
+	matches    map[bpf.AffinityMatch]struct{}
 	Violations []string
 	Writes     int
 }
@@ -35,6 +44,7 @@ func NewFake() *Fake {
 		slots:    map[slotKey]uint32{},
 		backends: map[uint32]bpf.Backend{},
 		revnat:   map[uint32]bpf.RevNat{},
+		matches:  map[bpf.AffinityMatch]struct{}{},
 	}
 }
 
@@ -49,6 +59,9 @@ func (f *Fake) check(op string) {
 			}
 			if _, ok := f.backends[id]; !ok {
 				f.Violations = append(f.Violations, fmt.Sprintf("after %s: %s slot %d names missing backend %d", op, keyString(k), i, id))
+			}
+			if _, ok := f.matches[bpf.AffinityMatch{SvcID: m.ID, BackendID: id}]; m.AffinityTimeoutSec > 0 && !ok {
+				f.Violations = append(f.Violations, fmt.Sprintf("after %s: %s (affinity, svc_id %d) slot %d names backend %d without an affinity match entry", op, keyString(k), m.ID, i, id))
 			}
 		}
 	}
@@ -141,6 +154,34 @@ func (f *Fake) RevNats() (map[uint32]bpf.RevNat, error) {
 	return maps.Clone(f.revnat), nil
 }
 
+func (f *Fake) UpsertAffinityMatch(svcID, backendID uint32) error {
+	if svcID == 0 || backendID == 0 {
+		return fmt.Errorf("affinity match %d/%d: service and backend ID 0 are reserved", svcID, backendID)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.matches[bpf.AffinityMatch{SvcID: svcID, BackendID: backendID}] = struct{}{}
+	f.check("UpsertAffinityMatch")
+	return nil
+}
+
+func (f *Fake) DeleteAffinityMatch(svcID, backendID uint32) error {
+	if svcID == 0 || backendID == 0 {
+		return fmt.Errorf("affinity match %d/%d: service and backend ID 0 are reserved", svcID, backendID)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.matches, bpf.AffinityMatch{SvcID: svcID, BackendID: backendID})
+	f.check("DeleteAffinityMatch")
+	return nil
+}
+
+func (f *Fake) AffinityMatches() (map[bpf.AffinityMatch]struct{}, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return maps.Clone(f.matches), nil
+}
+
 // Slots returns the number of slot entries (excluding slot 0), to check that trimming happens.
 func (f *Fake) Slots() int {
 	f.mu.Lock()
@@ -205,6 +246,20 @@ func (f *Faulty) DeleteRevNat(id uint32) error {
 		return err
 	}
 	return f.LBMap.DeleteRevNat(id)
+}
+
+func (f *Faulty) UpsertAffinityMatch(svcID, backendID uint32) error {
+	if err := f.fail("UpsertAffinityMatch"); err != nil {
+		return err
+	}
+	return f.LBMap.UpsertAffinityMatch(svcID, backendID)
+}
+
+func (f *Faulty) DeleteAffinityMatch(svcID, backendID uint32) error {
+	if err := f.fail("DeleteAffinityMatch"); err != nil {
+		return err
+	}
+	return f.LBMap.DeleteAffinityMatch(svcID, backendID)
 }
 
 // SortedKeys returns m's keys in a stable order, for tests and listings.

@@ -4,8 +4,10 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -324,6 +326,30 @@ func TestClusterIP(t *testing.T) {
 		}
 	})
 
+	t.Run("session affinity keeps a client on one backend", func(t *testing.T) {
+		sticky := service("sticky", v1.ServicePort{Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080)})
+		sticky.Spec.SessionAffinity = v1.ServiceAffinityClientIP
+		created, err := api.CoreV1().Services(ns).Create(ctx, sticky, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := api.DiscoveryV1().EndpointSlices(ns).Create(ctx, slice("sticky", "sticky-v4", discovery.AddressTypeIPv4,
+			[]discovery.EndpointPort{port("http", 8080, v1.ProtocolTCP)}, webPods...), metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		sv4, _ := vips(t, created)
+		eventually(t, 10*time.Second, "the sticky Service answers", func() error {
+			if rs := e.probeFrom(client, "--target", target(sv4, 80)); len(rs) != 1 || !rs[0].OK {
+				return fmt.Errorf("%+v", rs)
+			}
+			return nil
+		})
+		rs := e.probeFrom(client, "--target", target(sv4, 80), "--count", "40")
+		if b := backends(rs); len(failures(rs)) > 0 || len(b) != 1 {
+			t.Fatalf("with sessionAffinity ClientIP one client reached %v (failures %v), want a single backend", b, failures(rs))
+		}
+	})
+
 	t.Run("removing an endpoint stops new connections to it", func(t *testing.T) {
 		s, err := api.DiscoveryV1().EndpointSlices(ns).Get(ctx, "web-v4", metav1.GetOptions{})
 		if err != nil {
@@ -334,9 +360,8 @@ func TestClusterIP(t *testing.T) {
 			t.Fatal(err)
 		}
 		eventually(t, 10*time.Second, "web-b is gone from the v4 ClusterIP", func() error {
-			out, _ := e.kprCmd("service", "list")
-			if strings.Contains(out, webPods[1].IPv4.String()+":8080") {
-				return fmt.Errorf("still programmed:\n%s", out)
+			if bs := e.serviceList(t)[target(vip4, 80)+"/tcp"]; len(bs) != 1 || !strings.Contains(bs[0], webPods[0].IPv4.String()+":8080") {
+				return fmt.Errorf("%s/tcp has %v", target(vip4, 80), bs)
 			}
 			return nil
 		})
@@ -356,6 +381,24 @@ func TestClusterIP(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		// Established flows, one TCP connection and one connected UDP socket, each sending a
+		// request every 100 ms across the stop and the start.
+		type outcome struct {
+			name string
+			rs   []result
+			err  error
+		}
+		held := make(chan outcome, 2)
+		for _, args := range [][]string{
+			{"--target", target(vip4, 80)},
+			{"--target", target(vip6, 53), "--proto", "udp"},
+		} {
+			go func() {
+				rs, err := e.probeErr(client, append(args, "--reuse", "--count", "50", "--interval", "100ms")...)
+				held <- outcome{strings.Join(args, " "), rs, err}
+			}()
+		}
+		time.Sleep(500 * time.Millisecond)
 		e.stopKpr()
 		rs := e.probeFrom(client, "--target", target(vip6, 80), "--count", "20")
 		if f := failures(rs); len(f) > 0 {
@@ -369,6 +412,23 @@ func TestClusterIP(t *testing.T) {
 		if before != after {
 			t.Fatalf("the restart changed the datapath:\nbefore:\n%s\nafter:\n%s", before, after)
 		}
+		for range 2 {
+			o := <-held
+			if o.err != nil {
+				t.Fatal(o.err)
+			}
+			if f := failures(o.rs); len(o.rs) != 50 || len(f) > 0 {
+				t.Fatalf("established flow %s: %d results, failures %v", o.name, len(o.rs), f)
+			}
+			if b := backends(o.rs); len(b) != 1 {
+				t.Fatalf("established flow %s moved between backends: %v", o.name, b)
+			}
+			for _, r := range o.rs {
+				if !strings.HasPrefix(r.Peer, "10.96.") && !strings.HasPrefix(r.Peer, "[fd6b:7072:96:") {
+					t.Fatalf("established flow %s: getpeername() = %s, want the ClusterIP", o.name, r.Peer)
+				}
+			}
+		}
 		rs = e.probeFrom(client, "--target", target(vip4, 53), "--proto", "udp", "--count", "20")
 		if f := failures(rs); len(f) > 0 {
 			t.Fatalf("after the restart: %v", f)
@@ -377,6 +437,53 @@ func TestClusterIP(t *testing.T) {
 		if err != nil || !strings.Contains(status, "running") || !strings.Contains(status, "8 programs attached") {
 			t.Fatalf("kpr status: %v\n%s", err, status)
 		}
+	})
+
+	t.Run("systemd hears READY, watchdog pings and STOPPING", func(t *testing.T) {
+		sock := filepath.Join(t.TempDir(), "notify.sock")
+		conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		msgs := make(chan string, 100)
+		go func() {
+			buf := make([]byte, 4096)
+			for {
+				n, err := conn.Read(buf)
+				if err != nil {
+					close(msgs)
+					return
+				}
+				msgs <- string(buf[:n])
+			}
+		}()
+		next := func(what string, within time.Duration) string {
+			t.Helper()
+			deadline := time.After(within)
+			for {
+				select {
+				case m := <-msgs:
+					if strings.Contains(m, what) {
+						return m
+					}
+				case <-deadline:
+					t.Fatalf("no %s from kpr within %s", what, within)
+				}
+			}
+		}
+		e.stopKpr()
+		e.kpr.Env = []string{"NOTIFY_SOCKET=" + sock, "WATCHDOG_USEC=400000"}
+		defer func() { e.kpr.Env = nil }()
+		e.startKpr(ctx)
+		next("READY=1", 5*time.Second)
+		for range 3 {
+			next("WATCHDOG=1", 2*time.Second)
+		}
+		e.stopKpr()
+		next("STOPPING=1", 5*time.Second)
+		e.kpr.Env = nil
+		e.startKpr(ctx)
 	})
 
 	t.Run("while the API server is down the datapath keeps serving", func(t *testing.T) {

@@ -102,6 +102,29 @@ func (e *env) kprCmd(args ...string) (string, error) {
 	return e.kpr.Run(ctx, args...)
 }
 
+// serviceList runs `kpr service list` and returns each frontend's backend column lines.
+func (e *env) serviceList(t *testing.T) map[string][]string {
+	t.Helper()
+	out, err := e.kprCmd("service", "list")
+	if err != nil {
+		t.Fatalf("kpr service list: %v\n%s", err, out)
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	got := map[string][]string{}
+	var cur string
+	for _, l := range lines[1:] {
+		f := strings.Fields(l)
+		switch {
+		case len(f) >= 5 && f[0] != "":
+			cur = f[1]
+			got[cur] = append(got[cur], strings.Join(f[4:], " "))
+		case cur != "":
+			got[cur] = append(got[cur], strings.Join(f, " "))
+		}
+	}
+	return got
+}
+
 // result is one probe attempt (see test/probe).
 type result struct {
 	OK        bool    `json:"ok"`

@@ -48,6 +48,7 @@ type clientFlags struct {
 	count    int
 	timeout  time.Duration
 	interval time.Duration
+	reuse    bool
 }
 
 func (f *clientFlags) register(fs *flag.FlagSet, timeout time.Duration) {
@@ -79,6 +80,7 @@ func client(args []string) error {
 	f.register(fs, 2*time.Second)
 	fs.IntVar(&f.count, "count", 1, "number of attempts, each on a new socket")
 	fs.DurationVar(&f.interval, "interval", 0, "pause between attempts")
+	fs.BoolVar(&f.reuse, "reuse", false, "one connected socket (TCP, or connected UDP) for every attempt, to show an established flow keeps working")
 	fs.Parse(args)
 	if err := f.check(); err != nil {
 		return err
@@ -87,12 +89,70 @@ func client(args []string) error {
 		return fmt.Errorf("--count %d: want 1..%d", f.count, maxCount)
 	}
 	enc := json.NewEncoder(os.Stdout)
+	if f.reuse {
+		return reuseAttempts(f, enc)
+	}
 	for i := 0; i < f.count; i++ {
 		if i > 0 && f.interval > 0 {
 			time.Sleep(f.interval)
 		}
 		r := attempt(f, f.timeout)
 		r.Attempt = i
+		if err := enc.Encode(r); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// reuseAttempts sends every request over one connected socket: the translation made at
+// connect() must keep serving it, whatever happens to the agent in between.
+func reuseAttempts(f clientFlags, enc *json.Encoder) error {
+	if f.proto == "udp" && f.udpMode != "connected" {
+		return fmt.Errorf("--reuse needs tcp or --udp-mode connected")
+	}
+	start := time.Now()
+	d := net.Dialer{Deadline: start.Add(f.timeout)}
+	c, err := d.Dial(f.proto, f.target)
+	if err != nil {
+		r := Result{Err: err.Error(), ElapsedMS: float64(time.Since(start).Microseconds()) / 1000}
+		var errno syscall.Errno
+		if errors.As(err, &errno) {
+			r.Errno = unix.ErrnoName(errno)
+		}
+		return enc.Encode(r)
+	}
+	defer c.Close()
+	br := bufio.NewReader(c)
+	buf := make([]byte, 2048)
+	for i := 0; i < f.count; i++ {
+		if i > 0 && f.interval > 0 {
+			time.Sleep(f.interval)
+		}
+		start := time.Now()
+		r := Result{Attempt: i, Local: unmapped(c.LocalAddr())}
+		c.SetDeadline(start.Add(f.timeout))
+		var line string
+		if r.Peer, err = peerName(c.(syscall.Conn)); err == nil {
+			if _, err = c.Write([]byte(hello)); err == nil {
+				if f.proto == "tcp" {
+					line, err = br.ReadString('\n')
+				} else {
+					var n int
+					n, err = c.Read(buf)
+					line = string(buf[:n])
+				}
+			}
+		}
+		if err == nil {
+			err = parseAnswer(&r, line)
+		}
+		r.ElapsedMS = float64(time.Since(start).Microseconds()) / 1000
+		if err != nil {
+			r.Err = err.Error()
+		} else {
+			r.OK = true
+		}
 		if err := enc.Encode(r); err != nil {
 			return err
 		}

@@ -157,8 +157,29 @@ func handleTCP(c net.Conn, name string, logger *log.Logger) {
 		return
 	}
 	c.SetWriteDeadline(time.Now().Add(httpWait))
-	c.Write([]byte(line))
+	if _, err := c.Write([]byte(line)); err != nil || first != hello {
+		return
+	}
+	// A client that keeps its connection (probe client --reuse) sends one hello per request;
+	// answer each until it closes or goes quiet for longer than a reuse interval may be.
+	for range maxReuse {
+		c.SetReadDeadline(time.Now().Add(reuseIdle))
+		next, err := br.ReadString('\n')
+		if err != nil || next != hello {
+			return
+		}
+		c.SetWriteDeadline(time.Now().Add(httpWait))
+		if _, err := c.Write([]byte(line)); err != nil {
+			return
+		}
+	}
 }
+
+// Bounds on a reused connection.
+const (
+	maxReuse  = 100_000
+	reuseIdle = time.Minute
+)
 
 func isHTTPRequest(line string) bool {
 	for _, m := range []string{"GET ", "HEAD ", "POST ", "PUT ", "DELETE ", "OPTIONS ", "PATCH "} {

@@ -25,6 +25,7 @@ type Kpr struct {
 	CgroupFD int    // open fd of Cgroup, for Cmd.CgroupFD / Exec
 	PinDir   string
 	RunDir   string
+	Env      []string // extra environment for `kpr run` (e.g. NOTIFY_SOCKET)
 	Proc     *Process // the running `kpr run`, nil when stopped
 
 	bpffs string
@@ -97,7 +98,7 @@ func (k *Kpr) Start(ctx context.Context, timeout time.Duration) error {
 		return errors.New("sandbox: kpr already running")
 	}
 	started := time.Now()
-	p, err := k.Node.StartCmd(ctx, Cmd{Name: k.Bin, Args: append([]string{"run"}, k.Args()...)})
+	p, err := k.Node.StartCmd(ctx, Cmd{Name: k.Bin, Args: append([]string{"run"}, k.Args()...), Env: k.Env})
 	if err != nil {
 		return err
 	}
