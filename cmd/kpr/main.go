@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"slices"
 	"strings"
 	"syscall"
@@ -241,6 +242,9 @@ func cleanupCmd(out io.Writer) *cobra.Command {
 				return err
 			}
 			if err := bpf.Cleanup(cfg.BPFPinDir); err != nil {
+				return err
+			}
+			if err := os.Remove(filepath.Join(cfg.RunDir, agent.StatusFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
 				return err
 			}
 			fmt.Fprintf(out, "removed the datapath pinned in %s\n", cfg.BPFPinDir)

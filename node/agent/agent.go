@@ -163,6 +163,9 @@ func (a *Agent) setup() error {
 	svcs, _ := dp.Maps.Services()
 	cfg := rest.CopyConfig(cluster.RESTConfig)
 	cfg.Dial = a.observeDial(cfg.Dial)
+	// Protobuf, as kube-proxy uses: lists of 10,000 Services decode several times faster.
+	cfg.ContentType = "application/vnd.kubernetes.protobuf"
+	cfg.AcceptContentTypes = "application/vnd.kubernetes.protobuf,application/json"
 	client, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
 		dp.Close()
@@ -190,9 +193,19 @@ func proxySelector() string {
 
 const byService = "byService"
 
+// stripManagedFields drops what kpr never reads from cached objects; managedFields are often
+// the largest part of a Service or EndpointSlice.
+func stripManagedFields(obj any) (any, error) {
+	if m, err := meta.Accessor(obj); err == nil {
+		m.SetManagedFields(nil)
+	}
+	return obj, nil
+}
+
 func (a *Agent) startInformers(ctx context.Context) {
 	f := informers.NewSharedInformerFactoryWithOptions(a.client, 0,
-		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = proxySelector() }))
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = proxySelector() }),
+		informers.WithTransform(stripManagedFields))
 	a.services = f.Core().V1().Services().Informer()
 	a.slices = f.Discovery().V1().EndpointSlices().Informer()
 	_ = a.slices.AddIndexers(cache.Indexers{byService: func(obj any) ([]string, error) {

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -555,6 +556,27 @@ func TestClusterIP(t *testing.T) {
 		rs := e.probeFrom(client, "--target", target(vip4, 80), "--timeout", "1s")
 		if len(rs) != 1 || rs[0].OK || rs[0].Errno == "ECONNREFUSED" {
 			t.Fatalf("after deleting the Service: %+v, want no answer", rs)
+		}
+	})
+
+	t.Run("kpr cleanup detaches and removes everything", func(t *testing.T) {
+		e.stopKpr()
+		if out, err := e.kprCmd("cleanup"); err != nil {
+			t.Fatalf("kpr cleanup: %v\n%s", err, out)
+		}
+		if _, err := os.Stat(e.kpr.PinDir); !os.IsNotExist(err) {
+			t.Fatalf("pin directory %s still there (%v)", e.kpr.PinDir, err)
+		}
+		out, err := exec.Command("bpftool", "cgroup", "show", e.kpr.Cgroup).CombinedOutput()
+		if err != nil || strings.Contains(string(out), "connect") || strings.Contains(string(out), "sendmsg") {
+			t.Fatalf("programs still attached to %s: %v\n%s", e.kpr.Cgroup, err, out)
+		}
+		if _, err := os.Stat(filepath.Join(e.kpr.RunDir, agent.StatusFile)); !os.IsNotExist(err) {
+			t.Fatalf("status file left behind (%v)", err)
+		}
+		status, _ := e.kprCmd("status")
+		if !strings.Contains(status, "not loaded") {
+			t.Fatalf("kpr status after cleanup:\n%s", status)
 		}
 	})
 }
