@@ -418,6 +418,110 @@ func TestSocketLB(t *testing.T) {
 	})
 }
 
+// TestServiceCIDRs checks kube-proxy's "packet to unallocated cluster ip -> DROP": an address
+// inside a Service CIDR that no frontend owns fails at once with EHOSTUNREACH, while addresses
+// outside pass untouched and frontends inside are still translated.
+func TestServiceCIDRs(t *testing.T) {
+	e := newTestEnv(t)
+	d := e.load()
+	startAllServers(e)
+	programServices(t, d.Maps)
+	cidr4, cidr6 := netip.MustParsePrefix("10.96.0.0/16"), netip.MustParsePrefix("fd6b:7072:96::/112")
+	must(t, d.Maps.SetServiceCIDRs([]netip.Prefix{cidr4, cidr6}))
+
+	unalloc4 := netip.AddrPortFrom(netip.MustParseAddr("10.96.200.7"), 80)
+	unalloc6 := netip.AddrPortFrom(netip.MustParseAddr("fd6b:7072:96::ffff"), 80)
+	outside4 := netip.AddrPortFrom(netip.MustParseAddr("10.97.0.1"), 80)
+	outside6 := netip.AddrPortFrom(netip.MustParseAddr("fd6b:7072:97::1"), 80)
+
+	type call struct {
+		name string
+		fn   func() (exchange, error)
+	}
+	calls := func(dst netip.AddrPort) []call {
+		fam := familyOf(dst)
+		cs := []call{
+			{"tcp connect", func() (exchange, error) { return e.dialTCP(fam, dst) }},
+			{"udp connect", func() (exchange, error) { return e.udpConnected(fam, dst) }},
+			{"udp sendto", func() (exchange, error) { return e.udpUnconnected(fam, dst) }},
+		}
+		if fam == unix.AF_INET {
+			cs = append(cs,
+				call{"tcp connect from a v6 socket", func() (exchange, error) { return e.dialTCP(unix.AF_INET6, mapped(dst)) }},
+				call{"udp sendto from a v6 socket", func() (exchange, error) { return e.udpUnconnected(unix.AF_INET6, mapped(dst)) }})
+		}
+		return cs
+	}
+	expect := func(t *testing.T, dst netip.AddrPort, want error) {
+		t.Helper()
+		for _, c := range calls(dst) {
+			start := time.Now()
+			_, err := c.fn()
+			wantErrno(t, fmt.Sprintf("%s to %s", c.name, dst), err, want)
+			if el := time.Since(start); el > 500*time.Millisecond {
+				t.Errorf("%s to %s: failed after %v, want at once", c.name, dst, el)
+			}
+		}
+	}
+
+	t.Run("unallocated address inside a Service CIDR is unreachable", func(t *testing.T) {
+		expect(t, unalloc4, unix.EHOSTUNREACH)
+		expect(t, unalloc6, unix.EHOSTUNREACH)
+		// Network and broadcast addresses of the CIDR are inside it too.
+		expect(t, netip.AddrPortFrom(netip.MustParseAddr("10.96.255.255"), 53), unix.EHOSTUNREACH)
+	})
+
+	t.Run("address outside every Service CIDR is untouched", func(t *testing.T) {
+		// The test namespace has no route for them.
+		expect(t, outside4, unix.ENETUNREACH)
+		expect(t, outside6, unix.ENETUNREACH)
+	})
+
+	t.Run("frontends inside the CIDR still translate", func(t *testing.T) {
+		ex, err := e.dialTCP(unix.AF_INET, netip.AddrPortFrom(vip4, 80))
+		must(t, err)
+		if ex.peer != netip.AddrPortFrom(vip4, 80) {
+			t.Fatalf("getpeername = %s, want the VIP", ex.peer)
+		}
+		ex, err = e.udpUnconnected(unix.AF_INET6, netip.AddrPortFrom(vip6, 53))
+		must(t, err)
+		if ex.backend != udp6.String() || ex.from != netip.AddrPortFrom(vip6, 53) {
+			t.Fatalf("udp6: backend %s source %s, want %s and the VIP", ex.backend, ex.from, udp6)
+		}
+		// A port the VIP does not serve is still "refused", not "unreachable".
+		_, err = e.dialTCP(unix.AF_INET, netip.AddrPortFrom(vip4, 81))
+		wantErrno(t, "port not served", err, unix.ECONNREFUSED)
+		_, err = e.udpUnconnected(unix.AF_INET6, netip.AddrPortFrom(vip6, 54))
+		wantErrno(t, "v6 udp port not served", err, unix.ECONNREFUSED)
+	})
+
+	t.Run("replacing the set", func(t *testing.T) {
+		narrow := netip.MustParsePrefix("10.96.200.0/24")
+		must(t, d.Maps.SetServiceCIDRs([]netip.Prefix{narrow}))
+		got, err := d.Maps.ServiceCIDRs()
+		must(t, err)
+		if !slices.Equal(got, []netip.Prefix{narrow}) {
+			t.Fatalf("ServiceCIDRs() = %v, want %v", got, narrow)
+		}
+		expect(t, unalloc4, unix.EHOSTUNREACH)
+		expect(t, netip.AddrPortFrom(netip.MustParseAddr("10.96.1.7"), 80), unix.ENETUNREACH)
+		expect(t, unalloc6, unix.ENETUNREACH)
+		ex, err := e.dialTCP(unix.AF_INET, netip.AddrPortFrom(vip4, 80))
+		must(t, err)
+		if ex.peer != netip.AddrPortFrom(vip4, 80) {
+			t.Fatalf("getpeername = %s, want the VIP", ex.peer)
+		}
+
+		must(t, d.Maps.SetServiceCIDRs(nil))
+		got, err = d.Maps.ServiceCIDRs()
+		must(t, err)
+		if len(got) != 0 {
+			t.Fatalf("ServiceCIDRs() after clearing = %v", got)
+		}
+		expect(t, unalloc4, unix.ENETUNREACH)
+	})
+}
+
 // affinityBackend returns the backend the (only) affinity entry of svcID names.
 func affinityBackend(t *testing.T, m *LBMaps, svcID uint32) (uint32, bool) {
 	t.Helper()
@@ -465,6 +569,8 @@ func TestRestartAndCleanup(t *testing.T) {
 	}
 	programServices(t, d1.Maps)
 	must(t, d1.Maps.UpsertAffinityMatch(svcTCP, beTCPA))
+	cidrs := []netip.Prefix{netip.MustParsePrefix("10.96.0.0/16"), netip.MustParsePrefix("fd6b:7072:96::/112")}
+	must(t, d1.Maps.SetServiceCIDRs(cidrs))
 	linksBefore := pinnedLinks(t, e.pinDir)
 
 	// The links sit on the test cgroup and nowhere else.
@@ -516,6 +622,9 @@ func TestRestartAndCleanup(t *testing.T) {
 	must(t, err)
 	ams2, err := d2.Maps.AffinityMatches()
 	must(t, err)
+	if got, err := d2.Maps.ServiceCIDRs(); err != nil || !slices.Equal(got, cidrs) {
+		t.Fatalf("service CIDRs after restart: %v %v, want %v", got, err, cidrs)
+	}
 	if !reflect.DeepEqual(svcs1, svcs2) || !maps.Equal(bes1, bes2) || !maps.Equal(rns1, rns2) || !maps.Equal(ams1, ams2) || len(ams2) != 1 {
 		t.Fatalf("map contents changed across restart:\n%v\n%v\n%v\n%v\n%v\n%v", svcs1, svcs2, bes1, bes2, ams1, ams2)
 	}
@@ -609,6 +718,20 @@ func TestLoadRejectsIncompatiblePinnedMap(t *testing.T) {
 	_, err = OpenMaps(e.pinDir)
 	if err == nil || !strings.Contains(err.Error(), "kpr_affinity_v1") {
 		t.Fatalf("OpenMaps with an incompatible kpr_affinity_v1: %v", err)
+	}
+
+	// The Service CIDR trie has no size setting; a pinned map of another type is still named.
+	must(t, Cleanup(e.pinDir))
+	e.load().Close()
+	p = filepath.Join(e.pinDir, sockMapKprSvcCidrsV1)
+	must(t, os.Remove(p))
+	odd, err = ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Hash, KeySize: 20, ValueSize: 1, MaxEntries: MaxServiceCIDRs})
+	must(t, err)
+	must(t, odd.Pin(p))
+	odd.Close()
+	_, err = Load(cfg)
+	if err == nil || !strings.Contains(err.Error(), "kpr_svc_cidrs_v1") || !strings.Contains(err.Error(), "kpr cleanup") {
+		t.Fatalf("Load with an incompatible kpr_svc_cidrs_v1: %v", err)
 	}
 }
 

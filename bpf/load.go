@@ -48,7 +48,8 @@ type Config struct {
 	AffinityMatchMapSize int
 }
 
-// mapSize ties a map to the Config field that sizes it, for error messages.
+// mapSize ties a map to the Config field that sizes it, for error messages; field is empty
+// for a map of fixed size.
 type mapSize struct {
 	mapName string
 	field   string
@@ -75,6 +76,8 @@ func (c Config) mapSizes() ([]mapSize, error) {
 			sizes[i].size = defaults[i]
 		}
 	}
+	// Not configurable: listed so that a pinned map of another size or layout is reported.
+	sizes = append(sizes, mapSize{sockMapKprSvcCidrsV1, "", MaxServiceCIDRs})
 	return sizes, nil
 }
 
@@ -284,6 +287,10 @@ func checkPinnedMaps(pinDir string, spec *ebpf.CollectionSpec, sizes []mapSize) 
 		m.Close()
 		if err == nil {
 			continue
+		}
+		if s.field == "" {
+			return fmt.Errorf("pinned map %s in %s is incompatible (%v): it was created by an incompatible kpr version; remove it with `kpr cleanup`",
+				s.mapName, pinDir, err)
 		}
 		if pinnedEntries != ms.MaxEntries {
 			return fmt.Errorf("pinned map %s in %s has %d entries but config %s is %d: set %s to %d, or remove the datapath with `kpr cleanup` to resize (drops all Services until the next sync)",

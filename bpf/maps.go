@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/cilium/ebpf"
@@ -23,6 +24,8 @@ type LBMaps struct {
 	// affinityMatch holds the (svc_id, backend_id) pairs an affinity entry may
 	// name; see UpsertAffinityMatch.
 	affinityMatch *ebpf.Map
+	// svcCIDRs is the LPM trie of Service CIDRs; see SetServiceCIDRs.
+	svcCIDRs *ebpf.Map
 }
 
 // mapNames lists the pinned maps in a stable order.
@@ -33,6 +36,7 @@ var mapNames = []string{
 	sockMapKprSkRevnatV1,
 	sockMapKprAffinityV1,
 	sockMapKprAffinityMatchV1,
+	sockMapKprSvcCidrsV1,
 }
 
 func newLBMaps(m *sockMaps) *LBMaps {
@@ -43,6 +47,7 @@ func newLBMaps(m *sockMaps) *LBMaps {
 		sockRevNat:    m.KprSkRevnatV1,
 		affinity:      m.KprAffinityV1,
 		affinityMatch: m.KprAffinityMatchV1,
+		svcCIDRs:      m.KprSvcCidrsV1,
 	}
 }
 
@@ -54,6 +59,7 @@ func (m *LBMaps) byName() map[string]**ebpf.Map {
 		sockMapKprSkRevnatV1:      &m.sockRevNat,
 		sockMapKprAffinityV1:      &m.affinity,
 		sockMapKprAffinityMatchV1: &m.affinityMatch,
+		sockMapKprSvcCidrsV1:      &m.svcCIDRs,
 	}
 }
 
@@ -67,6 +73,7 @@ var mapLayouts = map[string][2]int{
 	sockMapKprSkRevnatV1:      {binary.Size(sockSkRevnatKey{}), binary.Size(sockSkRevnatValue{})},
 	sockMapKprAffinityV1:      {binary.Size(sockAffinityKey{}), binary.Size(sockAffinityValue{})},
 	sockMapKprAffinityMatchV1: {binary.Size(sockAffinityMatchKey{}), binary.Size(uint8(0))},
+	sockMapKprSvcCidrsV1:      {binary.Size(sockSvcCidrKey{}), binary.Size(uint8(0))},
 }
 
 // OpenMaps opens the maps pinned in pinDir without loading any program, for
@@ -369,4 +376,114 @@ func affinityMatchKey(svcID, backendID uint32) (sockAffinityMatchKey, error) {
 		return sockAffinityMatchKey{}, fmt.Errorf("affinity match %d/%d: service and backend ID 0 are reserved", svcID, backendID)
 	}
 	return sockAffinityMatchKey{SvcId: svcID, BackendId: backendID}, nil
+}
+
+// MaxServiceCIDRs is how many Service CIDRs the datapath holds (SVC_CIDR_MAP_SIZE in sock.c).
+const MaxServiceCIDRs = 64
+
+// v4MappedSpace is where IPv4 addresses live in the maps' 16-byte form.
+var v4MappedSpace = netip.MustParsePrefix("::ffff:0:0/96")
+
+// SetServiceCIDRs makes cidrs the Service CIDRs: a connect() or sendmsg() to an address inside
+// one of them that no frontend owns (an unallocated ClusterIP) fails with EHOSTUNREACH, where
+// kube-proxy drops the packets. Nil or empty removes them all, and such addresses are left
+// untranslated again. The new prefixes are written before the old ones are deleted, so an
+// address inside both is refused throughout.
+func (m *LBMaps) SetServiceCIDRs(cidrs []netip.Prefix) error {
+	want := make(map[sockSvcCidrKey]netip.Prefix, len(cidrs))
+	for _, p := range cidrs {
+		k, err := svcCIDRKey(p)
+		if err != nil {
+			return err
+		}
+		want[k] = p
+	}
+	if len(want) > MaxServiceCIDRs {
+		return fmt.Errorf("service CIDRs: %d given, at most %d fit", len(want), MaxServiceCIDRs)
+	}
+	have, err := m.serviceCIDRKeys()
+	if err != nil {
+		return err
+	}
+	for k, p := range want {
+		if _, ok := have[k]; ok {
+			continue
+		}
+		if err := m.svcCIDRs.Update(&k, uint8(0), ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("update %s[%s]: %w", sockMapKprSvcCidrsV1, p, err)
+		}
+	}
+	for k := range have {
+		if _, ok := want[k]; ok {
+			continue
+		}
+		if err := deleteIgnoreMissing(m.svcCIDRs, &k); err != nil {
+			return fmt.Errorf("delete %s[%s]: %w", sockMapKprSvcCidrsV1, prefixFrom(&k), err)
+		}
+	}
+	return nil
+}
+
+// ServiceCIDRs dumps the Service CIDRs, IPv4 first, each family in address order.
+func (m *LBMaps) ServiceCIDRs() ([]netip.Prefix, error) {
+	keys, err := m.serviceCIDRKeys()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]netip.Prefix, 0, len(keys))
+	for k := range keys {
+		out = append(out, prefixFrom(&k))
+	}
+	slices.SortFunc(out, func(a, b netip.Prefix) int {
+		if c := a.Addr().Compare(b.Addr()); c != 0 {
+			return c
+		}
+		return a.Bits() - b.Bits()
+	})
+	return out, nil
+}
+
+func (m *LBMaps) serviceCIDRKeys() (map[sockSvcCidrKey]struct{}, error) {
+	out := make(map[sockSvcCidrKey]struct{})
+	var key sockSvcCidrKey
+	var val uint8
+	it := m.svcCIDRs.Iterate()
+	for it.Next(&key, &val) {
+		out[key] = struct{}{}
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("dump %s: %w", sockMapKprSvcCidrsV1, err)
+	}
+	return out, nil
+}
+
+// svcCIDRKey validates p and converts it to its trie key: IPv4 prefixes IPv4-mapped, with 96
+// more bits.
+func svcCIDRKey(p netip.Prefix) (sockSvcCidrKey, error) {
+	switch {
+	case !p.IsValid():
+		return sockSvcCidrKey{}, fmt.Errorf("service CIDR %s: invalid prefix", p)
+	case p != p.Masked():
+		return sockSvcCidrKey{}, fmt.Errorf("service CIDR %s: host bits are set (the network is %s)", p, p.Masked())
+	case p.Bits() == 0:
+		// It would refuse every connection that is not to a Service, the API server's too.
+		return sockSvcCidrKey{}, fmt.Errorf("service CIDR %s: a default route is no Service CIDR", p)
+	case p.Addr().Is4In6():
+		return sockSvcCidrKey{}, fmt.Errorf("service CIDR %s: IPv4-mapped; give it as an IPv4 CIDR", p)
+	case p.Addr().Is6() && p.Overlaps(v4MappedSpace):
+		return sockSvcCidrKey{}, fmt.Errorf("service CIDR %s: covers the IPv4-mapped range %s, that is all of IPv4", p, v4MappedSpace)
+	}
+	bits := p.Bits()
+	if p.Addr().Is4() {
+		bits += 96
+	}
+	return sockSvcCidrKey{Prefixlen: uint32(bits), Addr: p.Addr().As16()}, nil
+}
+
+func prefixFrom(k *sockSvcCidrKey) netip.Prefix {
+	a := netip.AddrFrom16(k.Addr)
+	if a.Is4In6() && k.Prefixlen >= 96 {
+		return netip.PrefixFrom(a.Unmap(), int(k.Prefixlen)-96)
+	}
+	return netip.PrefixFrom(a, int(k.Prefixlen))
 }

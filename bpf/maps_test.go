@@ -5,10 +5,12 @@ import (
 	"maps"
 	"net/netip"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 )
 
 // The schema in docs/ARCHITECTURE.md, in bytes: a change to sock.c that
@@ -20,6 +22,7 @@ var schemaSizes = map[string][2]int{
 	sockMapKprSkRevnatV1:      {32, 24},
 	sockMapKprAffinityV1:      {16, 8},
 	sockMapKprAffinityMatchV1: {8, 1},
+	sockMapKprSvcCidrsV1:      {20, 1},
 }
 
 func TestGeneratedTypesMatchObject(t *testing.T) {
@@ -41,6 +44,10 @@ func TestGeneratedTypesMatchObject(t *testing.T) {
 		if ms.Pinning != ebpf.PinByName {
 			t.Errorf("%s: pinning %v, want by name", name, ms.Pinning)
 		}
+	}
+	if ms := spec.Maps[sockMapKprSvcCidrsV1]; ms.Type != ebpf.LPMTrie || ms.Flags&unix.BPF_F_NO_PREALLOC == 0 || ms.MaxEntries != MaxServiceCIDRs {
+		t.Errorf("%s: type %v flags %#x max_entries %d, want an LPM trie without preallocation of %d entries",
+			sockMapKprSvcCidrsV1, ms.Type, ms.Flags, ms.MaxEntries, MaxServiceCIDRs)
 	}
 	// Fields the Go side relies on, at the offsets the C side uses.
 	if f, _ := reflect.TypeFor[sockSvcKey]().FieldByName("Slot"); f.Offset != 20 {
@@ -225,6 +232,13 @@ func TestMapValidation(t *testing.T) {
 		"match service id 0":  m.UpsertAffinityMatch(0, 1),
 		"match backend id 0":  m.UpsertAffinityMatch(1, 0),
 		"delete match id 0":   m.DeleteAffinityMatch(0, 1),
+		"cidr invalid":        m.SetServiceCIDRs([]netip.Prefix{{}}),
+		"cidr host bits":      m.SetServiceCIDRs([]netip.Prefix{netip.MustParsePrefix("10.96.0.1/16")}),
+		"cidr default v4":     m.SetServiceCIDRs([]netip.Prefix{netip.MustParsePrefix("0.0.0.0/0")}),
+		"cidr default v6":     m.SetServiceCIDRs([]netip.Prefix{netip.MustParsePrefix("::/0")}),
+		"cidr v4-mapped":      m.SetServiceCIDRs([]netip.Prefix{netip.MustParsePrefix("::ffff:10.96.0.0/112")}),
+		"cidr covers v4":      m.SetServiceCIDRs([]netip.Prefix{netip.MustParsePrefix("::/64")}),
+		"too many cidrs":      m.SetServiceCIDRs(manyCIDRs(MaxServiceCIDRs + 1)),
 	} {
 		if err == nil {
 			t.Errorf("%s: no error", name)
@@ -272,4 +286,67 @@ func TestServiceKeyString(t *testing.T) {
 	if s := (ServiceKey{Addr: netip.MustParseAddr("10.96.0.10")}).String(); s != "10.96.0.10/* scope 0" {
 		t.Errorf("wildcard String() = %q", s)
 	}
+}
+
+// manyCIDRs returns n distinct IPv4 /24s.
+func manyCIDRs(n int) []netip.Prefix {
+	out := make([]netip.Prefix, n)
+	for i := range out {
+		out[i] = netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 96, byte(i), 0}), 24)
+	}
+	return out
+}
+
+func TestServiceCIDRMap(t *testing.T) {
+	m := newUnpinnedMaps(t)
+	p := netip.MustParsePrefix
+	check := func(what string, want ...netip.Prefix) {
+		t.Helper()
+		got, err := m.ServiceCIDRs()
+		must(t, err)
+		if !slices.Equal(got, want) {
+			t.Fatalf("%s: ServiceCIDRs() = %v, want %v", what, got, want)
+		}
+	}
+	check("empty")
+
+	// Out of order and with a duplicate; dumps come back sorted, IPv4 first.
+	must(t, m.SetServiceCIDRs([]netip.Prefix{p("fd6b:7072:96::/112"), p("10.96.0.0/16"), p("10.96.0.0/16")}))
+	check("dual-stack", p("10.96.0.0/16"), p("fd6b:7072:96::/112"))
+	must(t, m.SetServiceCIDRs([]netip.Prefix{p("fd6b:7072:96::/112"), p("10.96.0.0/16")})) // idempotent
+	check("again", p("10.96.0.0/16"), p("fd6b:7072:96::/112"))
+
+	// Raw layout: IPv4 is v4-mapped with 96 more bits.
+	var key sockSvcCidrKey
+	var val uint8
+	var raw []sockSvcCidrKey
+	it := m.svcCIDRs.Iterate()
+	for it.Next(&key, &val) {
+		raw = append(raw, key)
+	}
+	must(t, it.Err())
+	want4 := sockSvcCidrKey{Prefixlen: 112, Addr: netip.MustParseAddr("::ffff:10.96.0.0").As16()}
+	if !slices.Contains(raw, want4) {
+		t.Fatalf("raw keys %+v, want %+v among them", raw, want4)
+	}
+
+	// Replacing: a narrower IPv4 CIDR and a second one, IPv6 removed.
+	must(t, m.SetServiceCIDRs([]netip.Prefix{p("10.96.0.0/24"), p("172.30.0.0/16")}))
+	check("replaced", p("10.96.0.0/24"), p("172.30.0.0/16"))
+
+	// A rejected set changes nothing.
+	if err := m.SetServiceCIDRs([]netip.Prefix{p("10.97.0.0/16"), p("10.98.0.1/16")}); err == nil {
+		t.Fatal("a prefix with host bits was accepted")
+	}
+	check("after a rejected set", p("10.96.0.0/24"), p("172.30.0.0/16"))
+
+	must(t, m.SetServiceCIDRs(manyCIDRs(MaxServiceCIDRs)))
+	got, err := m.ServiceCIDRs()
+	must(t, err)
+	if len(got) != MaxServiceCIDRs {
+		t.Fatalf("%d CIDRs, want %d", len(got), MaxServiceCIDRs)
+	}
+
+	must(t, m.SetServiceCIDRs(nil))
+	check("cleared")
 }

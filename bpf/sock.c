@@ -29,6 +29,8 @@
 #define SK_REVNAT_MAP_SIZE 131072
 #define AFFINITY_MAP_SIZE 65536
 #define AFFINITY_MATCH_MAP_SIZE 65536
+/* Fixed: a cluster has one or two Service CIDRs (a few more while one is being migrated). */
+#define SVC_CIDR_MAP_SIZE 64
 
 /*
  * Every struct below has explicit padding fields so that no byte of a hash
@@ -103,6 +105,15 @@ struct affinity_match_key {
 	__u32 backend_id;
 };
 
+/*
+ * A Service CIDR, as an LPM trie key: prefixlen counts bits of addr, so an
+ * IPv4 CIDR a.b.c.d/n is stored IPv4-mapped with prefixlen 96 + n.
+ */
+struct svc_cidr_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, struct svc_key);
@@ -156,6 +167,19 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kpr_affinity_match_v1 SEC(".maps");
 
+/*
+ * The Service CIDRs. An address in one of them that no frontend owns is an
+ * unallocated ClusterIP: kube-proxy drops packets to it, kpr refuses it.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct svc_cidr_key);
+	__type(value, __u8); /* unused: presence is the answer */
+	__uint(max_entries, SVC_CIDR_MAP_SIZE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kpr_svc_cidrs_v1 SEC(".maps");
+
 /* The context exposes addresses as __u32 words, the maps as bytes. */
 union addr16 {
 	__u8 b[16];
@@ -205,6 +229,16 @@ static __always_inline int refuse(int err)
 {
 	bpf_set_retval(-err);
 	return 0;
+}
+
+/* Whether a is inside a Service CIDR. Only asked when a is no VIP. */
+static __always_inline int in_svc_cidr(const union addr16 *a)
+{
+	struct svc_cidr_key k = {};
+
+	k.prefixlen = 128;
+	__builtin_memcpy(k.addr, a->b, sizeof(k.addr));
+	return bpf_map_lookup_elem(&kpr_svc_cidrs_v1, &k) != NULL;
 }
 
 static __always_inline struct backend *lookup_backend(__u32 backend_id, int v4)
@@ -301,6 +335,10 @@ static __always_inline int sock_lb(struct bpf_sock_addr *ctx, int v4, int is_con
 		key.proto = 0;
 		if (bpf_map_lookup_elem(&kpr_svc_v1, &key))
 			return refuse(ECONNREFUSED);
+		/* An unallocated ClusterIP: kube-proxy drops it; like a frontend
+		 * without usable endpoints (SVC_F_UNREACHABLE), fail at once. */
+		if (in_svc_cidr(&vip))
+			return refuse(EHOSTUNREACH);
 		return 1;
 	}
 

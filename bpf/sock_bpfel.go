@@ -63,6 +63,12 @@ type sockSkRevnatValue struct {
 	SvcId uint32
 }
 
+type sockSvcCidrKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Addr      [16]uint8
+}
+
 type sockSvcKey struct {
 	_     structs.HostLayout
 	Addr  [16]uint8
@@ -90,6 +96,7 @@ const (
 	sockMapKprBackendsV1      = "kpr_backends_v1"
 	sockMapKprRevnatV1        = "kpr_revnat_v1"
 	sockMapKprSkRevnatV1      = "kpr_sk_revnat_v1"
+	sockMapKprSvcCidrsV1      = "kpr_svc_cidrs_v1"
 	sockMapKprSvcV1           = "kpr_svc_v1"
 	sockProgConnect4          = "connect4"
 	sockProgConnect6          = "connect6"
@@ -162,6 +169,7 @@ type sockMapSpecs struct {
 	KprBackendsV1      *ebpf.MapSpec `ebpf:"kpr_backends_v1"`
 	KprRevnatV1        *ebpf.MapSpec `ebpf:"kpr_revnat_v1"`
 	KprSkRevnatV1      *ebpf.MapSpec `ebpf:"kpr_sk_revnat_v1"`
+	KprSvcCidrsV1      *ebpf.MapSpec `ebpf:"kpr_svc_cidrs_v1"`
 	KprSvcV1           *ebpf.MapSpec `ebpf:"kpr_svc_v1"`
 }
 
@@ -196,6 +204,7 @@ type sockMaps struct {
 	KprBackendsV1      *ebpf.Map `ebpf:"kpr_backends_v1"`
 	KprRevnatV1        *ebpf.Map `ebpf:"kpr_revnat_v1"`
 	KprSkRevnatV1      *ebpf.Map `ebpf:"kpr_sk_revnat_v1"`
+	KprSvcCidrsV1      *ebpf.Map `ebpf:"kpr_svc_cidrs_v1"`
 	KprSvcV1           *ebpf.Map `ebpf:"kpr_svc_v1"`
 }
 
@@ -206,6 +215,7 @@ func (m *sockMaps) Close() error {
 		m.KprBackendsV1,
 		m.KprRevnatV1,
 		m.KprSkRevnatV1,
+		m.KprSvcCidrsV1,
 		m.KprSvcV1,
 	)
 }

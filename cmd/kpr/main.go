@@ -114,6 +114,9 @@ func printStatus(out io.Writer, cfg *config.Config) error {
 			sync += ", error: " + st.LastSyncError
 		}
 		fmt.Fprintf(w, "Sync:\t%s\n", sync)
+		if st.Networking != nil {
+			fmt.Fprintf(w, "Networking:\t%s\n", networkingLine(st.Networking))
+		}
 		if st.Error != "" {
 			fmt.Fprintf(w, "Error:\t%s\n", st.Error)
 		}
@@ -136,7 +139,8 @@ func printStatus(out io.Writer, cfg *config.Config) error {
 	defer m.Close()
 	svcs, err1 := m.Services()
 	bes, err2 := m.Backends()
-	if err := errors.Join(err1, err2); err != nil {
+	cidrs, err3 := m.ServiceCIDRs()
+	if err := errors.Join(err1, err2, err3); err != nil {
 		fmt.Fprintf(w, "Maps:\t%v\n", err)
 		return nil
 	}
@@ -146,8 +150,40 @@ func printStatus(out io.Writer, cfg *config.Config) error {
 			n++
 		}
 	}
-	fmt.Fprintf(w, "Load balancing:\t%d frontends, %d backends\n", n, len(bes))
+	unalloc := "unallocated ClusterIPs not refused (no Service CIDRs)"
+	if len(cidrs) > 0 {
+		unalloc = "unallocated addresses in " + joinPrefixes(cidrs) + " refused"
+	}
+	fmt.Fprintf(w, "Load balancing:\t%d frontends, %d backends; %s\n", n, len(bes), unalloc)
 	return nil
+}
+
+// networkingLine is the agent's cluster networking on one line, each value with its source.
+// An unknown value's source already says why ("none: ...", "unknown: ...").
+func networkingLine(n *agent.Networking) string {
+	list := func(what string, vals []string, from string) string {
+		if len(vals) == 0 {
+			return what + " " + from
+		}
+		return fmt.Sprintf("%s %s (%s)", what, strings.Join(vals, ","), from)
+	}
+	dns := "DNS domain " + n.DNSDomainFrom
+	if n.DNSDomain != "" {
+		dns = fmt.Sprintf("DNS domain %s (%s)", n.DNSDomain, n.DNSDomainFrom)
+	}
+	return strings.Join([]string{
+		list("service CIDRs", n.ServiceCIDRs, n.ServiceCIDRsFrom),
+		list("pod CIDRs", n.PodCIDRs, n.PodCIDRsFrom),
+		dns,
+	}, "; ")
+}
+
+func joinPrefixes(ps []netip.Prefix) string {
+	s := make([]string, len(ps))
+	for i, p := range ps {
+		s[i] = p.String()
+	}
+	return strings.Join(s, ",")
 }
 
 func serviceCmd(out io.Writer) *cobra.Command {

@@ -8,6 +8,7 @@ import (
 
 	v1 "k8s.io/api/core/v1"
 
+	"github.com/kpr-dev/kpr/node/agent"
 	"github.com/kpr-dev/kpr/node/datapath"
 	"github.com/kpr-dev/kpr/node/lbstate"
 )
@@ -62,5 +63,24 @@ func TestServiceListShowsWhatIsProgrammed(t *testing.T) {
 	}
 	if strings.Contains(out.String(), "any port") {
 		t.Fatalf("wildcard entries must not be listed:\n%s", out.String())
+	}
+}
+
+func TestNetworkingLine(t *testing.T) {
+	got := networkingLine(&agent.Networking{
+		ServiceCIDRs:     []string{"10.96.0.0/16", "fd6b:7072:96::/112"},
+		ServiceCIDRsFrom: "/etc/kubernetes/kubeadm.yaml ClusterConfiguration.networking.serviceSubnet",
+		PodCIDRs:         []string{},
+		PodCIDRsFrom:     "none: clusterCIDR not set in kpr's config and no kubeadmConfig is given",
+		DNSDomain:        "cluster.local",
+		DNSDomainFrom:    "kubeadm default",
+	})
+	want := "service CIDRs 10.96.0.0/16,fd6b:7072:96::/112 (/etc/kubernetes/kubeadm.yaml ClusterConfiguration.networking.serviceSubnet); " +
+		"pod CIDRs none: clusterCIDR not set in kpr's config and no kubeadmConfig is given; DNS domain cluster.local (kubeadm default)"
+	if got != want {
+		t.Fatalf("networkingLine =\n%s\nwant\n%s", got, want)
+	}
+	if got := networkingLine(&agent.Networking{DNSDomainFrom: "unknown: no kubeadmConfig is given"}); !strings.HasSuffix(got, "DNS domain unknown: no kubeadmConfig is given") {
+		t.Fatalf("unknown DNS domain: %s", got)
 	}
 }

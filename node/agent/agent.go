@@ -154,6 +154,26 @@ func (a *Agent) setup() error {
 		return fmt.Errorf("loading the datapath: %+v", err)
 	}
 	a.dp = dp
+	nw, err := effectiveNetworking(a.cfg, cluster)
+	if err != nil {
+		dp.Close()
+		return err
+	}
+	// Safe before the first sync, even with the API server down: only addresses that no
+	// frontend owns are refused, and the frontends are already restored from the pins. On a
+	// fresh node every ClusterIP is refused until that sync, where untranslated it would fail
+	// anyway.
+	if err := dp.Maps.SetServiceCIDRs(nw.serviceCIDRs); err != nil {
+		dp.Close()
+		return fmt.Errorf("programming the Service CIDRs %v (%s): %w", nw.serviceCIDRs, nw.serviceCIDRsFrom, err)
+	}
+	if len(nw.serviceCIDRs) == 0 {
+		a.log.Warn("no Service CIDRs known: connections to unallocated ClusterIPs are not refused and follow the node's routes; "+
+			"set serviceCIDRs (--service-cidr, KPR_SERVICE_CIDRS) or kubeadmConfig to a file with networking.serviceSubnet",
+			"why", nw.serviceCIDRsFrom)
+	}
+	a.log.Info("cluster networking", "serviceCIDRs", nw.serviceCIDRs, "serviceCIDRsFrom", nw.serviceCIDRsFrom,
+		"podCIDRs", nw.podCIDRs, "podCIDRsFrom", nw.podCIDRsFrom, "dnsDomain", nw.dnsDomain, "dnsDomainFrom", nw.dnsDomainFrom)
 	rec, err := datapath.NewReconciler(dp.Maps)
 	if err != nil {
 		dp.Close()
@@ -178,6 +198,7 @@ func (a *Agent) setup() error {
 		s.PinDir = a.cfg.BPFPinDir
 		s.Cgroup = cgroup
 		s.Frontends = len(svcs)
+		s.Networking = nw.status()
 		s.API = "connecting"
 	})
 	return nil

@@ -32,7 +32,22 @@ type Status struct {
 	Services         int       `json:"services"`
 	Frontends        int       `json:"frontends"`
 	Backends         int       `json:"backends"`
-	Error            string    `json:"error,omitempty"`
+	// Networking is nil until the agent has read its configuration and the kubeadm files.
+	Networking *Networking `json:"networking,omitempty"`
+	Error      string      `json:"error,omitempty"`
+}
+
+// Networking is the cluster networking the agent uses, each value with where it came from
+// (a kpr config key, a kubeadm file and field, or why it is unknown).
+type Networking struct {
+	// ServiceCIDRs are programmed into the datapath: an unallocated address inside them is
+	// refused. Empty: such addresses are left untranslated.
+	ServiceCIDRs     []string `json:"serviceCIDRs"`
+	ServiceCIDRsFrom string   `json:"serviceCIDRsFrom"`
+	PodCIDRs         []string `json:"podCIDRs"`
+	PodCIDRsFrom     string   `json:"podCIDRsFrom"`
+	DNSDomain        string   `json:"dnsDomain"`
+	DNSDomainFrom    string   `json:"dnsDomainFrom"`
 }
 
 // statusWriter keeps the status and writes it atomically on every change.

@@ -17,12 +17,12 @@ package lbstate
 //     fails with ECONNREFUSED), or some frontend has this VIP but none has this port/protocol:
 //     the datapath's per-VIP wildcard entry refuses it (kube-proxy's cluster-ips-check "Reject
 //     traffic to invalid ports of ClusterIPs").
-//   - DROP: either no frontend has the VIP at all (an unallocated ClusterIP: kpr leaves the
-//     connect untranslated, nothing in the cluster routes the service CIDR, the connection dies;
-//     kube-proxy drops it explicitly with "Drop traffic to unallocated ClusterIPs"), or the
-//     frontend exists with no backends and NoBackends == Unreachable. kube-proxy drops those
-//     packets and the client times out; kpr fails connect() with EHOSTUNREACH at once. That is
-//     a deliberate difference (see Verdict Unreachable).
+//   - DROP: either no frontend has the VIP at all but it lies in the Service CIDR (an
+//     unallocated ClusterIP: kube-proxy drops it with "Drop traffic to unallocated ClusterIPs",
+//     the datapath's Service CIDR trie refuses it), or the frontend exists with no backends and
+//     NoBackends == Unreachable. kube-proxy drops those packets and the client times out; kpr
+//     fails connect() with EHOSTUNREACH at once in both cases. That is a deliberate difference
+//     (see Verdict Unreachable).
 //
 // The masq column of the reference table does not apply: the socket LB rewrites the
 // destination of the socket itself, so there is no packet NAT and the backend sees the client's
@@ -66,12 +66,14 @@ const (
 	viaRefused                // frontend with no backends, NoBackends == Reject: ECONNREFUSED
 	viaWildcard               // VIP known, no frontend for the port/protocol: refused by the wildcard
 	viaUnreachable            // frontend with no backends, NoBackends == Unreachable: EHOSTUNREACH
-	viaNotAVIP                // no frontend has the address: left untranslated, dies unrouted
+	viaUnallocated            // no frontend has the address, inside the Service CIDR: EHOSTUNREACH
+	viaNotAVIP                // no frontend has the address, outside the Service CIDR: untranslated
 )
 
 func (v via) String() string {
 	return [...]string{"backends", "refused (no backends, Reject)", "refused (VIP wildcard, port/protocol not served)",
-		"unreachable (no backends, Unreachable)", "not a VIP (untranslated)"}[v]
+		"unreachable (no backends, Unreachable)", "unreachable (unallocated address in the Service CIDR)",
+		"not a VIP (untranslated)"}[v]
 }
 
 // verdictOf is the reference table's word for v.
@@ -79,7 +81,7 @@ func verdictOf(v via) string {
 	switch v {
 	case viaRefused, viaWildcard:
 		return "REJECT"
-	case viaUnreachable, viaNotAVIP:
+	case viaUnreachable, viaUnallocated:
 		return "DROP"
 	}
 	return ""
@@ -114,7 +116,11 @@ func (w refWorld) frontends(t *testing.T) []Frontend {
 	return out
 }
 
-// connect is what the socket LB does with a connect() to vip:port/proto, given the frontends.
+// upstreamServiceCIDR is the Service CIDR of the upstream tests, as kpr's agent would program it.
+var upstreamServiceCIDR = netip.MustParsePrefix("172.30.0.0/16")
+
+// connect is what the socket LB does with a connect() to vip:port/proto, given the frontends
+// and the Service CIDR upstreamServiceCIDR.
 func connect(fes []Frontend, vip netip.Addr, port uint16, proto v1.Protocol) (via, []netip.AddrPort, error) {
 	var match []Frontend
 	vipKnown := false
@@ -138,6 +144,8 @@ func connect(fes []Frontend, vip netip.Addr, port uint16, proto v1.Protocol) (vi
 		return viaRefused, nil, nil
 	case vipKnown:
 		return viaWildcard, nil, nil
+	case upstreamServiceCIDR.Contains(vip):
+		return viaUnallocated, nil, nil
 	}
 	return viaNotAVIP, nil, nil
 }
@@ -364,7 +372,7 @@ func referenceCases() []refCase {
 		{row: "clusterIP with TCP, UDP, and SCTP on same port (SCTP)", proto: sctp, dest: "172.30.0.42", port: 53, output: "10.180.0.1:53, 10.180.2.1:53"},
 		{row: "TCP-only port does not match UDP traffic", proto: udp, dest: "172.30.0.42", port: 80, output: "REJECT", via: viaWildcard},
 		{row: "svc1 does not accept svc2's ports", proto: tcp, dest: "172.30.0.41", port: 443, output: "REJECT", via: viaWildcard},
-		{row: "packet to unallocated cluster ip", proto: tcp, dest: "172.30.0.50", port: 80, output: "DROP", via: viaNotAVIP},
+		{row: "packet to unallocated cluster ip", proto: tcp, dest: "172.30.0.50", port: 80, output: "DROP", via: viaUnallocated},
 	} {
 		c.test, c.world = "TestClusterIPGeneral", g
 		cases = append(cases, c)

@@ -241,6 +241,61 @@ func TestClusterIP(t *testing.T) {
 		}
 	})
 
+	t.Run("an unallocated address in the Service CIDR is unreachable at once", func(t *testing.T) {
+		// kpr takes the Service CIDRs from the node's kubeadm.yaml (sandbox.ServiceSubnet).
+		status, err := e.kprCmd("status")
+		if err != nil {
+			t.Fatalf("kpr status: %v\n%s", err, status)
+		}
+		for _, want := range []string{"10.96.0.0/16", "fd6b:7072:96::/112", "networking.serviceSubnet", "refused"} {
+			if !strings.Contains(status, want) {
+				t.Fatalf("kpr status does not show %q:\n%s", want, status)
+			}
+		}
+		st, err := agent.ReadStatus(e.kpr.RunDir)
+		if err != nil || st.Networking == nil || !slices.Equal(st.Networking.ServiceCIDRs, []string{"10.96.0.0/16", "fd6b:7072:96::/112"}) {
+			t.Fatalf("status file networking: %+v %v", st, err)
+		}
+
+		svcs, err := api.CoreV1().Services(metav1.NamespaceAll).List(ctx, metav1.ListOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		used := map[netip.Addr]bool{}
+		for _, s := range svcs.Items {
+			for _, ip := range s.Spec.ClusterIPs {
+				if a, err := netip.ParseAddr(ip); err == nil {
+					used[a] = true
+				}
+			}
+		}
+		// The highest addresses of each range that no Service has.
+		free := func(last netip.Addr) netip.Addr {
+			a := last
+			for range 100 {
+				if !used[a] {
+					return a
+				}
+				a = a.Prev()
+			}
+			t.Fatalf("the 100 addresses below %s all have a Service", last)
+			return netip.Addr{}
+		}
+		un4 := free(netip.MustParseAddr("10.96.255.254"))
+		un6 := free(netip.MustParseAddr("fd6b:7072:96::fffe"))
+		for _, args := range [][]string{
+			{"--target", target(un4, 80)},
+			{"--target", target(un6, 80)},
+			{"--target", target(un4, 53), "--proto", "udp", "--udp-mode", "unconnected"},
+			{"--target", target(un6, 53), "--proto", "udp", "--udp-mode", "connected"},
+		} {
+			rs := e.probeFrom(client, append(args, "--timeout", "3s")...)
+			if len(rs) != 1 || rs[0].OK || rs[0].Errno != "EHOSTUNREACH" || rs[0].ElapsedMS >= 1000 {
+				t.Fatalf("%v: %+v, want EHOSTUNREACH in under a second", args, rs)
+			}
+		}
+	})
+
 	t.Run("Services kpr must not serve are not programmed", func(t *testing.T) {
 		headless := service("headless", v1.ServicePort{Name: "http", Port: 80})
 		headless.Spec.ClusterIP = v1.ClusterIPNone
@@ -552,10 +607,10 @@ func TestClusterIP(t *testing.T) {
 			}
 			return nil
 		})
-		// Untranslated, the VIP leads nowhere: the packet dies in the control-plane namespace.
-		rs := e.probeFrom(client, "--target", target(vip4, 80), "--timeout", "1s")
-		if len(rs) != 1 || rs[0].OK || rs[0].Errno == "ECONNREFUSED" {
-			t.Fatalf("after deleting the Service: %+v, want no answer", rs)
+		// The address is unallocated now, inside the Service CIDR: refused as unreachable.
+		rs := e.probeFrom(client, "--target", target(vip4, 80), "--timeout", "3s")
+		if len(rs) != 1 || rs[0].OK || rs[0].Errno != "EHOSTUNREACH" || rs[0].ElapsedMS >= 1000 {
+			t.Fatalf("after deleting the Service: %+v, want EHOSTUNREACH in under a second", rs)
 		}
 	})
 
