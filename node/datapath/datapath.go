@@ -66,12 +66,21 @@ func wildcard(addr netip.Addr, scope bpf.Scope) bpf.ServiceKey {
 // IsWildcard reports whether k is a VIP marker rather than a frontend.
 func IsWildcard(k bpf.ServiceKey) bool { return k.Port == 0 && k.Proto == 0 }
 
+// backendKey identifies a backend. It holds no pointer (netip.Addr does), so the maps keyed
+// by it, 100,000 entries at scale, cost the garbage collector nothing to scan.
 type backendKey struct {
-	addr  netip.AddrPort
+	addr  [16]byte // IPv4-mapped for IPv4
+	port  uint16
 	proto bpf.Proto
 }
 
-// entry is one desired or programmed service-map entry, without its service ID.
+func newBackendKey(ap netip.AddrPort, proto bpf.Proto) backendKey {
+	return backendKey{addr: ap.Addr().As16(), port: ap.Port(), proto: proto}
+}
+
+// entry is one desired or programmed service-map entry, without its service ID. In the
+// mirror of programmed entries, backends is nil: the slots are kept as IDs (programmedEntry.ids),
+// a tenth of the memory at 100,000 backends.
 type entry struct {
 	flags    bpf.ServiceFlags
 	affinity uint32
@@ -79,8 +88,10 @@ type entry struct {
 	owner    string // namespace/name of the Service; "" for wildcards
 }
 
-func (e entry) equal(o entry) bool {
-	return e.flags == o.flags && e.affinity == o.affinity && slices.Equal(e.backends, o.backends)
+// backendState is what the mirror knows about one programmed backend.
+type backendState struct {
+	key  backendKey
+	refs int32 // slots naming it
 }
 
 // Reconciler programs frontends into an LBMap. It is not safe for concurrent use; the agent's
@@ -96,8 +107,7 @@ type Reconciler struct {
 	svcIDs     idAllocator
 	backendIDs idAllocator
 	backends   map[backendKey]uint32
-	backendKey map[uint32]backendKey
-	backendRef map[uint32]int
+	byID       map[uint32]backendState
 	// matches mirrors the affinity match entries: svc_id -> backend IDs.
 	matches map[uint32]map[uint32]bool
 
@@ -149,33 +159,29 @@ func (r *Reconciler) restore() error {
 	r.svcIDs = newIDAllocator()
 	r.backendIDs = newIDAllocator()
 	r.backends = make(map[backendKey]uint32, len(bes))
-	r.backendKey = make(map[uint32]backendKey, len(bes))
-	r.backendRef = make(map[uint32]int, len(bes))
+	r.byID = make(map[uint32]backendState, len(bes))
 	for id, b := range bes {
-		k := backendKey{netip.AddrPortFrom(b.Addr.Unmap(), b.Port), b.Proto}
-		if _, dup := r.backends[k]; dup {
+		k := newBackendKey(netip.AddrPortFrom(b.Addr.Unmap(), b.Port), b.Proto)
+		r.byID[id] = backendState{key: k}
+		r.backendIDs.reserve(id)
+		if _, dup := r.backends[k]; !dup {
 			// Two IDs for one backend (a crash mid-update): keep the first, the other is
 			// collected below once nothing references it.
-			r.backendRef[id] = 0
-			r.backendIDs.reserve(id)
-			continue
+			r.backends[k] = id
 		}
-		r.backends[k] = id
-		r.backendKey[id] = k
-		r.backendIDs.reserve(id)
-		r.backendRef[id] = 0
 	}
 	for k, s := range svcs {
 		pe := programmedEntry{id: s.ID, count: len(s.Backends), ids: s.Backends, entry: entry{flags: s.Flags, affinity: s.AffinityTimeoutSec}}
-		for _, id := range s.Backends {
-			b, ok := bes[id]
+		for i, id := range s.Backends {
+			st, ok := r.byID[id]
 			if !ok {
-				// A slot pointing at a missing backend: make sure the next write replaces it.
-				pe.backends = append(pe.backends, backendKey{})
+				// A slot naming a missing backend: ID 0 never matches, so the next write
+				// replaces it.
+				pe.ids[i] = 0
 				continue
 			}
-			pe.backends = append(pe.backends, backendKey{netip.AddrPortFrom(b.Addr.Unmap(), b.Port), b.Proto})
-			r.backendRef[id]++
+			st.refs++
+			r.byID[id] = st
 		}
 		if s.ID != 0 {
 			r.svcIDs.reserve(s.ID)
@@ -314,7 +320,7 @@ func (r *Reconciler) want() map[bpf.ServiceKey]entry {
 				e.flags |= bpf.FlagUnreachable
 			}
 			for _, b := range fe.Backends {
-				e.backends = append(e.backends, backendKey{b, k.Proto})
+				e.backends = append(e.backends, newBackendKey(b, k.Proto))
 			}
 			out[k] = e
 			out[wildcard(k.Addr, k.Scope)] = entry{}
@@ -323,9 +329,22 @@ func (r *Reconciler) want() map[bpf.ServiceKey]entry {
 	return out
 }
 
+// unchanged reports whether the programmed entry already is e.
+func (r *Reconciler) unchanged(pe programmedEntry, e entry) bool {
+	if pe.flags != e.flags || pe.affinity != e.affinity || len(pe.ids) != len(e.backends) {
+		return false
+	}
+	for i, bk := range e.backends {
+		if id, ok := r.backends[bk]; !ok || id != pe.ids[i] {
+			return false
+		}
+	}
+	return true
+}
+
 func (r *Reconciler) upsert(k bpf.ServiceKey, e entry) (bool, error) {
 	pe, exists := r.programmed[k]
-	if exists && pe.entry.equal(e) {
+	if exists && r.unchanged(pe, e) {
 		pe.owner = e.owner
 		r.programmed[k] = pe
 		// The slots are right, but the pairs may not be: restored from maps written by a kpr
@@ -377,21 +396,12 @@ func (r *Reconciler) upsert(k bpf.ServiceKey, e entry) (bool, error) {
 	svc := bpf.Service{ID: id, Flags: e.flags, AffinityTimeoutSec: e.affinity, Backends: ids}
 	if err := r.lb.UpsertService(k, svc, pe.count); err != nil {
 		// The slots may be partly written; slot 0 still describes the old, complete state
-		// or the new one. Forget the mirror entry's backends so a retry rewrites it.
-		if exists {
-			pe.backends = nil
-			r.programmed[k] = pe
-		}
+		// or the new one. The failure makes the next Sync re-read the maps, which rewrites it.
 		return false, err
 	}
-	for _, old := range pe.backends {
-		if bid, ok := r.backends[old]; ok {
-			r.backendRef[bid]--
-		}
-	}
-	for _, bid := range ids {
-		r.backendRef[bid]++
-	}
+	r.addRefs(pe.ids, -1)
+	r.addRefs(ids, 1)
+	e.backends = nil
 	r.programmed[k] = programmedEntry{id: id, count: len(ids), ids: ids, entry: e}
 	// Pairs of backends the frontend no longer has, only now that no slot names them. Until
 	// then a client may still be pinned to one, which is what make-before-break promises.
@@ -418,11 +428,7 @@ func (r *Reconciler) remove(k bpf.ServiceKey) error {
 	if pe.id != 0 {
 		r.svcIDs.release(pe.id)
 	}
-	for _, old := range pe.backends {
-		if bid, ok := r.backends[old]; ok {
-			r.backendRef[bid]--
-		}
-	}
+	r.addRefs(pe.ids, -1)
 	delete(r.programmed, k)
 	return nil
 }
@@ -435,34 +441,41 @@ func (r *Reconciler) ensureBackend(bk backendKey) (uint32, error) {
 	if err != nil {
 		return 0, err
 	}
-	if err := r.lb.UpsertBackend(id, bpf.Backend{Addr: bk.addr.Addr(), Port: bk.addr.Port(), Proto: bk.proto}); err != nil {
+	if err := r.lb.UpsertBackend(id, bpf.Backend{Addr: netip.AddrFrom16(bk.addr).Unmap(), Port: bk.port, Proto: bk.proto}); err != nil {
 		r.backendIDs.release(id)
 		return 0, err
 	}
 	r.backends[bk] = id
-	r.backendKey[id] = bk
-	r.backendRef[id] = 0
+	r.byID[id] = backendState{key: bk}
 	return id, nil
+}
+
+func (r *Reconciler) addRefs(ids []uint32, delta int32) {
+	for _, id := range ids {
+		if st, ok := r.byID[id]; ok {
+			st.refs += delta
+			r.byID[id] = st
+		}
+	}
 }
 
 // collectBackends deletes backends no slot references any more, last, so a reader that found
 // a slot a moment ago still finds its backend.
 func (r *Reconciler) collectBackends() error {
 	var errs []error
-	for id, n := range r.backendRef {
-		if n > 0 {
+	for id, st := range r.byID {
+		if st.refs > 0 {
 			continue
 		}
 		if err := r.lb.DeleteBackend(id); err != nil {
 			errs = append(errs, fmt.Errorf("backend %d: %w", id, err))
 			continue
 		}
-		delete(r.backendRef, id)
+		delete(r.byID, id)
 		r.backendIDs.release(id)
-		if bk, ok := r.backendKey[id]; ok && r.backends[bk] == id {
-			delete(r.backends, bk)
+		if r.backends[st.key] == id {
+			delete(r.backends, st.key)
 		}
-		delete(r.backendKey, id)
 	}
 	return errors.Join(errs...)
 }
@@ -572,17 +585,33 @@ func ProtoName(p bpf.Proto) string {
 	return fmt.Sprintf("proto-%d", p)
 }
 
-// idAllocator hands out small, stable IDs, reusing released ones.
+// idAllocator hands out small, stable IDs, reusing released ones. A bitmap: 100,000 IDs take
+// 12 KiB instead of a few MiB of map.
 type idAllocator struct {
-	used map[uint32]bool
+	used []uint64
 	next uint32
 }
 
-func newIDAllocator() idAllocator { return idAllocator{used: map[uint32]bool{}, next: 1} }
+func newIDAllocator() idAllocator { return idAllocator{next: 1} }
 
-func (a *idAllocator) reserve(id uint32) { a.used[id] = true }
+func (a *idAllocator) isUsed(id uint32) bool {
+	w := int(id / 64)
+	return w < len(a.used) && a.used[w]&(1<<(id%64)) != 0
+}
 
-func (a *idAllocator) release(id uint32) { delete(a.used, id) }
+func (a *idAllocator) reserve(id uint32) {
+	w := int(id / 64)
+	if w >= len(a.used) {
+		a.used = append(a.used, make([]uint64, w+1-len(a.used))...)
+	}
+	a.used[w] |= 1 << (id % 64)
+}
+
+func (a *idAllocator) release(id uint32) {
+	if w := int(id / 64); w < len(a.used) {
+		a.used[w] &^= 1 << (id % 64)
+	}
+}
 
 func (a *idAllocator) alloc() (uint32, error) {
 	for range maxID {
@@ -591,8 +620,8 @@ func (a *idAllocator) alloc() (uint32, error) {
 		if a.next > maxID {
 			a.next = 1
 		}
-		if !a.used[id] {
-			a.used[id] = true
+		if !a.isUsed(id) {
+			a.reserve(id)
 			return id, nil
 		}
 	}
