@@ -46,6 +46,17 @@ type Config struct {
 	// AffinityMatchMapSize bounds the (frontend, backend) pairs of all frontends with
 	// session affinity together.
 	AffinityMatchMapSize int
+
+	// The north-south datapath (LoadNodePort); 0 selects the default.
+	//
+	// ConntrackMapSize is the number of flows it tracks (entries of kpr_lb_ct_v1, and as
+	// many of its reverse NAT map kpr_lb_snat_v1).
+	ConntrackMapSize int
+	// MaglevMapSize is the number of frontends that can have a Maglev table.
+	MaglevMapSize int
+	// MaglevTableSize is the number of entries of every Maglev table (node/maglev's table
+	// size, a prime).
+	MaglevTableSize int
 }
 
 // mapSize ties a map to the Config field that sizes it, for error messages; field is empty
@@ -347,7 +358,8 @@ func Attached(pinDir string) ([]string, error) {
 	return names, nil
 }
 
-// Cleanup detaches and unpins the links, unpins the maps and removes pinDir.
+// Cleanup detaches and unpins the links (cgroup and tcx), unpins the maps of both the socket
+// and the north-south datapath and removes pinDir.
 // It is what `kpr cleanup` runs; calling it again is a no-op.
 func Cleanup(pinDir string) error {
 	if _, err := os.Stat(pinDir); errors.Is(err, os.ErrNotExist) {
@@ -376,7 +388,7 @@ func Cleanup(pinDir string) error {
 		errs = append(errs, removeIfExists(p))
 	}
 	errs = append(errs, removeIfExists(ldir))
-	for _, name := range mapNames {
+	for _, name := range slices.Concat(mapNames, lbMapNames) {
 		errs = append(errs, removeIfExists(filepath.Join(pinDir, name)))
 	}
 	if err := removeIfExists(pinDir); err != nil {

@@ -11,20 +11,15 @@
 #include <bpf_helpers.h>
 #include <bpf_endian.h>
 
-/* Not taken from errno.h/in.h/socket.h: the build must not use host headers. */
+#include "lb_maps.h"
+
+/* Not taken from errno.h: the build must not use host headers. */
 #define ECONNREFUSED 111
 #define EHOSTUNREACH 113
-#define IPPROTO_TCP 6
-#define IPPROTO_UDP 17
-
-#define SVC_F_UNREACHABLE 1
-#define SCOPE_SOCKET 0
 
 #define NSEC_PER_SEC 1000000000ULL
 
 /* Default sizes; the loader overrides max_entries from its Config. */
-#define SVC_MAP_SIZE 262144
-#define BACKEND_MAP_SIZE 262144
 #define REVNAT_MAP_SIZE 65536
 #define SK_REVNAT_MAP_SIZE 131072
 #define AFFINITY_MAP_SIZE 65536
@@ -32,36 +27,7 @@
 /* Fixed: a cluster has one or two Service CIDRs (a few more while one is being migrated). */
 #define SVC_CIDR_MAP_SIZE 64
 
-/*
- * Every struct below has explicit padding fields so that no byte of a hash
- * key is left to the compiler: the kernel compares keys byte for byte.
- */
-struct svc_key {
-	__u8 addr[16]; /* IPv4 stored as ::ffff:a.b.c.d */
-	__be16 port;   /* 0 together with proto 0: wildcard entry */
-	__u8 proto;
-	__u8 scope;
-	__u16 slot; /* 0: frontend, 1..count: backend slots */
-	__u16 pad;
-};
-
-struct svc_value {
-	__u16 count; /* slot 0 only */
-	__u16 flags; /* slot 0 only */
-	union {
-		__u32 svc_id;     /* slot 0 */
-		__u32 backend_id; /* slots 1..count */
-	};
-	__u32 affinity_timeout_sec; /* slot 0 only */
-};
-
-struct backend {
-	__u8 addr[16];
-	__be16 port;
-	__u8 proto;
-	__u8 flags;
-};
-
+/* Explicit padding, as in lb_maps.h: hash keys are compared byte for byte. */
 struct revnat {
 	__u8 addr[16];
 	__be16 port;
@@ -116,24 +82,6 @@ struct svc_cidr_key {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, struct svc_key);
-	__type(value, struct svc_value);
-	__uint(max_entries, SVC_MAP_SIZE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} kpr_svc_v1 SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, __u32);
-	__type(value, struct backend);
-	__uint(max_entries, BACKEND_MAP_SIZE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} kpr_backends_v1 SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, __u32);
 	__type(value, struct revnat);
 	__uint(max_entries, REVNAT_MAP_SIZE);
@@ -180,12 +128,6 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kpr_svc_cidrs_v1 SEC(".maps");
 
-/* The context exposes addresses as __u32 words, the maps as bytes. */
-union addr16 {
-	__u8 b[16];
-	__u32 w[4];
-};
-
 static __always_inline void addr_from_v4(union addr16 *a, __u32 ip4)
 {
 	a->w[0] = 0;
@@ -200,17 +142,6 @@ static __always_inline void addr_from_v6(union addr16 *a, struct bpf_sock_addr *
 	a->w[1] = ctx->user_ip6[1];
 	a->w[2] = ctx->user_ip6[2];
 	a->w[3] = ctx->user_ip6[3];
-}
-
-static __always_inline int addr_is_v4mapped(const union addr16 *a)
-{
-	return a->w[0] == 0 && a->w[1] == 0 && a->w[2] == bpf_htonl(0x0000ffff);
-}
-
-static __always_inline int addr_equal(const union addr16 *a, const union addr16 *b)
-{
-	return a->w[0] == b->w[0] && a->w[1] == b->w[1] && a->w[2] == b->w[2] &&
-	       a->w[3] == b->w[3];
 }
 
 static __always_inline void addr_to_ctx(struct bpf_sock_addr *ctx, const union addr16 *a, int v4)

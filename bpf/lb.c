@@ -1,0 +1,1039 @@
+//go:build ignore
+
+/*
+ * North-south load balancer, SNAT mode: tc programs for NodePort, ExternalIP
+ * and LoadBalancer frontends (scope 1 entries of kpr_svc_v1).
+ *
+ * tc_nodeport runs at ingress of the devices clients reach the node on. A
+ * TCP or UDP packet to a frontend is sent to a backend with both ends
+ * rewritten: destination := backend, source := this node's address and a
+ * port from kpr's SNAT range, so the backend's reply comes back through this
+ * node. tc_nodeport_reply runs at ingress of the devices those replies
+ * arrive on and reverses the translation from the reverse NAT entry.
+ *
+ * Both programs answer "not mine" with TC_ACT_UNSPEC: with tcx that is
+ * TCX_NEXT (the next program on the hook runs; after the last one the packet
+ * passes), so they can share a device with each other and with a CNI's
+ * programs. Malformed packets, fragments and IPv6 with extension headers are
+ * never touched: the stack deals with them as if kpr were not there.
+ *
+ * The map schema (v1) is documented in docs/ARCHITECTURE.md.
+ */
+
+#include <linux/bpf.h>
+#include <bpf_helpers.h>
+#include <bpf_endian.h>
+
+#include "lb_maps.h"
+
+/* Not taken from pkt_cls.h, if_ether.h, socket.h: no host headers. */
+#define TC_ACT_UNSPEC (-1)
+#define TC_ACT_OK 0
+#define TC_ACT_SHOT 2
+#define TC_ACT_REDIRECT 7
+
+#define VERDICT_NOT_MINE TC_ACT_UNSPEC
+
+#define ETH_HLEN 14
+#define ETH_ALEN 6
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+#define AF_INET 2
+#define AF_INET6 10
+
+#define IP_MF 0x2000
+#define IP_OFFSET 0x1fff
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
+
+#define NSEC_PER_SEC 1000000000ULL
+
+/* Default sizes; the loader overrides max_entries from its Config. */
+#define CT_MAP_SIZE 131072
+#define MAGLEV_MAP_SIZE 65536
+#define MAGLEV_TABLE_SIZE 16381
+
+/* How many SNAT ports a new flow tries before it is dropped. */
+#define SNAT_PROBES 32
+
+/* Headers, declared here rather than taken from linux/ip.h and friends. */
+struct eth_hdr {
+	__u8 dst[ETH_ALEN];
+	__u8 src[ETH_ALEN];
+	__be16 proto;
+};
+
+struct ip4_hdr {
+	__u8 ver_ihl;
+	__u8 tos;
+	__be16 tot_len;
+	__be16 id;
+	__be16 frag_off;
+	__u8 ttl;
+	__u8 protocol;
+	__sum16 check;
+	__be32 saddr;
+	__be32 daddr;
+};
+
+struct ip6_hdr {
+	__be32 ver_tc_flow;
+	__be16 payload_len;
+	__u8 nexthdr;
+	__u8 hop_limit;
+	__u32 saddr[4];
+	__u32 daddr[4];
+};
+
+/* The first bytes of TCP and UDP headers: both start with the ports. */
+struct tcp_hdr {
+	__be16 sport;
+	__be16 dport;
+	__be32 seq;
+	__be32 ack_seq;
+	__u8 doff_res; /* data offset in the high nibble */
+	__u8 flags;
+	__be16 window;
+	__sum16 check;
+	__be16 urg_ptr;
+};
+
+struct udp_hdr {
+	__be16 sport;
+	__be16 dport;
+	__be16 len;
+	__sum16 check;
+};
+
+#define IP4_CSUM_OFF 10
+#define IP4_TTL_OFF 8
+#define IP4_ADDRS_OFF 12
+#define IP6_HOP_OFF 7
+#define IP6_ADDRS_OFF 8
+#define TCP_CSUM_OFF 16
+#define UDP_CSUM_OFF 6
+
+/*
+ * A flow as one direction of it looks on the wire. The forward conntrack
+ * entry is keyed by a client's packet (client -> frontend), the reverse NAT
+ * entry by a backend's reply (backend -> node's SNAT address and port).
+ * Addresses are 16 bytes, IPv4 IPv4-mapped, as everywhere else.
+ */
+struct flow_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+/*
+ * Flow state, for the idle timeouts. Each program writes only the entry of
+ * its own direction; a flow's state is the union of both entries' flags.
+ */
+#define CT_F_RST 1         /* either entry: a RST was seen */
+#define CT_F_FIN_CLIENT 2  /* forward entry: the client sent FIN */
+#define CT_F_FIN_BACKEND 4 /* reverse entry: the backend sent FIN */
+#define CT_F_REPLIED 8     /* reverse entry: the backend answered */
+
+/* Forward entry: where a client's flow goes. */
+struct ct_value {
+	__u8 backend_addr[16];
+	__u8 snat_addr[16];
+	__be16 backend_port;
+	__be16 snat_port;
+	__u32 backend_id;
+	__u32 svc_id;
+	__u32 last_seen; /* seconds of CLOCK_MONOTONIC */
+	__u16 flags;
+	__u16 pad;
+};
+
+/* Reverse entry: whom a backend's reply belongs to. */
+struct snat_value {
+	__u8 client_addr[16];
+	__u8 vip_addr[16];
+	__be16 client_port;
+	__be16 vip_port;
+	__u32 last_seen; /* seconds of CLOCK_MONOTONIC */
+	__u16 flags;
+	__u16 pad;
+};
+
+/*
+ * Written by the agent (entry 0). A zero snat_port_min means "not configured
+ * yet": frontends are then left alone.
+ */
+struct lb_config {
+	__u8 addr4[16]; /* SNAT source for IPv4, IPv4-mapped; all zero: none */
+	__u8 addr6[16]; /* SNAT source for IPv6; all zero: none */
+	__u16 snat_port_min; /* host order, inclusive */
+	__u16 snat_port_max;
+	__u32 maglev_size;   /* entries of every Maglev table */
+	__u32 hash_seed;     /* flow hash seed, the same on every node */
+	__u32 tcp_timeout_sec;       /* the backend answered */
+	__u32 tcp_syn_timeout_sec;   /* no reply yet */
+	__u32 tcp_close_timeout_sec; /* RST, or FIN from both ends */
+	__u32 udp_timeout_sec;
+};
+
+/* Counters of kpr_lb_stats_v1; bpf2go gives the Go side these names. */
+enum lb_stat {
+	STAT_NEW_FLOW,
+	STAT_FWD,
+	STAT_REPLY,
+	STAT_DROP_NO_BACKEND,
+	STAT_DROP_NOT_SERVED,
+	STAT_DROP_NO_SNAT_PORT,
+	STAT_DROP_NO_NODE_ADDR,
+	STAT_DROP_TTL,
+	STAT_DROP_ERROR,
+	STAT_PASS_FRAGMENT,
+	STAT_PASS_MALFORMED,
+	STAT_PASS_FIB,
+	STAT_MAX,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct flow_key);
+	__type(value, struct ct_value);
+	__uint(max_entries, CT_MAP_SIZE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kpr_lb_ct_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct flow_key);
+	__type(value, struct snat_value);
+	__uint(max_entries, CT_MAP_SIZE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kpr_lb_snat_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct lb_config);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kpr_lb_config_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, enum lb_stat);
+	__type(value, __u64);
+	__uint(max_entries, STAT_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kpr_lb_stats_v1 SEC(".maps");
+
+/* A frontend's Maglev table: backend IDs, 0 for "none"; swapped whole by the agent. */
+struct maglev_inner {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, MAGLEV_TABLE_SIZE);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__type(key, __u32); /* svc_id */
+	__uint(max_entries, MAGLEV_MAP_SIZE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__array(values, struct maglev_inner);
+} kpr_maglev_v1 SEC(".maps");
+
+static __always_inline void count(enum lb_stat stat)
+{
+	__u64 *c = bpf_map_lookup_elem(&kpr_lb_stats_v1, &stat);
+
+	if (c)
+		*c += 1;
+}
+
+static __always_inline __u32 now_sec(void)
+{
+	return (__u32)(bpf_ktime_get_ns() / NSEC_PER_SEC);
+}
+
+/* A parsed TCP or UDP packet. */
+struct pkt {
+	union addr16 saddr;
+	union addr16 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 v4;
+	__u8 tcp_flags;
+	__u8 ttl;
+	__u32 l4off;
+};
+
+enum {
+	PARSE_OK,
+	PARSE_NOT_MINE,  /* not IP, not TCP/UDP, extension headers */
+	PARSE_FRAGMENT,
+	PARSE_MALFORMED,
+};
+
+/*
+ * Makes the first len bytes linear, so that direct packet access can reach
+ * them. The caller re-derives and re-checks its pointers afterwards.
+ */
+static __always_inline int pull(struct __sk_buff *skb, __u32 len)
+{
+	if ((void *)(long)skb->data + len <= (void *)(long)skb->data_end)
+		return 0;
+	if (len > skb->len)
+		return -1;
+	return bpf_skb_pull_data(skb, len) ? -1 : 0;
+}
+
+/*
+ * l4off comes in as an argument, not through p: a value read back from
+ * memory has no bounds the verifier knows, and packet pointers need them.
+ */
+static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p, __u32 l4off,
+				    __u32 l4len)
+{
+	void *data, *end;
+
+	p->l4off = l4off;
+	if (p->proto == IPPROTO_TCP) {
+		struct tcp_hdr *th;
+
+		if (l4len < sizeof(*th) || pull(skb, l4off + sizeof(*th)))
+			return PARSE_MALFORMED;
+		data = (void *)(long)skb->data;
+		end = (void *)(long)skb->data_end;
+		th = data + l4off;
+		if ((void *)(th + 1) > end)
+			return PARSE_MALFORMED;
+		if ((th->doff_res >> 4) < 5 || (__u32)(th->doff_res >> 4) * 4 > l4len)
+			return PARSE_MALFORMED;
+		p->sport = th->sport;
+		p->dport = th->dport;
+		p->tcp_flags = th->flags;
+		return PARSE_OK;
+	}
+
+	struct udp_hdr *uh;
+
+	if (l4len < sizeof(*uh) || pull(skb, l4off + sizeof(*uh)))
+		return PARSE_MALFORMED;
+	data = (void *)(long)skb->data;
+	end = (void *)(long)skb->data_end;
+	uh = data + l4off;
+	if ((void *)(uh + 1) > end)
+		return PARSE_MALFORMED;
+	if (bpf_ntohs(uh->len) < sizeof(*uh) || bpf_ntohs(uh->len) > l4len)
+		return PARSE_MALFORMED;
+	p->sport = uh->sport;
+	p->dport = uh->dport;
+	p->tcp_flags = 0;
+	return PARSE_OK;
+}
+
+static __always_inline int parse4(struct __sk_buff *skb, struct pkt *p)
+{
+	struct ip4_hdr *ip;
+	void *data, *end;
+	__u32 ihl, tot;
+
+	if (pull(skb, ETH_HLEN + sizeof(*ip)))
+		return PARSE_MALFORMED;
+	data = (void *)(long)skb->data;
+	end = (void *)(long)skb->data_end;
+	ip = data + ETH_HLEN;
+	if ((void *)(ip + 1) > end)
+		return PARSE_MALFORMED;
+	if ((ip->ver_ihl >> 4) != 4)
+		return PARSE_MALFORMED;
+	ihl = (__u32)(ip->ver_ihl & 0xf) * 4;
+	tot = bpf_ntohs(ip->tot_len);
+	/* tot beyond the packet: truncated; the stack drops it, so do we not touch it. */
+	if (ihl < sizeof(*ip) || tot < ihl || ETH_HLEN + tot > skb->len)
+		return PARSE_MALFORMED;
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+		return PARSE_NOT_MINE;
+	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
+		return PARSE_FRAGMENT;
+
+	p->v4 = 1;
+	p->proto = ip->protocol;
+	p->ttl = ip->ttl;
+	p->saddr.w[0] = 0;
+	p->saddr.w[1] = 0;
+	p->saddr.w[2] = bpf_htonl(0x0000ffff);
+	p->saddr.w[3] = ip->saddr;
+	p->daddr.w[0] = 0;
+	p->daddr.w[1] = 0;
+	p->daddr.w[2] = bpf_htonl(0x0000ffff);
+	p->daddr.w[3] = ip->daddr;
+	return parse_l4(skb, p, ETH_HLEN + ihl, tot - ihl);
+}
+
+static __always_inline int parse6(struct __sk_buff *skb, struct pkt *p)
+{
+	struct ip6_hdr *ip;
+	void *data, *end;
+	__u32 plen;
+
+	if (pull(skb, ETH_HLEN + sizeof(*ip)))
+		return PARSE_MALFORMED;
+	data = (void *)(long)skb->data;
+	end = (void *)(long)skb->data_end;
+	ip = data + ETH_HLEN;
+	if ((void *)(ip + 1) > end)
+		return PARSE_MALFORMED;
+	if ((bpf_ntohl(ip->ver_tc_flow) >> 28) != 6)
+		return PARSE_MALFORMED;
+	/* Extension headers (fragments among them) are left to the stack for now. */
+	if (ip->nexthdr != IPPROTO_TCP && ip->nexthdr != IPPROTO_UDP)
+		return PARSE_NOT_MINE;
+	plen = bpf_ntohs(ip->payload_len);
+	if (ETH_HLEN + sizeof(*ip) + plen > skb->len)
+		return PARSE_MALFORMED;
+
+	p->v4 = 0;
+	p->proto = ip->nexthdr;
+	p->ttl = ip->hop_limit;
+	__builtin_memcpy(p->saddr.w, ip->saddr, 16);
+	__builtin_memcpy(p->daddr.w, ip->daddr, 16);
+	return parse_l4(skb, p, ETH_HLEN + sizeof(*ip), plen);
+}
+
+/* Returns PARSE_OK with p filled in, or why the packet is not for us. */
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+{
+	struct eth_hdr *eth;
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+
+	eth = data;
+	if ((void *)(eth + 1) > end)
+		return PARSE_NOT_MINE;
+	if (eth->proto == bpf_htons(ETH_P_IP))
+		return parse4(skb, p);
+	if (eth->proto == bpf_htons(ETH_P_IPV6))
+		return parse6(skb, p);
+	return PARSE_NOT_MINE;
+}
+
+static __always_inline int not_mine(int parsed)
+{
+	if (parsed == PARSE_FRAGMENT)
+		count(STAT_PASS_FRAGMENT);
+	else if (parsed == PARSE_MALFORMED)
+		count(STAT_PASS_MALFORMED);
+	return VERDICT_NOT_MINE;
+}
+
+static __always_inline __u32 rotl32(__u32 x, int r)
+{
+	return (x << r) | (x >> (32 - r));
+}
+
+/*
+ * MurmurHash3_x86_32 of the 40 bytes of the flow key (read as little-endian
+ * words, as on every bpfel target). Every node computes the same hash, so a
+ * flow picks the same Maglev slot whichever node it reaches. The Go tests
+ * hold it to a reference implementation (flowHash).
+ */
+static __always_inline __u32 flow_hash(const struct flow_key *k, __u32 seed)
+{
+	const __u32 *w = (const __u32 *)k;
+	__u32 h = seed;
+
+#pragma unroll
+	for (int i = 0; i < sizeof(*k) / 4; i++) {
+		__u32 x = w[i];
+
+		x *= 0xcc9e2d51;
+		x = rotl32(x, 15);
+		x *= 0x1b873593;
+		h ^= x;
+		h = rotl32(h, 13);
+		h = h * 5 + 0xe6546b64;
+	}
+	h ^= sizeof(*k);
+	h ^= h >> 16;
+	h *= 0x85ebca6b;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35;
+	h ^= h >> 16;
+	return h;
+}
+
+static __always_inline __u32 lifetime(const struct lb_config *cfg, __u8 proto, __u16 flags)
+{
+	if (proto != IPPROTO_TCP)
+		return cfg->udp_timeout_sec;
+	if ((flags & CT_F_RST) || (flags & (CT_F_FIN_CLIENT | CT_F_FIN_BACKEND)) ==
+					  (CT_F_FIN_CLIENT | CT_F_FIN_BACKEND))
+		return cfg->tcp_close_timeout_sec;
+	if (flags & CT_F_REPLIED)
+		return cfg->tcp_timeout_sec;
+	return cfg->tcp_syn_timeout_sec;
+}
+
+/* The flags a client's (forward) and a backend's (reply) TCP flags set. */
+static __always_inline __u16 ct_flags_fwd(__u8 tcp_flags)
+{
+	return ((tcp_flags & TCP_RST) ? CT_F_RST : 0) | ((tcp_flags & TCP_FIN) ? CT_F_FIN_CLIENT : 0);
+}
+
+static __always_inline __u16 ct_flags_reply(__u8 tcp_flags)
+{
+	return CT_F_REPLIED | ((tcp_flags & TCP_RST) ? CT_F_RST : 0) |
+	       ((tcp_flags & TCP_FIN) ? CT_F_FIN_BACKEND : 0);
+}
+
+static __always_inline int same_addr(const __u8 *a, const __u8 *b)
+{
+	union addr16 x, y;
+
+	__builtin_memcpy(x.b, a, 16);
+	__builtin_memcpy(y.b, b, 16);
+	return addr_equal(&x, &y);
+}
+
+/* The forward entry of a reverse entry, if it still is its flow's. */
+static __always_inline struct ct_value *ct_of_snat(const struct flow_key *rk,
+						   const struct snat_value *rv,
+						   struct flow_key *fk)
+{
+	struct ct_value *ct;
+
+	__builtin_memset(fk, 0, sizeof(*fk));
+	__builtin_memcpy(fk->saddr, rv->client_addr, 16);
+	__builtin_memcpy(fk->daddr, rv->vip_addr, 16);
+	fk->sport = rv->client_port;
+	fk->dport = rv->vip_port;
+	fk->proto = rk->proto;
+	ct = bpf_map_lookup_elem(&kpr_lb_ct_v1, fk);
+	if (!ct || ct->snat_port != rk->dport || ct->backend_port != rk->sport ||
+	    !same_addr(ct->backend_addr, rk->saddr) || !same_addr(ct->snat_addr, rk->daddr))
+		return NULL;
+	return ct;
+}
+
+/*
+ * Whether the flow of a reverse entry is over: idle for longer than its
+ * state allows, counting packets of both directions. An expired flow's SNAT
+ * port may go to a new flow; its forward entry is deleted with it.
+ */
+static __always_inline int snat_reclaim(const struct lb_config *cfg, const struct flow_key *rk,
+					const struct snat_value *rv, __u32 now)
+{
+	struct flow_key fk;
+	struct ct_value *ct = ct_of_snat(rk, rv, &fk);
+	__u32 last = rv->last_seen;
+	__u16 flags = rv->flags;
+
+	if (ct) {
+		if ((__s32)(ct->last_seen - last) > 0)
+			last = ct->last_seen;
+		flags |= ct->flags;
+	}
+	if ((__s32)(now - last) <= (__s32)lifetime(cfg, rk->proto, flags))
+		return 0;
+	if (ct)
+		bpf_map_delete_elem(&kpr_lb_ct_v1, &fk);
+	bpf_map_delete_elem(&kpr_lb_snat_v1, rk);
+	return 1;
+}
+
+/*
+ * Claims a SNAT port for rk (backend -> node address, dport filled in here)
+ * and writes the reverse entry. Ports are tried at random; an expired flow's
+ * port is taken over. BPF_NOEXIST makes the claim atomic against other CPUs.
+ */
+static __noinline int snat_alloc(const struct lb_config *cfg, struct flow_key *rk,
+				 const struct snat_value *rv, __u32 now)
+{
+	__u32 lo = cfg->snat_port_min, hi = cfg->snat_port_max;
+	__u32 n;
+
+	if (lo == 0 || hi < lo)
+		return -1;
+	n = hi - lo + 1;
+
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < SNAT_PROBES; i++) {
+		struct snat_value *old;
+
+		rk->dport = bpf_htons((__u16)(lo + bpf_get_prandom_u32() % n));
+		old = bpf_map_lookup_elem(&kpr_lb_snat_v1, rk);
+		if (old && !snat_reclaim(cfg, rk, old, now))
+			continue;
+		if (bpf_map_update_elem(&kpr_lb_snat_v1, rk, rv, BPF_NOEXIST) == 0)
+			return 0;
+	}
+	return -1;
+}
+
+static __always_inline struct backend *lookup_backend(__u32 id, int v4)
+{
+	struct backend *be = bpf_map_lookup_elem(&kpr_backends_v1, &id);
+	union addr16 a;
+
+	if (!be)
+		return NULL;
+	__builtin_memcpy(a.b, be->addr, 16);
+	/* A packet cannot be translated into the other address family. */
+	if (addr_is_v4mapped(&a) != v4)
+		return NULL;
+	return be;
+}
+
+static __always_inline struct backend *lookup_slot(struct svc_key *key, __u16 slot, int v4,
+						   __u32 *id)
+{
+	struct svc_value *sv;
+
+	key->slot = slot;
+	sv = bpf_map_lookup_elem(&kpr_svc_v1, key);
+	if (!sv)
+		return NULL;
+	*id = sv->backend_id;
+	return lookup_backend(*id, v4);
+}
+
+/* Maglev if the frontend has a table, a random slot otherwise (as the socket LB). */
+static __always_inline struct backend *select_backend(const struct lb_config *cfg,
+						      struct svc_key *key, __u16 count,
+						      __u32 svc_id, const struct flow_key *fk,
+						      int v4, __u32 *id)
+{
+	struct backend *be = NULL;
+	void *table = bpf_map_lookup_elem(&kpr_maglev_v1, &svc_id);
+
+	if (table && cfg->maglev_size) {
+		__u32 idx = flow_hash(fk, cfg->hash_seed) % cfg->maglev_size;
+		__u32 *bid = bpf_map_lookup_elem(table, &idx);
+
+		if (bid && *bid) {
+			*id = *bid;
+			be = lookup_backend(*id, v4);
+		}
+	}
+	if (!be)
+		be = lookup_slot(key, (__u16)(bpf_get_prandom_u32() % count + 1), v4, id);
+	/* A slot or backend vanished under a concurrent update. */
+	if (!be)
+		be = lookup_slot(key, 1, v4, id);
+	return be;
+}
+
+/* What a packet is translated to. */
+struct nat_target {
+	union addr16 saddr;
+	union addr16 daddr;
+	__be16 sport;
+	__be16 dport;
+};
+
+/*
+ * Rewrites addresses and ports and fixes the checksums incrementally.
+ *
+ * IPv4: the address change and the header checksum change cancel out in the
+ * packet's one's complement sum, so neither touches skb->csum; the L4
+ * checksum gets the pseudo-header difference (BPF_F_PSEUDO_HDR, which with
+ * CHECKSUM_COMPLETE also accounts for the checksum field's own change, and
+ * with CHECKSUM_PARTIAL updates the pseudo-header sum the field then holds)
+ * and the port difference without BPF_F_PSEUDO_HDR (with CHECKSUM_PARTIAL the
+ * ports are summed by whoever completes the checksum, so nothing changes).
+ * IPv6 has no header checksum: its addresses are stored with
+ * BPF_F_RECOMPUTE_CSUM so skb->csum follows them. UDP checksum 0 (none, IPv4)
+ * stays 0 and a computed 0 becomes 0xffff (BPF_F_MARK_MANGLED_0).
+ *
+ * Returns 0, or -1 after a helper failed: the packet may then be half
+ * rewritten and must be dropped.
+ */
+static __always_inline int rewrite(struct __sk_buff *skb, const struct pkt *p,
+				   const struct nat_target *t)
+{
+	__u32 csum_off = p->l4off + (p->proto == IPPROTO_TCP ? TCP_CSUM_OFF : UDP_CSUM_OFF);
+	__u64 l4flags = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	union {
+		__be16 p[2];
+		__u32 w;
+	} oldports = {.p = {p->sport, p->dport}}, newports = {.p = {t->sport, t->dport}};
+	__s64 diff;
+
+	if (p->v4) {
+		__be32 olda[2] = {p->saddr.w[3], p->daddr.w[3]};
+		__be32 newa[2] = {t->saddr.w[3], t->daddr.w[3]};
+
+		diff = bpf_csum_diff(olda, sizeof(olda), newa, sizeof(newa), 0);
+		if (diff < 0)
+			return -1;
+		if (bpf_skb_store_bytes(skb, ETH_HLEN + IP4_ADDRS_OFF, newa, sizeof(newa), 0))
+			return -1;
+		if (bpf_l3_csum_replace(skb, ETH_HLEN + IP4_CSUM_OFF, 0, diff, 0))
+			return -1;
+	} else {
+		__u32 olda[8], newa[8];
+
+		__builtin_memcpy(olda, p->saddr.w, 16);
+		__builtin_memcpy(olda + 4, p->daddr.w, 16);
+		__builtin_memcpy(newa, t->saddr.w, 16);
+		__builtin_memcpy(newa + 4, t->daddr.w, 16);
+		diff = bpf_csum_diff(olda, sizeof(olda), newa, sizeof(newa), 0);
+		if (diff < 0)
+			return -1;
+		if (bpf_skb_store_bytes(skb, ETH_HLEN + IP6_ADDRS_OFF, newa, sizeof(newa),
+					BPF_F_RECOMPUTE_CSUM))
+			return -1;
+	}
+	if (bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | l4flags))
+		return -1;
+	if (bpf_l4_csum_replace(skb, csum_off, oldports.w, newports.w, sizeof(__u32) | l4flags))
+		return -1;
+	if (bpf_skb_store_bytes(skb, p->l4off, &newports, sizeof(newports), 0))
+		return -1;
+	return 0;
+}
+
+/* As a router does: the packet is forwarded, not delivered. */
+static __always_inline int dec_ttl(struct __sk_buff *skb, const struct pkt *p)
+{
+	__u8 ttl = p->ttl - 1;
+
+	if (p->v4) {
+		__u8 *data = (void *)(long)skb->data;
+		__u8 *end = (void *)(long)skb->data_end;
+		__u8 *ttlp = data + ETH_HLEN + IP4_TTL_OFF;
+		__be16 old, new;
+
+		if (ttlp + 2 > end)
+			return -1;
+		old = *(__be16 *)ttlp; /* ttl and protocol: one checksummed word */
+		new = old;
+		*(__u8 *)&new = ttl;
+		if (bpf_l3_csum_replace(skb, ETH_HLEN + IP4_CSUM_OFF, old, new, sizeof(new)))
+			return -1;
+		return bpf_skb_store_bytes(skb, ETH_HLEN + IP4_TTL_OFF, &ttl, 1, 0) ? -1 : 0;
+	}
+	return bpf_skb_store_bytes(skb, ETH_HLEN + IP6_HOP_OFF, &ttl, 1, BPF_F_RECOMPUTE_CSUM) ? -1 : 0;
+}
+
+/*
+ * Sends the translated packet towards daddr: straight to the egress device
+ * when the FIB knows the route (and the neighbour, or lets the kernel resolve
+ * it), to the stack otherwise (local destination, forwarding disabled,
+ * unreachable: the stack decides). The FIB is asked before anything is
+ * rewritten, so the TTL is only decremented for packets kpr forwards itself.
+ */
+static __always_inline int fib_params(struct __sk_buff *skb, const struct pkt *p,
+				      const union addr16 *saddr, const union addr16 *daddr,
+				      struct bpf_fib_lookup *fib)
+{
+	__builtin_memset(fib, 0, sizeof(*fib));
+	fib->ifindex = skb->ifindex;
+	fib->l4_protocol = p->proto;
+	if (p->v4) {
+		fib->family = AF_INET;
+		fib->ipv4_src = saddr->w[3];
+		fib->ipv4_dst = daddr->w[3];
+	} else {
+		fib->family = AF_INET6;
+		__builtin_memcpy(fib->ipv6_src, saddr->w, 16);
+		__builtin_memcpy(fib->ipv6_dst, daddr->w, 16);
+	}
+	/* tot_len stays 0: the kernel then checks the MTU against the skb, GSO aware. */
+	return bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
+}
+
+static __noinline int translate_and_send(struct __sk_buff *skb, const struct pkt *p,
+					 const struct nat_target *t)
+{
+	struct bpf_fib_lookup fib;
+	int rc = fib_params(skb, p, &t->saddr, &t->daddr, &fib);
+	int fwd = rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH;
+
+	if (fwd && p->ttl <= 1) {
+		/* ICMP time exceeded is for a later slice. */
+		count(STAT_DROP_TTL);
+		return TC_ACT_SHOT;
+	}
+	if (rewrite(skb, p, t) || (fwd && dec_ttl(skb, p))) {
+		count(STAT_DROP_ERROR);
+		return TC_ACT_SHOT;
+	}
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) ||
+		    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0)) {
+			count(STAT_DROP_ERROR);
+			return TC_ACT_SHOT;
+		}
+		return bpf_redirect(fib.ifindex, 0);
+	}
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		struct bpf_redir_neigh nh = {};
+
+		if (p->v4) {
+			nh.nh_family = AF_INET;
+			nh.ipv4_nh = fib.ipv4_dst;
+		} else {
+			nh.nh_family = AF_INET6;
+			__builtin_memcpy(nh.ipv6_nh, fib.ipv6_dst, 16);
+		}
+		return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
+	}
+	count(STAT_PASS_FIB);
+	return TC_ACT_OK;
+}
+
+static __always_inline void flow_key_of(struct flow_key *k, const struct pkt *p)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	__builtin_memcpy(k->saddr, p->saddr.b, 16);
+	__builtin_memcpy(k->daddr, p->daddr.b, 16);
+	k->sport = p->sport;
+	k->dport = p->dport;
+	k->proto = p->proto;
+}
+
+static __always_inline int addr_is_zero(const union addr16 *a)
+{
+	return !(a->w[0] | a->w[1] | a->w[2] | a->w[3]);
+}
+
+/* The reverse key of a forward entry: the backend's reply. */
+static __always_inline void snat_key_of(struct flow_key *rk, const struct ct_value *ct, __u8 proto)
+{
+	__builtin_memset(rk, 0, sizeof(*rk));
+	__builtin_memcpy(rk->saddr, ct->backend_addr, 16);
+	__builtin_memcpy(rk->daddr, ct->snat_addr, 16);
+	rk->sport = ct->backend_port;
+	rk->dport = ct->snat_port;
+	rk->proto = proto;
+}
+
+/* What tc_nodeport knows about the packet it translates. */
+struct fwd_state {
+	struct pkt p;
+	struct svc_key key;
+	struct flow_key fk;   /* the client's tuple */
+	struct ct_value flow; /* where it goes */
+	struct flow_key rk;   /* the backend's reply */
+	struct snat_value rv;
+	struct nat_target t;
+	union addr16 snat_addr;
+	__u32 svc_id;
+	__u32 now;
+	__u16 count;
+};
+
+/*
+ * Room for fwd_state, which would not fit the 512-byte stack together with
+ * the call chain below tc_nodeport. tc programs run with bottom halves
+ * disabled and never nest on a CPU, so one entry per CPU is enough.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct fwd_state);
+	__uint(max_entries, 1);
+} lb_scratch SEC(".maps");
+
+/*
+ * A new flow: pick a backend, claim a SNAT port, write the reverse entry and
+ * then the forward entry. Returns 0 with s->flow filled in, or a verdict.
+ */
+static __noinline int new_flow(const struct lb_config *cfg, struct fwd_state *s)
+{
+	struct ct_value *out = &s->flow;
+	struct snat_value *rv = &s->rv;
+	struct flow_key *rk = &s->rk;
+	struct backend *be;
+	__u32 backend_id = 0;
+
+	be = select_backend(cfg, &s->key, s->count, s->svc_id, &s->fk, s->p.v4, &backend_id);
+	if (!be) {
+		count(STAT_DROP_NO_BACKEND);
+		return TC_ACT_SHOT;
+	}
+
+	__builtin_memset(out, 0, sizeof(*out));
+	__builtin_memcpy(out->backend_addr, be->addr, 16);
+	out->backend_port = be->port;
+	__builtin_memcpy(out->snat_addr, s->snat_addr.b, 16);
+	out->backend_id = backend_id;
+	out->svc_id = s->svc_id;
+	out->last_seen = s->now;
+	out->flags = ct_flags_fwd(s->p.tcp_flags);
+
+	__builtin_memset(rk, 0, sizeof(*rk));
+	__builtin_memcpy(rk->saddr, out->backend_addr, 16);
+	__builtin_memcpy(rk->daddr, out->snat_addr, 16);
+	rk->sport = out->backend_port;
+	rk->proto = s->p.proto;
+	__builtin_memset(rv, 0, sizeof(*rv));
+	__builtin_memcpy(rv->client_addr, s->fk.saddr, 16);
+	__builtin_memcpy(rv->vip_addr, s->fk.daddr, 16);
+	rv->client_port = s->fk.sport;
+	rv->vip_port = s->fk.dport;
+	rv->last_seen = s->now;
+	if (snat_alloc(cfg, rk, rv, s->now)) {
+		count(STAT_DROP_NO_SNAT_PORT);
+		return TC_ACT_SHOT;
+	}
+	out->snat_port = rk->dport;
+
+	if (bpf_map_update_elem(&kpr_lb_ct_v1, &s->fk, out, BPF_NOEXIST)) {
+		/* Another CPU created the flow first: use its entry, give our port back. */
+		struct ct_value *ct = bpf_map_lookup_elem(&kpr_lb_ct_v1, &s->fk);
+
+		bpf_map_delete_elem(&kpr_lb_snat_v1, rk);
+		if (!ct) {
+			count(STAT_DROP_ERROR);
+			return TC_ACT_SHOT;
+		}
+		__builtin_memcpy(out, ct, sizeof(*out));
+		return 0;
+	}
+	count(STAT_NEW_FLOW);
+	return 0;
+}
+
+SEC("tc")
+int tc_nodeport(struct __sk_buff *skb)
+{
+	struct fwd_state *s;
+	struct svc_value *sv;
+	struct lb_config *cfg;
+	struct ct_value *ct;
+	__u32 zero = 0;
+	int parsed, verdict;
+
+	s = bpf_map_lookup_elem(&lb_scratch, &zero);
+	if (!s)
+		return VERDICT_NOT_MINE;
+	__builtin_memset(s, 0, sizeof(*s));
+	parsed = parse(skb, &s->p);
+	if (parsed != PARSE_OK)
+		return not_mine(parsed);
+
+	__builtin_memcpy(s->key.addr, s->p.daddr.b, 16);
+	s->key.port = s->p.dport;
+	s->key.proto = s->p.proto;
+	s->key.scope = SCOPE_EXTERNAL;
+	sv = bpf_map_lookup_elem(&kpr_svc_v1, &s->key);
+	if (!sv) {
+		/* A VIP's port it does not serve: must not leak out of the node. */
+		s->key.port = 0;
+		s->key.proto = 0;
+		if (bpf_map_lookup_elem(&kpr_svc_v1, &s->key)) {
+			count(STAT_DROP_NOT_SERVED);
+			return TC_ACT_SHOT;
+		}
+		return VERDICT_NOT_MINE;
+	}
+	s->count = sv->count;
+	s->svc_id = sv->svc_id;
+	if (s->count == 0) {
+		/* A TCP RST or ICMP unreachable is for a later slice. */
+		count(STAT_DROP_NO_BACKEND);
+		return TC_ACT_SHOT;
+	}
+
+	cfg = bpf_map_lookup_elem(&kpr_lb_config_v1, &zero);
+	if (!cfg || cfg->snat_port_min == 0)
+		return VERDICT_NOT_MINE;
+	__builtin_memcpy(s->snat_addr.b, s->p.v4 ? cfg->addr4 : cfg->addr6, 16);
+	if (addr_is_zero(&s->snat_addr)) {
+		count(STAT_DROP_NO_NODE_ADDR);
+		return TC_ACT_SHOT;
+	}
+
+	s->now = now_sec();
+	flow_key_of(&s->fk, &s->p);
+	ct = bpf_map_lookup_elem(&kpr_lb_ct_v1, &s->fk);
+	if (ct && !bpf_map_lookup_elem(&kpr_backends_v1, &ct->backend_id)) {
+		/* The backend is gone: the flow starts over on another one. */
+		struct flow_key rk;
+
+		snat_key_of(&rk, ct, s->p.proto);
+		bpf_map_delete_elem(&kpr_lb_snat_v1, &rk);
+		bpf_map_delete_elem(&kpr_lb_ct_v1, &s->fk);
+		ct = NULL;
+	}
+	if (ct) {
+		__builtin_memcpy(&s->flow, ct, sizeof(s->flow));
+		if (ct->last_seen != s->now)
+			ct->last_seen = s->now;
+		if ((s->p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN && ct->flags) {
+			/* The client reuses the tuple for a new connection. */
+			struct flow_key rk;
+			struct snat_value *rv;
+
+			ct->flags = 0;
+			snat_key_of(&rk, &s->flow, s->p.proto);
+			rv = bpf_map_lookup_elem(&kpr_lb_snat_v1, &rk);
+			if (rv) {
+				rv->flags = 0;
+				rv->last_seen = s->now;
+			}
+		} else {
+			__u16 f = ct_flags_fwd(s->p.tcp_flags);
+
+			if ((ct->flags | f) != ct->flags)
+				ct->flags |= f;
+		}
+	} else {
+		verdict = new_flow(cfg, s);
+		if (verdict)
+			return verdict;
+	}
+
+	__builtin_memcpy(s->t.saddr.b, s->flow.snat_addr, 16);
+	__builtin_memcpy(s->t.daddr.b, s->flow.backend_addr, 16);
+	s->t.sport = s->flow.snat_port;
+	s->t.dport = s->flow.backend_port;
+	count(STAT_FWD);
+	return translate_and_send(skb, &s->p, &s->t);
+}
+
+SEC("tc")
+int tc_nodeport_reply(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	struct flow_key rk;
+	struct snat_value *rv;
+	struct nat_target t;
+	__u32 now;
+	__u16 flags;
+	int parsed;
+
+	parsed = parse(skb, &p);
+	if (parsed != PARSE_OK)
+		return not_mine(parsed);
+
+	flow_key_of(&rk, &p);
+	rv = bpf_map_lookup_elem(&kpr_lb_snat_v1, &rk);
+	if (!rv)
+		return VERDICT_NOT_MINE;
+	__builtin_memcpy(t.saddr.b, rv->vip_addr, 16);
+	__builtin_memcpy(t.daddr.b, rv->client_addr, 16);
+	t.sport = rv->vip_port;
+	t.dport = rv->client_port;
+
+	now = now_sec();
+	if (rv->last_seen != now)
+		rv->last_seen = now;
+	flags = ct_flags_reply(p.tcp_flags);
+	if ((rv->flags | flags) != rv->flags)
+		rv->flags |= flags;
+
+	count(STAT_REPLY);
+	return translate_and_send(skb, &p, &t);
+}
+
+char __license[] SEC("license") = "Dual BSD/GPL";

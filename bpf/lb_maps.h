@@ -1,0 +1,90 @@
+/*
+ * The load-balancing maps both BPF objects use: the socket LB (sock.c) and
+ * the north-south tc programs (lb.c). Both objects declare them from this one
+ * header, pinned by name, so objects loaded with the same pin path share one
+ * kernel map each: a frontend the agent writes is seen by every program.
+ * The map schema (v1) is documented in docs/ARCHITECTURE.md.
+ *
+ * Include after linux/bpf.h and bpf_helpers.h.
+ */
+#ifndef KPR_LB_MAPS_H
+#define KPR_LB_MAPS_H
+
+/* Not taken from in.h: the build must not use host headers. */
+#define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+
+#define SVC_F_UNREACHABLE 1
+#define SCOPE_SOCKET 0
+#define SCOPE_EXTERNAL 1
+
+/* Default sizes; the loader overrides max_entries from its Config. */
+#define SVC_MAP_SIZE 262144
+#define BACKEND_MAP_SIZE 262144
+
+/*
+ * Every struct below has explicit padding fields so that no byte of a hash
+ * key is left to the compiler: the kernel compares keys byte for byte.
+ */
+struct svc_key {
+	__u8 addr[16]; /* IPv4 stored as ::ffff:a.b.c.d */
+	__be16 port;   /* 0 together with proto 0: wildcard entry */
+	__u8 proto;
+	__u8 scope;
+	__u16 slot; /* 0: frontend, 1..count: backend slots */
+	__u16 pad;
+};
+
+struct svc_value {
+	__u16 count; /* slot 0 only */
+	__u16 flags; /* slot 0 only */
+	union {
+		__u32 svc_id;     /* slot 0 */
+		__u32 backend_id; /* slots 1..count */
+	};
+	__u32 affinity_timeout_sec; /* slot 0 only */
+};
+
+struct backend {
+	__u8 addr[16];
+	__be16 port;
+	__u8 proto;
+	__u8 flags;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct svc_key);
+	__type(value, struct svc_value);
+	__uint(max_entries, SVC_MAP_SIZE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kpr_svc_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct backend);
+	__uint(max_entries, BACKEND_MAP_SIZE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kpr_backends_v1 SEC(".maps");
+
+/* Addresses as the maps hold them (bytes) and as contexts and headers hold them (words). */
+union addr16 {
+	__u8 b[16];
+	__u32 w[4];
+};
+
+static __always_inline int addr_is_v4mapped(const union addr16 *a)
+{
+	return a->w[0] == 0 && a->w[1] == 0 && a->w[2] == bpf_htonl(0x0000ffff);
+}
+
+static __always_inline int addr_equal(const union addr16 *a, const union addr16 *b)
+{
+	return a->w[0] == b->w[0] && a->w[1] == b->w[1] && a->w[2] == b->w[2] &&
+	       a->w[3] == b->w[3];
+}
+
+#endif /* KPR_LB_MAPS_H */
