@@ -323,7 +323,12 @@ func (r *Reconciler) want() map[bpf.ServiceKey]entry {
 				e.backends = append(e.backends, newBackendKey(b, k.Proto))
 			}
 			out[k] = e
-			out[wildcard(k.Addr, k.Scope)] = entry{}
+			// Only a ClusterIP belongs to its Service entirely; a NodePort, external or
+			// load-balancer address may be the node's own or shared, and its other ports
+			// must keep working.
+			if fe.Type.OwnsAddress() {
+				out[wildcard(k.Addr, k.Scope)] = entry{}
+			}
 		}
 	}
 	return out

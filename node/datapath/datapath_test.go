@@ -493,3 +493,20 @@ func TestRestoreCleansAffinityMatches(t *testing.T) {
 	}
 	programmed(t, m)
 }
+
+// Unserved ports of a NodePort address (the node's own IP) must stay reachable: no wildcard.
+func TestNoWildcardForSharedAddresses(t *testing.T) {
+	m := NewFake()
+	r, _ := NewReconciler(m)
+	np := fe("198.18.0.11", 30080, v1.ProtocolTCP, "10.244.1.2:8080")
+	np.Type = lbstate.NodePort
+	r.Set("default/web", []lbstate.Frontend{np, fe("10.96.0.10", 80, v1.ProtocolTCP, "10.244.1.2:8080")})
+	mustSync(t, r, nil)
+	got := programmed(t, m)
+	if _, ok := got["198.18.0.11 (any port)"]; ok {
+		t.Fatalf("a NodePort address got a wildcard entry: %v", got)
+	}
+	if _, ok := got["10.96.0.10 (any port)"]; !ok {
+		t.Fatalf("the ClusterIP lost its wildcard entry: %v", got)
+	}
+}

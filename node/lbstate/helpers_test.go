@@ -132,8 +132,9 @@ func fmtAddrPorts(aps []netip.AddrPort) string {
 }
 
 func fmtFrontend(f Frontend) string {
-	return fmt.Sprintf("%s %s svc=%s type=%s backends=%s noBackends=%d affinity=%d",
-		f.Scope, f.FrontendKey, f.Service, f.Type, fmtAddrPorts(f.Backends), f.NoBackends, f.AffinityTimeoutSec)
+	return fmt.Sprintf("%s %s svc=%s type=%s backends=%s noBackends=%d affinity=%d preserveClientIP=%v sourceRanges=%v",
+		f.Scope, f.FrontendKey, f.Service, f.Type, fmtAddrPorts(f.Backends), f.NoBackends, f.AffinityTimeoutSec,
+		f.PreserveClientIP, f.LoadBalancerSourceRanges)
 }
 
 func fmtFrontends(fes []Frontend) string {
