@@ -45,5 +45,11 @@ e2e: deps k8s-bins
 demo: deps k8s-bins
 	KPR_K8S_BINDIR=$(K8S_BINDIR) $(GO) run ./test/cmd/demo
 
+# The ClusterIP benchmark (kpr, kube-proxy nftables/iptables, direct; 1 and 10,000 Services):
+# prints the table and writes docs/bench/clusterip.md. BENCH_FLAGS=-quick for a short subset;
+# BENCH_SCALES, BENCH_PATHS and BENCH_ROUNDS select parts (see test/cmd/bench).
+bench: deps k8s-bins
+	KPR_K8S_BINDIR=$(K8S_BINDIR) $(GO) run ./test/cmd/bench $(BENCH_FLAGS)
+
 clean:
 	rm -rf bin

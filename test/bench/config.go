@@ -1,0 +1,212 @@
+package bench
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+)
+
+// Path is one way from the client pod to the Service's pods.
+type Path string
+
+const (
+	Direct                  Path = "direct"
+	Kpr                     Path = "kpr"
+	KubeProxyNFTables       Path = "kube-proxy nftables"
+	KubeProxyIPTables       Path = "kube-proxy iptables"
+	measuredNamespace            = "bench"
+	measuredService              = "web"
+	fillNamespace                = "bench-fill"
+	servicePort                  = 80
+	backendPort                  = 8080
+	backendPods                  = 10
+	firstBackendSlot             = 2
+	clientSlot                   = 100
+	maxServices                  = 20000
+	maxRounds                    = 20
+	maxEndpointsPerService       = 100
+	maxCreateParallelism         = 64
+	defaultFirstAnswerLimit      = 3 * time.Minute
+)
+
+// AllPaths in report order.
+var AllPaths = []Path{Direct, Kpr, KubeProxyNFTables, KubeProxyIPTables}
+
+// ParsePath accepts the names above and the short forms nftables and iptables.
+func ParsePath(s string) (Path, error) {
+	switch strings.TrimSpace(strings.ToLower(s)) {
+	case "direct":
+		return Direct, nil
+	case "kpr":
+		return Kpr, nil
+	case "nftables", "kube-proxy-nftables", string(KubeProxyNFTables):
+		return KubeProxyNFTables, nil
+	case "iptables", "kube-proxy-iptables", string(KubeProxyIPTables):
+		return KubeProxyIPTables, nil
+	}
+	return "", fmt.Errorf("unknown path %q (want direct, kpr, nftables or iptables)", s)
+}
+
+// Config is one benchmark run.
+type Config struct {
+	// Scales are the Service counts to measure at, ascending (the measured Service included).
+	Scales []int
+	// Paths to measure; every round runs each of them once.
+	Paths  []Path
+	Rounds int
+	// EndpointsPerService of the filler Services (the measured one has the backend pods).
+	EndpointsPerService int
+	// CreateParallelism bounds concurrent API requests while creating Services.
+	CreateParallelism int
+
+	// Rate: Workers concurrent clients, each a new connection per request.
+	Workers      int
+	RateWarmup   time.Duration
+	RateDuration time.Duration
+	// Latency, one request at a time on fresh and on established connections.
+	LatencyWarmup   time.Duration
+	LatencyDuration time.Duration
+	// Pairs of kpr and direct samples in each kpr run, one after the other in alternating
+	// order, for the comparison with the direct path.
+	Pairs int
+	// Pin puts the clients on CPU 0 and the servers on the other CPUs.
+	Pin bool
+	// OthersLimit is the share of the machine's CPU that processes outside the sandbox may use
+	// during a measurement before it is taken again, at most Retakes times. QuietWait bounds
+	// the wait for a quiet second before a retake; DisturbanceBudget bounds the time all
+	// retakes and waits of the run may add.
+	OthersLimit       float64
+	Retakes           int
+	QuietWait         time.Duration
+	DisturbanceBudget time.Duration
+	// RequestTimeout bounds one request (connect, request, answer).
+	RequestTimeout time.Duration
+
+	// KprFirstAnswerLimit and KubeProxyFirstAnswerLimit bound the wait for the first answer
+	// after starting the proxy; a path that does not answer in time is reported as such and
+	// skipped for the remaining rounds of that scale.
+	KprFirstAnswerLimit       time.Duration
+	KubeProxyFirstAnswerLimit time.Duration
+
+	// KprRev, when set, is the git revision kpr is built from instead of the working tree.
+	KprRev string
+
+	// K8sBinDir holds kube-apiserver and kube-proxy (default: as the sandbox finds it).
+	K8sBinDir string
+	// WorkDir receives the sandbox, binaries and logs. Required.
+	WorkDir string
+	// Prefix of the sandbox namespaces; default kpr-bench-<random>.
+	Prefix string
+	// Log receives progress lines.
+	Log func(format string, args ...any)
+}
+
+// DefaultConfig is what `make bench` runs.
+func DefaultConfig() Config {
+	return Config{
+		Scales:                    []int{1, 10000},
+		Paths:                     slices.Clone(AllPaths),
+		Rounds:                    3,
+		EndpointsPerService:       10,
+		CreateParallelism:         8,
+		Workers:                   8,
+		RateWarmup:                500 * time.Millisecond,
+		RateDuration:              3 * time.Second,
+		LatencyWarmup:             300 * time.Millisecond,
+		LatencyDuration:           2 * time.Second,
+		Pairs:                     5,
+		Pin:                       true,
+		OthersLimit:               0.05,
+		Retakes:                   2,
+		QuietWait:                 20 * time.Second,
+		DisturbanceBudget:         3 * time.Minute,
+		RequestTimeout:            3 * time.Second,
+		KprFirstAnswerLimit:       time.Minute,
+		KubeProxyFirstAnswerLimit: defaultFirstAnswerLimit,
+	}
+}
+
+// QuickConfig is a short subset for development: 1 Service, one round, short windows.
+func QuickConfig() Config {
+	c := DefaultConfig()
+	c.Scales = []int{1}
+	c.Rounds = 1
+	c.Pairs = 2
+	c.RateWarmup = 500 * time.Millisecond
+	c.RateDuration = 2 * time.Second
+	c.LatencyWarmup = 300 * time.Millisecond
+	c.LatencyDuration = 1500 * time.Millisecond
+	return c
+}
+
+// Validate checks bounds, so a typo cannot start an endless run.
+func (c *Config) Validate() error {
+	var errs []error
+	if len(c.Scales) == 0 {
+		errs = append(errs, errors.New("scales: none"))
+	}
+	for i, s := range c.Scales {
+		if s < 1 || s > maxServices {
+			errs = append(errs, fmt.Errorf("scales: %d out of range 1..%d", s, maxServices))
+		}
+		if i > 0 && s <= c.Scales[i-1] {
+			errs = append(errs, fmt.Errorf("scales: want ascending, got %v", c.Scales))
+		}
+	}
+	if len(c.Paths) == 0 {
+		errs = append(errs, errors.New("paths: none"))
+	}
+	if c.Rounds < 1 || c.Rounds > maxRounds {
+		errs = append(errs, fmt.Errorf("rounds: %d out of range 1..%d", c.Rounds, maxRounds))
+	}
+	if c.EndpointsPerService < 1 || c.EndpointsPerService > maxEndpointsPerService {
+		errs = append(errs, fmt.Errorf("endpoints per service: %d out of range 1..%d", c.EndpointsPerService, maxEndpointsPerService))
+	}
+	if c.CreateParallelism < 1 || c.CreateParallelism > maxCreateParallelism {
+		errs = append(errs, fmt.Errorf("create parallelism: %d out of range 1..%d", c.CreateParallelism, maxCreateParallelism))
+	}
+	if c.Pairs < 1 || c.Pairs > 10 {
+		errs = append(errs, fmt.Errorf("pairs: %d out of range 1..10", c.Pairs))
+	}
+	if c.OthersLimit <= 0 || c.OthersLimit > 1 {
+		errs = append(errs, fmt.Errorf("others limit: %v out of range (0, 1]", c.OthersLimit))
+	}
+	if c.Retakes < 0 || c.Retakes > 5 {
+		errs = append(errs, fmt.Errorf("retakes: %d out of range 0..5", c.Retakes))
+	}
+	if c.Workers < 1 || c.Workers > 256 {
+		errs = append(errs, fmt.Errorf("workers: %d out of range 1..256", c.Workers))
+	}
+	for _, d := range []struct {
+		name      string
+		v, lo, hi time.Duration
+	}{
+		{"rate warm-up", c.RateWarmup, 0, time.Minute},
+		{"rate duration", c.RateDuration, time.Second, 5 * time.Minute},
+		{"latency warm-up", c.LatencyWarmup, 0, time.Minute},
+		{"latency duration", c.LatencyDuration, time.Second, 5 * time.Minute},
+		{"request timeout", c.RequestTimeout, 100 * time.Millisecond, time.Minute},
+		{"quiet wait", c.QuietWait, 0, 5 * time.Minute},
+		{"disturbance budget", c.DisturbanceBudget, 0, 30 * time.Minute},
+		{"kpr first-answer limit", c.KprFirstAnswerLimit, time.Second, 10 * time.Minute},
+		{"kube-proxy first-answer limit", c.KubeProxyFirstAnswerLimit, time.Second, 30 * time.Minute},
+	} {
+		if d.v < d.lo || d.v > d.hi {
+			errs = append(errs, fmt.Errorf("%s: %v out of range %v..%v", d.name, d.v, d.lo, d.hi))
+		}
+	}
+	if c.WorkDir == "" {
+		errs = append(errs, errors.New("work dir: required"))
+	}
+	return errors.Join(errs...)
+}
+
+// firstAnswerLimit is how long path p may take to answer after it starts.
+func (c *Config) firstAnswerLimit(p Path) time.Duration {
+	if p == Kpr {
+		return c.KprFirstAnswerLimit
+	}
+	return c.KubeProxyFirstAnswerLimit
+}

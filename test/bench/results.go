@@ -1,0 +1,1003 @@
+package bench
+
+import (
+	"fmt"
+	"math"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/kpr-dev/kpr/test/loadgen/report"
+)
+
+// The issue's targets for kpr.
+const (
+	targetWithin       = 0.03            // of the direct path, both scales
+	targetFirstAnswer  = 2 * time.Second // with targetScale Services
+	targetMemory       = 150 << 20       // VmHWM with targetScale Services
+	targetScale        = 10000           // Services
+	maxNotesPerRawLine = 4
+)
+
+// Results is everything one run measured.
+type Results struct {
+	Command  string         `json:"command"`
+	Machine  Machine        `json:"machine"`
+	Pinning  string         `json:"pinning,omitempty"`
+	Versions []KV           `json:"versions"`
+	Config   ConfigSummary  `json:"config"`
+	Started  time.Time      `json:"started"`
+	Finished time.Time      `json:"finished"`
+	Scales   []*ScaleResult `json:"scales"`
+	Notes    []string       `json:"notes,omitempty"`
+	Err      string         `json:"error,omitempty"`
+}
+
+// ConfigSummary is the Config as reported.
+type ConfigSummary struct {
+	Scales                    []int   `json:"scales"`
+	Pairs                     int     `json:"pairs"`
+	Paths                     []Path  `json:"paths"`
+	Rounds                    int     `json:"rounds"`
+	Workers                   int     `json:"workers"`
+	EndpointsPerService       int     `json:"endpoints_per_service"`
+	CreateParallelism         int     `json:"create_parallelism"`
+	RateWarmup                string  `json:"rate_warmup"`
+	RateDuration              string  `json:"rate_duration"`
+	LatencyWarmup             string  `json:"latency_warmup"`
+	LatencyDuration           string  `json:"latency_duration"`
+	RequestTimeout            string  `json:"request_timeout"`
+	KprFirstAnswerLimit       string  `json:"kpr_first_answer_limit"`
+	KubeProxyFirstAnswerLimit string  `json:"kube_proxy_first_answer_limit"`
+	KprRev                    string  `json:"kpr_rev,omitempty"`
+	OthersLimit               float64 `json:"others_limit"`
+	Retakes                   int     `json:"retakes"`
+	DisturbanceBudget         string  `json:"disturbance_budget"`
+}
+
+func summarizeConfig(c Config) ConfigSummary {
+	return ConfigSummary{
+		Scales: c.Scales, Pairs: c.Pairs, Paths: c.Paths, Rounds: c.Rounds, Workers: c.Workers,
+		EndpointsPerService: c.EndpointsPerService, CreateParallelism: c.CreateParallelism,
+		RateWarmup: c.RateWarmup.String(), RateDuration: c.RateDuration.String(),
+		LatencyWarmup: c.LatencyWarmup.String(), LatencyDuration: c.LatencyDuration.String(),
+		RequestTimeout:            c.RequestTimeout.String(),
+		KprFirstAnswerLimit:       c.KprFirstAnswerLimit.String(),
+		KubeProxyFirstAnswerLimit: c.KubeProxyFirstAnswerLimit.String(),
+		KprRev:                    c.KprRev,
+		OthersLimit:               c.OthersLimit,
+		Retakes:                   c.Retakes,
+		DisturbanceBudget:         c.DisturbanceBudget.String(),
+	}
+}
+
+// ScaleResult is one Service count.
+type ScaleResult struct {
+	Services int `json:"services"`
+	// Created filler Services (and slices) for this scale, and how long that took.
+	Created       int           `json:"created"`
+	CreateSeconds float64       `json:"create_seconds"`
+	Paths         []*PathResult `json:"paths"`
+}
+
+// PathResult is one path at one scale, every round.
+type PathResult struct {
+	Path    Path       `json:"path"`
+	Runs    []*PathRun `json:"runs"`
+	Skipped string     `json:"skipped,omitempty"`
+}
+
+// PathRun is one path measured once.
+type PathRun struct {
+	Path     Path `json:"path"`
+	Round    int  `json:"round"`
+	Position int  `json:"position"` // in the round's order
+	// Load1 and ForeignNetns, taken before the run, show whether others shared the CPUs.
+	Load1        float64 `json:"load1"`
+	ForeignNetns int     `json:"foreign_netns"`
+
+	HasFirstAnswer   bool          `json:"has_first_answer"`
+	Answered         bool          `json:"answered"`
+	FirstAnswer      time.Duration `json:"first_answer_ns"`
+	FirstAnswerLimit time.Duration `json:"first_answer_limit_ns"`
+	FirstAttempts    int64         `json:"first_attempts"`
+	SyncedSeconds    float64       `json:"synced_seconds,omitempty"` // kpr: until its status says synced
+
+	// Samples of the path's own client, taken alone.
+	Samples []*Sample `json:"samples"`
+	// Pairs (kpr runs): the path's client and the direct client, one after the other.
+	Pairs []*Pair `json:"pairs,omitempty"`
+	// Retaken lists the measurements discarded for disturbance (not in any figure).
+	Retaken []Retake `json:"retaken,omitempty"`
+
+	MemAfterSync       Mem    `json:"mem_after_sync"`
+	MemAfterTraffic    Mem    `json:"mem_after_traffic"`
+	MapMemlock         int64  `json:"map_memlock,omitempty"`
+	Programmed         string `json:"programmed,omitempty"`
+	ConntrackAfterRate int64  `json:"conntrack_after_rate,omitempty"`
+
+	Notes []string `json:"notes,omitempty"`
+	Err   string   `json:"error,omitempty"`
+
+	proxyPID int // the proxy process while it runs, for ProxyCPUSeconds
+}
+
+// Sample is one set of client measurements: connection rate, then latency on new and on
+// established connections.
+type Sample struct {
+	// Client is whose client took it: the run's path, or direct between kpr's samples.
+	Client      Path        `json:"client"`
+	Rate        *report.Run `json:"rate,omitempty"`
+	Fresh       *report.Run `json:"fresh,omitempty"`
+	Established *report.Run `json:"established,omitempty"`
+	// The share of the machine's CPU that processes outside the sandbox (and the hypervisor's
+	// steal) took during each measurement.
+	RateOthers        float64 `json:"rate_others_cpu"`
+	FreshOthers       float64 `json:"fresh_others_cpu"`
+	EstablishedOthers float64 `json:"established_others_cpu"`
+	// ProxyCPUSeconds is the CPU time the running proxy process (kpr or kube-proxy) used
+	// during the sample's Seconds of measurements: its control plane's share of the machine.
+	ProxyCPUSeconds float64 `json:"proxy_cpu_seconds,omitempty"`
+	Seconds         float64 `json:"seconds"`
+}
+
+// OthersCPU is the largest share others took during the sample's measurements.
+func (s *Sample) OthersCPU() float64 {
+	return max(s.RateOthers, s.FreshOthers, s.EstablishedOthers)
+}
+
+// Pair is a sample of the run's path and one of direct, taken one right after the other.
+type Pair struct {
+	Path        *Sample `json:"path"`
+	Direct      *Sample `json:"direct"`
+	DirectFirst bool    `json:"direct_first"`
+}
+
+// Retake is a measurement that was discarded and taken again because other processes used
+// the CPUs meanwhile.
+type Retake struct {
+	Client Path        `json:"client"`
+	Mode   string      `json:"mode"`
+	Others float64     `json:"others_cpu"`
+	Result *report.Run `json:"result"`
+}
+
+func (s *Sample) runs() []*report.Run {
+	var out []*report.Run
+	for _, x := range []*report.Run{s.Rate, s.Fresh, s.Established} {
+		if x != nil {
+			out = append(out, x)
+		}
+	}
+	return out
+}
+
+func (s *Sample) failed() (failed, total int64) {
+	for _, x := range s.runs() {
+		failed += x.Failed
+		total += x.OK + x.Failed
+	}
+	return failed, total
+}
+
+// own are the samples of the run's own path, alone and in pairs.
+func (r *PathRun) own() []*Sample {
+	var out []*Sample
+	for _, s := range r.Samples {
+		if s.Client == r.Path {
+			out = append(out, s)
+		}
+	}
+	for _, p := range pairs(r) {
+		out = append(out, p[0])
+	}
+	return out
+}
+
+// metric is one figure of a sample; false when the sample lacks it.
+type metric func(*Sample) (float64, bool)
+
+func connPerSec(s *Sample) (float64, bool) {
+	if s.Rate == nil {
+		return 0, false
+	}
+	return s.Rate.PerSecond, true
+}
+
+// percentiles reported: p50, p90, p99.
+func latencyAt(which func(*Sample) *report.Run, q int) metric {
+	return func(s *Sample) (float64, bool) {
+		x := which(s)
+		if x == nil || x.Latency.N == 0 {
+			return 0, false
+		}
+		return [3]float64{x.Latency.P50, x.Latency.P90, x.Latency.P99}[q], true
+	}
+}
+
+func freshOf(s *Sample) *report.Run       { return s.Fresh }
+func establishedOf(s *Sample) *report.Run { return s.Established }
+
+// mean of m over samples.
+func mean(samples []*Sample, m metric) (float64, bool) {
+	var sum float64
+	n := 0
+	for _, s := range samples {
+		if v, ok := m(s); ok {
+			sum += v
+			n++
+		}
+	}
+	if n == 0 {
+		return 0, false
+	}
+	return sum / float64(n), true
+}
+
+func (r *PathRun) oneLine() string {
+	var parts []string
+	if r.HasFirstAnswer {
+		parts = append(parts, "first answer "+r.firstAnswer())
+	}
+	describe := func(samples []*Sample) string {
+		var p []string
+		if v, ok := mean(samples, connPerSec); ok {
+			p = append(p, fmt.Sprintf("%.0f conn/s", v))
+		}
+		var f, t int64
+		for _, s := range samples {
+			ff, tt := s.failed()
+			f, t = f+ff, t+tt
+		}
+		p = append(p, fmt.Sprintf("%d of %d failed", f, t))
+		if v, ok := mean(samples, latencyAt(freshOf, 0)); ok {
+			p = append(p, fmt.Sprintf("new-connection p50 %.0fµs", v))
+		}
+		if v, ok := mean(samples, latencyAt(establishedOf, 0)); ok {
+			p = append(p, fmt.Sprintf("established p50 %.0fµs", v))
+		}
+		return strings.Join(p, ", ")
+	}
+	if len(r.Samples) > 0 {
+		parts = append(parts, describe(r.Samples))
+	}
+	if ps := pairs(r); len(ps) > 0 {
+		var own, direct []*Sample
+		for _, p := range ps {
+			own, direct = append(own, p[0]), append(direct, p[1])
+		}
+		parts = append(parts, fmt.Sprintf("in pairs: %s %s; direct %s", r.Path, describe(own), describe(direct)))
+	}
+	if r.MemAfterSync.RSS > 0 {
+		parts = append(parts, "RSS "+fmtMiB(r.MemAfterSync.RSS))
+	}
+	parts = append(parts, fmt.Sprintf("load %.2f", r.Load1))
+	if r.ForeignNetns > 0 {
+		parts = append(parts, fmt.Sprintf("%d other network namespaces", r.ForeignNetns))
+	}
+	return strings.Join(parts, "; ")
+}
+
+func (p Path) String() string { return string(p) }
+
+func (r *PathRun) firstAnswer() string {
+	if !r.HasFirstAnswer {
+		return "–"
+	}
+	if !r.Answered {
+		return fmt.Sprintf("> %s (did not answer)", fmtDuration(r.FirstAnswerLimit))
+	}
+	return fmtSeconds(r.FirstAnswer.Seconds())
+}
+
+// Stat is the median and range of one figure, and a confidence interval of the median.
+type Stat struct {
+	N      int     `json:"n"`
+	Median float64 `json:"median"`
+	Min    float64 `json:"min"`
+	Max    float64 `json:"max"`
+	// CILo..CIHi holds the median with at least 95% confidence (distribution-free: order
+	// statistics of the binomial); with fewer than 6 values it is the whole range and less.
+	CILo float64 `json:"ci_lo"`
+	CIHi float64 `json:"ci_hi"`
+}
+
+func statOf(vals []float64) Stat {
+	if len(vals) == 0 {
+		return Stat{}
+	}
+	s := slices.Clone(vals)
+	slices.Sort(s)
+	med := s[len(s)/2]
+	if len(s)%2 == 0 {
+		med = (s[len(s)/2-1] + s[len(s)/2]) / 2
+	}
+	k := medianCIRank(len(s))
+	return Stat{N: len(s), Median: med, Min: s[0], Max: s[len(s)-1], CILo: s[k], CIHi: s[len(s)-1-k]}
+}
+
+// medianCIRank is the largest k with P(Binomial(n, 1/2) <= k) <= 2.5%: the median is below the
+// (k+1)-th smallest of n values only if at most k of them are below it, so that value and the
+// (k+1)-th largest bound the median with at least 95% confidence. With n < 6 no k qualifies and
+// the whole range (k = 0) is returned, with less confidence.
+func medianCIRank(n int) int {
+	best := 0
+	var p float64
+	c := 1.0 // C(n, k)
+	for k := 0; k <= (n-1)/2; k++ {
+		if k > 0 {
+			c = c * float64(n-k+1) / float64(k)
+		}
+		p += c / math.Pow(2, float64(n))
+		if p > 0.025 {
+			break
+		}
+		best = k
+	}
+	return best
+}
+
+// Summary is a path at a scale over its rounds: per run, the mean of its own client's
+// samples; over runs, the median and range.
+type Summary struct {
+	Path        Path
+	Runs        int
+	FirstAnswer Stat // seconds, of the runs that answered
+	NotAnswered int
+	FirstLimit  time.Duration
+	ConnPerSec  Stat
+	Failed      int64 // requests by the path's own client
+	Requests    int64
+	Fresh       [3]Stat // p50, p90, p99 in µs
+	Established [3]Stat
+	MaxRSS      int64
+	MaxHWM      int64
+	Skipped     string
+
+	// Paired: in runs that also have direct samples (kpr's), each two consecutive samples
+	// (one of the path's, one direct) give the path's figure over direct's, as a fraction;
+	// the stats are over all such pairs at the scale.
+	PairedRuns        int
+	Pairs             int
+	DisturbedPairs    int // pairs where others took more than the limit during a measurement; their figures are left out
+	PairedConn        Stat
+	PairedFresh       [3]Stat
+	PairedEstablished [3]Stat
+	PairedDirectConn  Stat // the direct samples' connection rate
+}
+
+// pairs are the run's pairs as (path, direct).
+func pairs(r *PathRun) [][2]*Sample {
+	var out [][2]*Sample
+	for _, p := range r.Pairs {
+		if p.Path != nil && p.Direct != nil {
+			out = append(out, [2]*Sample{p.Path, p.Direct})
+		}
+	}
+	return out
+}
+
+func summarize(pr *PathResult, othersLimit float64) Summary {
+	s := Summary{Path: pr.Path, Skipped: pr.Skipped}
+	var first, rate, pDirect []float64
+	var fresh, est [3][]float64
+	var pConn ratios
+	var pFresh, pEst [3]ratios
+	for _, r := range pr.Runs {
+		s.Runs++
+		if r.HasFirstAnswer {
+			s.FirstLimit = r.FirstAnswerLimit
+			if r.Answered {
+				first = append(first, r.FirstAnswer.Seconds())
+			} else {
+				s.NotAnswered++
+			}
+		}
+		own := r.own()
+		for _, x := range own {
+			f, t := x.failed()
+			s.Failed += f
+			s.Requests += t
+		}
+		if v, ok := mean(own, connPerSec); ok {
+			rate = append(rate, v)
+		}
+		for q := range 3 {
+			if v, ok := mean(own, latencyAt(freshOf, q)); ok {
+				fresh[q] = append(fresh[q], v)
+			}
+			if v, ok := mean(own, latencyAt(establishedOf, q)); ok {
+				est[q] = append(est[q], v)
+			}
+		}
+		for _, m := range []Mem{r.MemAfterSync, r.MemAfterTraffic} {
+			s.MaxRSS = max(s.MaxRSS, m.RSS)
+			s.MaxHWM = max(s.MaxHWM, m.HWM)
+		}
+		if len(r.Pairs) > 0 {
+			s.PairedRuns++
+		}
+		for _, p := range pairs(r) {
+			s.Pairs++
+			if max(p[0].OthersCPU(), p[1].OthersCPU()) > othersLimit {
+				s.DisturbedPairs++
+			}
+			ratio := func(m metric, others func(*Sample) float64, clean, all *[]float64) {
+				a, okA := m(p[0])
+				b, okB := m(p[1])
+				if !okA || !okB || b == 0 {
+					return
+				}
+				*all = append(*all, a/b)
+				if max(others(p[0]), others(p[1])) <= othersLimit {
+					*clean = append(*clean, a/b)
+				}
+			}
+			ratio(connPerSec, rateOthers, &pConn.clean, &pConn.all)
+			if v, ok := connPerSec(p[1]); ok {
+				pDirect = append(pDirect, v)
+			}
+			for q := range 3 {
+				ratio(latencyAt(freshOf, q), freshOthers, &pFresh[q].clean, &pFresh[q].all)
+				ratio(latencyAt(establishedOf, q), establishedOthers, &pEst[q].clean, &pEst[q].all)
+			}
+		}
+	}
+	s.FirstAnswer = statOf(first)
+	s.ConnPerSec = statOf(rate)
+	s.PairedConn = pConn.stat()
+	s.PairedDirectConn = statOf(pDirect)
+	for q := range 3 {
+		s.Fresh[q] = statOf(fresh[q])
+		s.Established[q] = statOf(est[q])
+		s.PairedFresh[q] = pFresh[q].stat()
+		s.PairedEstablished[q] = pEst[q].stat()
+	}
+	return s
+}
+
+// ratios of one figure over pairs: all of them, and those no other process disturbed.
+type ratios struct{ clean, all []float64 }
+
+// stat is over the undisturbed pairs, or over all when every pair was disturbed.
+func (r ratios) stat() Stat {
+	if len(r.clean) > 0 {
+		return statOf(r.clean)
+	}
+	return statOf(r.all)
+}
+
+func rateOthers(s *Sample) float64        { return s.RateOthers }
+func freshOthers(s *Sample) float64       { return s.FreshOthers }
+func establishedOthers(s *Sample) float64 { return s.EstablishedOthers }
+
+func (s Summary) firstAnswer() string {
+	switch {
+	case s.FirstLimit == 0:
+		return "–"
+	case s.FirstAnswer.N == 0 && s.NotAnswered > 0:
+		return fmt.Sprintf("> %s (did not answer)", fmtDuration(s.FirstLimit))
+	}
+	out := fmtSeconds(s.FirstAnswer.Median)
+	if s.FirstAnswer.N > 1 {
+		out += fmt.Sprintf(" [%s–%s]", fmtNum(s.FirstAnswer.Min, 2), fmtNum(s.FirstAnswer.Max, 2))
+	}
+	if s.NotAnswered > 0 {
+		out += fmt.Sprintf(", %d run(s) did not answer within %s", s.NotAnswered, fmtDuration(s.FirstLimit))
+	}
+	return out
+}
+
+// Target is one of the issue's targets with what was measured.
+type Target struct {
+	Name     string `json:"name"`
+	Measured string `json:"measured"`
+	Met      *bool  `json:"met"` // nil: not measured in this run
+	// WithinNoise: the verdict is the median's, but the median's 95% interval also holds
+	// values on the other side of the target.
+	WithinNoise bool `json:"within_noise,omitempty"`
+}
+
+func (t Target) verdict() string {
+	switch {
+	case t.Met == nil:
+		return "not measured"
+	case *t.Met && t.WithinNoise:
+		return "met by the median, within noise"
+	case *t.Met:
+		return "met"
+	case t.WithinNoise:
+		return "**MISSED** by the median, within noise"
+	}
+	return "**MISSED**"
+}
+
+func (r *Results) summaries(sr *ScaleResult) map[Path]Summary {
+	out := map[Path]Summary{}
+	for _, pr := range sr.Paths {
+		out[pr.Path] = summarize(pr, r.Config.OthersLimit)
+	}
+	return out
+}
+
+// Targets evaluates the issue's targets for kpr. "Within 3% of the direct path" is judged on
+// the paired comparison (kpr and direct samples in turn within each kpr run; the median over
+// runs of kpr's mean over direct's mean): the new-connection rate at least 97% of direct's,
+// and the p50 request latency, on a new and on an established connection, at most 103%.
+// Without paired samples the medians of the separate runs are used. p90 and p99 are
+// reported, not judged.
+func (r *Results) Targets() []Target {
+	var ts []Target
+	yes := func(b bool) *bool { return &b }
+	for _, sr := range r.Scales {
+		sum := r.summaries(sr)
+		d, okD := sum[Direct]
+		k, okK := sum[Kpr]
+		label := fmtCount(sr.Services) + " " + plural(sr.Services, "Service", "Services")
+		add := func(name string, paired Stat, kv, dv float64, higherIsBetter bool) {
+			t := Target{Name: fmt.Sprintf("%s, %s", name, label), Measured: "–"}
+			ok := func(ratio float64) bool {
+				if higherIsBetter {
+					return ratio >= 1-targetWithin
+				}
+				return ratio <= 1+targetWithin
+			}
+			switch {
+			case okK && paired.N > 0:
+				t.Measured = fmt.Sprintf("%.1f%% of direct (median of %d pairs; 95%% interval %.1f–%.1f%%)", 100*paired.Median, paired.N, 100*paired.CILo, 100*paired.CIHi)
+				t.Met = yes(ok(paired.Median))
+				t.WithinNoise = ok(paired.CILo) != ok(paired.CIHi)
+			case okD && okK && kv > 0 && dv > 0:
+				t.Measured = fmt.Sprintf("%.1f%% of direct (separate runs: %s vs %s)", 100*kv/dv, fmtNum(kv, 0), fmtNum(dv, 0))
+				t.Met = yes(ok(kv / dv))
+			}
+			ts = append(ts, t)
+		}
+		add("kpr new connections/s ≥ 97% of direct", k.PairedConn, k.ConnPerSec.Median, d.ConnPerSec.Median, true)
+		add("kpr request latency on a new connection, p50 ≤ 103% of direct", k.PairedFresh[0], k.Fresh[0].Median, d.Fresh[0].Median, false)
+		add("kpr request latency on an established connection, p50 ≤ 103% of direct", k.PairedEstablished[0], k.Established[0].Median, d.Established[0].Median, false)
+	}
+	// No failed connection through kpr, at any scale.
+	var failed, total int64
+	for _, sr := range r.Scales {
+		if s, ok := r.summaries(sr)[Kpr]; ok {
+			failed += s.Failed
+			total += s.Requests
+		}
+	}
+	t := Target{Name: "no failed connection through kpr (all scales, all runs)", Measured: "–"}
+	if total > 0 {
+		t.Measured = fmt.Sprintf("%s failed of %s requests", fmtCount(int(failed)), fmtCount(int(total)))
+		t.Met = yes(failed == 0)
+	}
+	ts = append(ts, t)
+
+	first := Target{Name: fmt.Sprintf("%s Services answer within %s of kpr's start", fmtCount(targetScale), fmtDuration(targetFirstAnswer)), Measured: "–"}
+	mem := Target{Name: fmt.Sprintf("kpr resident memory (VmHWM) under %s with %s Services", fmtMiB(targetMemory), fmtCount(targetScale)), Measured: "–"}
+	for _, sr := range r.Scales {
+		if sr.Services < targetScale {
+			continue
+		}
+		k, ok := r.summaries(sr)[Kpr]
+		if !ok || k.Runs == 0 {
+			continue
+		}
+		if n := k.FirstAnswer.N + k.NotAnswered; n > 0 {
+			first.Measured = fmt.Sprintf("%s Services: median %s, worst %s over %d run(s)", fmtCount(sr.Services), fmtSeconds(k.FirstAnswer.Median), fmtSeconds(k.FirstAnswer.Max), n)
+			if k.NotAnswered > 0 {
+				first.Measured = fmt.Sprintf("%s Services: %d of %d run(s) did not answer within %s", fmtCount(sr.Services), k.NotAnswered, n, fmtDuration(k.FirstLimit))
+			}
+			first.Met = yes(k.NotAnswered == 0 && k.FirstAnswer.Max <= targetFirstAnswer.Seconds())
+		}
+		if k.MaxHWM > 0 {
+			mem.Measured = fmt.Sprintf("%s Services: VmHWM %s, VmRSS %s (largest over %d run(s))", fmtCount(sr.Services), fmtMiB(k.MaxHWM), fmtMiB(k.MaxRSS), k.Runs)
+			mem.Met = yes(k.MaxHWM < targetMemory)
+		}
+		break
+	}
+	return append(ts, first, mem)
+}
+
+// Table is the figures per scale and path as Markdown: what the command prints and the
+// results file shows.
+func (r *Results) Table() string {
+	var b strings.Builder
+	for _, sr := range r.Scales {
+		sum := r.summaries(sr)
+		fmt.Fprintf(&b, "### %s %s\n\n", fmtCount(sr.Services), plural(sr.Services, "Service", "Services"))
+		if sr.Created > 0 {
+			fmt.Fprintf(&b, "Creating %s Services and their EndpointSlices through the API (%d requests in flight) took %s.\n\n",
+				fmtCount(sr.Created), r.Config.CreateParallelism, fmtSeconds(sr.CreateSeconds))
+		}
+		b.WriteString("| Path | First answer after start | New connections/s | vs direct | Failed | New-connection latency p50 / p90 / p99 | vs direct (p50) | Established-connection latency p50 / p90 / p99 | vs direct (p50) | Proxy memory VmRSS / VmHWM |\n")
+		b.WriteString("|---|---|---|---|---|---|---|---|---|---|\n")
+		d, okD := sum[Direct]
+		for _, pr := range sr.Paths {
+			s := sum[pr.Path]
+			rel := func(v, base float64) string {
+				if !okD || v == 0 || base == 0 {
+					return "–"
+				}
+				return fmt.Sprintf("%.1f%%", 100*v/base)
+			}
+			conn := "–"
+			if s.ConnPerSec.N > 0 {
+				conn = fmtNum(s.ConnPerSec.Median, 0) + spread(s.ConnPerSec, 0)
+			}
+			failed := "–"
+			if s.Requests > 0 {
+				failed = fmt.Sprintf("%s of %s", fmtCount(int(s.Failed)), fmtCount(int(s.Requests)))
+			}
+			memory := "–"
+			if s.MaxRSS > 0 {
+				memory = fmtMiB(s.MaxRSS) + " / " + fmtMiB(s.MaxHWM)
+			}
+			name := string(pr.Path)
+			if s.Skipped != "" && s.ConnPerSec.N == 0 {
+				name += " (" + s.Skipped + ")"
+			}
+			fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", name, s.firstAnswer(), conn,
+				rel(s.ConnPerSec.Median, d.ConnPerSec.Median), failed,
+				latencies(s.Fresh), rel(s.Fresh[0].Median, d.Fresh[0].Median),
+				latencies(s.Established), rel(s.Established[0].Median, d.Established[0].Median), memory)
+		}
+		b.WriteString("\n")
+		if k, ok := sum[Kpr]; ok && k.PairedRuns > 0 {
+			pct := func(st Stat) string {
+				if st.N == 0 {
+					return "–"
+				}
+				out := fmt.Sprintf("%.1f%%", 100*st.Median)
+				if st.N > 1 {
+					out += fmt.Sprintf(" [%.1f–%.1f]", 100*st.CILo, 100*st.CIHi)
+				}
+				return out
+			}
+			used := fmt.Sprintf("%d pairs in %d runs", k.Pairs, k.PairedRuns)
+			if k.DisturbedPairs > 0 {
+				used += fmt.Sprintf("; in %d pair(s) other processes took more than %.0f%% of the CPU during a measurement, which is left out", k.DisturbedPairs, 100*r.Config.OthersLimit)
+			}
+			fmt.Fprintf(&b, "kpr against the direct path, paired: in each kpr run, a kpr sample and a direct sample one right after the other, in alternating order (%s); kpr as a percentage of direct, median and 95%% confidence interval of the median over the pairs:\n\n", used)
+			b.WriteString("| New connections/s | New-connection latency p50 / p90 / p99 | Established-connection latency p50 / p90 / p99 | Direct new connections/s in the pairs |\n|---|---|---|---|\n")
+			fmt.Fprintf(&b, "| %s | %s / %s / %s | %s / %s / %s | %s |\n\n", pct(k.PairedConn),
+				pct(k.PairedFresh[0]), pct(k.PairedFresh[1]), pct(k.PairedFresh[2]),
+				pct(k.PairedEstablished[0]), pct(k.PairedEstablished[1]), pct(k.PairedEstablished[2]),
+				fmtNum(k.PairedDirectConn.Median, 0)+spread(k.PairedDirectConn, 0))
+		}
+	}
+	b.WriteString("### Targets\n\n| Target | Measured | Result |\n|---|---|---|\n")
+	for _, t := range r.Targets() {
+		fmt.Fprintf(&b, "| %s | %s | %s |\n", t.Name, t.Measured, t.verdict())
+	}
+	return b.String()
+}
+
+func spread(st Stat, decimals int) string {
+	if st.N < 2 {
+		return ""
+	}
+	return fmt.Sprintf(" [%s–%s]", fmtNum(st.Min, decimals), fmtNum(st.Max, decimals))
+}
+
+func latencies(st [3]Stat) string {
+	if st[0].N == 0 {
+		return "–"
+	}
+	return fmt.Sprintf("%s / %s / %s µs", fmtNum(st[0].Median, 0), fmtNum(st[1].Median, 0), fmtNum(st[2].Median, 0))
+}
+
+// Markdown is the whole results file.
+func (r *Results) Markdown() string {
+	var b strings.Builder
+	b.WriteString("# ClusterIP benchmark: kpr, upstream kube-proxy and the direct path\n\n")
+	b.WriteString("<!-- Written by `make bench` (test/cmd/bench); rerun it rather than editing. -->\n\n")
+	fmt.Fprintf(&b, "Run %s, took %s.\n\n", r.Started.UTC().Format("2006-01-02 15:04 UTC"), r.Finished.Sub(r.Started).Round(time.Second))
+	if r.Err != "" {
+		fmt.Fprintf(&b, "**The run did not complete:** %s\n\nThe figures below are what was measured before it stopped.\n\n", r.Err)
+	}
+	b.WriteString("## Command\n\n```sh\n" + r.Command + "\n```\n\n")
+	b.WriteString("## Machine\n\n")
+	m := r.Machine
+	virt := ""
+	if m.Virtual {
+		virt = " (virtual machine)"
+	}
+	fmt.Fprintf(&b, "- CPU: %d × %s%s\n", m.CPUs, m.CPUModel, virt)
+	fmt.Fprintf(&b, "- Memory: %.1f GiB\n", m.MemoryGiB)
+	fmt.Fprintf(&b, "- Kernel: %s; %s\n", m.Kernel, m.OS)
+	fmt.Fprintf(&b, "- Load average (1 min) at the start: %.2f\n", m.Load1)
+	fmt.Fprintf(&b, "- %s", m.Go)
+	for _, v := range r.Versions {
+		fmt.Fprintf(&b, "; %s %s", v.Name, v.Value)
+	}
+	b.WriteString("\n\n")
+	pin := "Nothing is pinned to a CPU."
+	if r.Pinning != "" {
+		pin = "The load generator's clients and servers are pinned apart (" + r.Pinning + ") so that where the scheduler " +
+			"happens to put them does not swing the figures; the proxies, etcd and kube-apiserver are not pinned."
+	}
+	fmt.Fprintf(&b, "All processes share the %d CPUs: the client, the ten servers, the proxy under test, and the "+
+		"sandbox's etcd and kube-apiserver. %s The figures compare paths on this machine; they are not what a "+
+		"dedicated node would reach.\n\n", m.CPUs, pin)
+
+	b.WriteString("## Results\n\n")
+	fmt.Fprintf(&b, "Median over %d round(s), [min–max] where there are several; each round runs every path once, in "+
+		"an order that rotates from round to round. Latencies are the medians of each run's percentile.\n\n", r.Config.Rounds)
+	b.WriteString(r.Table())
+	b.WriteString("\n")
+	b.WriteString(method(r))
+	b.WriteString("\n## Raw runs\n\n")
+	b.WriteString(r.raw())
+	if len(r.Notes) > 0 {
+		b.WriteString("\n## Notes from the run\n\n")
+		for _, n := range r.Notes {
+			b.WriteString("- " + n + "\n")
+		}
+	}
+	return b.String()
+}
+
+func method(r *Results) string {
+	c := r.Config
+	var b strings.Builder
+	b.WriteString("## What is measured\n\n")
+	fmt.Fprintf(&b, "- Topology: one sandbox node (network namespaces, test/sandbox) with 10 backend pods running `loadgen serve` "+
+		"and one client pod. The measured Service has the 10 pods as endpoints (port %d -> %d). At the larger scale the "+
+		"other Services have %d endpoints each, at unique pod-CIDR addresses nothing answers on; they are programmed, never "+
+		"connected to. All Services are single-stack IPv4 ClusterIPs.\n", servicePort, backendPort, c.EndpointsPerService)
+	b.WriteString("- Paths: **direct**: the client connects to the 10 pod IPs in turn, no proxy runs, the node's ruleset is empty " +
+		"(the floor). **kpr**: `kpr run` on the node, the client in kpr's cgroup. **kube-proxy nftables / iptables**: upstream " +
+		"kube-proxy in the node's namespace with the node's kubelet.conf. The clients of direct and kube-proxy run in a cgroup " +
+		"beside kpr's with no program attached (the same cgroup depth as kpr's client, without kpr). One proxy at a " +
+		"time; in between, `kpr cleanup`, `kube-proxy --cleanup`, `nft flush ruleset` in the node namespace (checked empty), " +
+		"no program left on kpr's cgroup, conntrack flushed.\n")
+	fmt.Fprintf(&b, "- First answer after start: a poller in the client pod opens a new connection to the ClusterIP every %s "+
+		"(each given %s) from before the proxy starts; the figure is from starting the proxy process to the first answer. "+
+		"kpr starts from an empty pin directory (`kpr cleanup` first) with every Service already in the API. The wait is "+
+		"capped (kpr %s, kube-proxy %s); a path that does not answer in time is reported so and not retried at that scale.\n",
+		pollInterval, pollAttemptTimeout, c.KprFirstAnswerLimit, c.KubeProxyFirstAnswerLimit)
+	fmt.Fprintf(&b, "- New connections/s: %d workers, each in a loop: connect, send 64 bytes, read the 64-byte answer, read the "+
+		"server's FIN, close (the server closes first, so the client never runs out of ports). %s warm-up, then %s counted; "+
+		"a request that fails (any error, or no answer within %s) counts as failed.\n", c.Workers, c.RateWarmup, c.RateDuration, c.RequestTimeout)
+	fmt.Fprintf(&b, "- Latency on a new connection: the same request, one at a time (%s warm-up, %s); on an established "+
+		"connection: 64-byte request/answer back to back on one connection (%s warm-up, %s). Go clients (`test/loadgen`), "+
+		"timed around the whole request.\n", c.LatencyWarmup, c.LatencyDuration, c.LatencyWarmup, c.LatencyDuration)
+	fmt.Fprintf(&b, "- Paired comparison with the direct path: inside each kpr run, after kpr has synced, %d pairs of a kpr "+
+		"sample and a direct sample (the direct client in a cgroup without kpr's programs: the floor), one right after the "+
+		"other, kpr first in odd pairs and direct first in even ones (going second is worth a few percent here, and the "+
+		"alternation cancels it). Each pair gives kpr's figure over direct's; the median over all pairs at a scale, with a "+
+		"95%% confidence interval from the order statistics, is judged against the 3%% target. Two runs of the same path a "+
+		"minute apart differ here by more than 3%%; within a pair they are seconds apart. kpr's control plane runs during "+
+		"both samples of a pair, so its own CPU use (\"Proxy CPU\") weighs on both; the main table's direct row, from "+
+		"runs with no proxy at all, does not have it.\n", c.Pairs)
+	fmt.Fprintf(&b, "- Other work on the machine: during every measurement the benchmark adds up the CPU time of the "+
+		"processes outside its sandbox (with their reaped children) and the hypervisor's steal time (\"Others' CPU\" in the "+
+		"raw runs, as a share of all CPUs). A measurement during which others took more than %.0f%% is taken again, at "+
+		"most %d times and within %s for the whole run, after waiting for a quiet second; the discarded ones are listed "+
+		"in the raw runs, and a pair still disturbed is left out of the paired figures.\n",
+		100*c.OthersLimit, c.Retakes, c.DisturbanceBudget)
+	b.WriteString("- Proxy memory: VmRSS and VmHWM from /proc/<pid>/status after the first answer and after the traffic; the " +
+		"table shows the largest. kpr's BPF maps are kernel memory, not in VmRSS; bpftool's memlock for them is in the raw " +
+		"runs. \"Proxy CPU\" in the raw runs is the CPU time the proxy process itself used during the sample (its control " +
+		"plane, e.g. periodic syncs; the datapath work happens in the kernel on behalf of the client and servers).\n")
+	b.WriteString("- kube-proxy runs with `--conntrack-max-per-core=0 --conntrack-tcp-timeout-established=0 " +
+		"--conntrack-tcp-timeout-close-wait=0 --oom-score-adj=0`, so it writes no global setting; its log lines about " +
+		"sysctls are listed in the raw runs, and the root namespace is compared before and after the run (Notes).\n")
+	return b.String()
+}
+
+func (r *Results) raw() string {
+	var b strings.Builder
+	b.WriteString("| Services | Path | Round (position) | Load1 before | First answer | kpr synced | Client | Others' CPU | Proxy CPU | New conn/s | Failed (errors) | Backends answering | New-conn p50 / p90 / p99 / max µs | Established p50 / p90 / p99 / max µs | VmRSS / VmHWM after start | after traffic | Other |\n")
+	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	lat := func(x *report.Run) string {
+		if x == nil {
+			return "–"
+		}
+		l := x.Latency
+		return fmt.Sprintf("%s / %s / %s / %s", fmtNum(l.P50, 0), fmtNum(l.P90, 0), fmtNum(l.P99, 0), fmtNum(l.Max, 0))
+	}
+	mem := func(m Mem) string {
+		if m.RSS == 0 {
+			return "–"
+		}
+		return fmtMiB(m.RSS) + " / " + fmtMiB(m.HWM)
+	}
+	for _, sr := range r.Scales {
+		for _, pr := range sr.Paths {
+			for _, run := range pr.Runs {
+				synced := "–"
+				if run.SyncedSeconds > 0 {
+					synced = fmtSeconds(run.SyncedSeconds)
+				}
+				var other []string
+				if run.ForeignNetns > 0 {
+					other = append(other, fmt.Sprintf("%d other network namespaces on the machine", run.ForeignNetns))
+				}
+				if run.Programmed != "" {
+					other = append(other, "kpr: "+run.Programmed)
+				}
+				if run.MapMemlock > 0 {
+					other = append(other, "map memlock "+fmtMiB(run.MapMemlock))
+				}
+				if len(run.Retaken) > 0 {
+					var rt []string
+					for _, x := range run.Retaken {
+						rt = append(rt, fmt.Sprintf("%s %s (others %.0f%%)", x.Client, x.Mode, 100*x.Others))
+					}
+					other = append(other, "retaken: "+strings.Join(rt, ", "))
+				}
+				if run.ConntrackAfterRate > 0 {
+					other = append(other, fmt.Sprintf("conntrack entries after a rate run: %s", fmtCount(int(run.ConntrackAfterRate))))
+				}
+				notes := run.Notes
+				if len(notes) > maxNotesPerRawLine {
+					notes = append(slices.Clone(notes[:maxNotesPerRawLine]), fmt.Sprintf("(%d more)", len(notes)-maxNotesPerRawLine))
+				}
+				other = append(other, notes...)
+				if run.Err != "" {
+					other = append(other, "error: "+run.Err)
+				}
+				type row struct {
+					s     *Sample
+					label string
+				}
+				var rows []row
+				for _, s := range run.Samples {
+					rows = append(rows, row{s, string(s.Client)})
+				}
+				for i, p := range run.Pairs {
+					a, b := row{p.Path, fmt.Sprintf("%s, pair %d", p.Path.Client, i+1)}, row{p.Direct, fmt.Sprintf("direct, pair %d", i+1)}
+					if p.DirectFirst {
+						a, b = b, a
+					}
+					rows = append(rows, a, b)
+				}
+				if len(rows) == 0 {
+					rows = []row{{&Sample{}, "–"}}
+				}
+				for i, rw := range rows {
+					s := rw.s
+					head := fmt.Sprintf("| %s | %s | %d (%d) | %.2f | %s | %s", fmtCount(sr.Services), pr.Path, run.Round, run.Position, run.Load1, run.firstAnswer(), synced)
+					tail := fmt.Sprintf(" %s | %s | %s |", mem(run.MemAfterSync), mem(run.MemAfterTraffic), escapeCell(strings.Join(other, "; ")))
+					if i > 0 {
+						head = "| | | | | |"
+						tail = " | | |"
+					}
+					rate, backends, failed, client, others, proxy := "–", "–", "–", "–", "–", "–"
+					if s.Client != "" {
+						client = rw.label
+						others = fmt.Sprintf("%.0f%%", 100*s.OthersCPU())
+					}
+					if run.Path != Direct && s.Seconds > 0 {
+						proxy = fmt.Sprintf("%.2f s (%.1f%%)", s.ProxyCPUSeconds, 100*s.ProxyCPUSeconds/s.Seconds/float64(r.Machine.CPUs))
+					}
+					if s.Rate != nil {
+						rate = fmtNum(s.Rate.PerSecond, 0)
+						backends = fmt.Sprint(len(s.Rate.Backends))
+					}
+					if f, t := s.failed(); t > 0 {
+						failed = fmtCount(int(f))
+						var errs []string
+						for _, x := range s.runs() {
+							for k, v := range x.Errors {
+								errs = append(errs, fmt.Sprintf("%s %s: %d", x.Mode, k, v))
+							}
+						}
+						slices.Sort(errs)
+						if len(errs) > 0 {
+							failed += " (" + strings.Join(errs, "; ") + ")"
+						}
+					}
+					fmt.Fprintf(&b, "%s | %s | %s | %s | %s | %s | %s | %s | %s |%s\n", head, client, others, proxy, rate, failed, backends, lat(s.Fresh), lat(s.Established), tail)
+				}
+			}
+		}
+	}
+	return b.String()
+}
+
+// ReadmeSection is the README's performance section: the headline figures and a link to the
+// results file.
+func (r *Results) ReadmeSection(resultsFile string) string {
+	var b strings.Builder
+	b.WriteString("## Performance\n\n")
+	fmt.Fprintf(&b, "`make bench` measures, on one sandbox node, a pod reaching a ClusterIP through kpr, through upstream "+
+		"kube-proxy (nftables and iptables modes, the pinned version, in the same node namespace) and straight to the pods. "+
+		"On a %d-CPU %s VM (kernel %s), %s, median of %d rounds:\n\n", r.Machine.CPUs, r.Machine.CPUModel, r.Machine.Kernel,
+		r.Started.UTC().Format("2006-01-02"), r.Config.Rounds)
+	b.WriteString("| Services | Path | First answer after start | New connections/s | Request latency p50, new / established connection | Proxy memory (VmHWM) |\n|---|---|---|---|---|---|\n")
+	for _, sr := range r.Scales {
+		sum := r.summaries(sr)
+		for _, pr := range sr.Paths {
+			s := sum[pr.Path]
+			conn, lat, mem := "–", "–", "–"
+			if s.ConnPerSec.N > 0 {
+				conn = fmtNum(s.ConnPerSec.Median, 0)
+			}
+			if s.Fresh[0].N > 0 {
+				lat = fmt.Sprintf("%s / %s µs", fmtNum(s.Fresh[0].Median, 0), fmtNum(s.Established[0].Median, 0))
+			}
+			if s.MaxHWM > 0 {
+				mem = fmtMiB(s.MaxHWM)
+			}
+			fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s |\n", fmtCount(sr.Services), pr.Path, s.firstAnswer(), conn, lat, mem)
+		}
+	}
+	b.WriteString("\nTargets for kpr (\"within 3%\" is judged on kpr and direct samples taken in turn):\n\n")
+	for _, t := range r.Targets() {
+		fmt.Fprintf(&b, "- %s: %s — %s\n", t.Name, t.Measured, t.verdict())
+	}
+	fmt.Fprintf(&b, "\nThe machine, the command, the method and every run are in [%s](%s). The client, the servers and "+
+		"the proxy share the CPUs, so the figures compare paths rather than predict a dedicated node.\n", resultsFile, resultsFile)
+	return b.String()
+}
+
+func escapeCell(s string) string {
+	return strings.NewReplacer("|", `\|`, "\n", " ").Replace(s)
+}
+
+func plural(n int, one, many string) string {
+	if n == 1 {
+		return one
+	}
+	return many
+}
+
+// fmtCount writes an integer with thousands separators.
+func fmtCount(n int) string {
+	s := fmt.Sprint(n)
+	neg := strings.HasPrefix(s, "-")
+	s = strings.TrimPrefix(s, "-")
+	var b strings.Builder
+	for i, c := range s {
+		if i > 0 && (len(s)-i)%3 == 0 {
+			b.WriteByte(',')
+		}
+		b.WriteRune(c)
+	}
+	if neg {
+		return "-" + b.String()
+	}
+	return b.String()
+}
+
+// fmtNum writes v with the given decimals and thousands separators.
+func fmtNum(v float64, decimals int) string {
+	if math.IsNaN(v) || math.IsInf(v, 0) {
+		return "–"
+	}
+	p := math.Pow(10, float64(decimals))
+	v = math.Round(v*p) / p
+	whole := int(math.Trunc(v))
+	out := fmtCount(whole)
+	if whole == 0 && v < 0 {
+		out = "-0"
+	}
+	if decimals > 0 {
+		frac := math.Abs(v - math.Trunc(v))
+		out += strings.TrimPrefix(fmt.Sprintf("%.*f", decimals, frac), "0")
+	}
+	return out
+}
+
+func fmtSeconds(s float64) string {
+	if s < 10 {
+		return fmt.Sprintf("%.2f s", s)
+	}
+	return fmt.Sprintf("%.1f s", s)
+}
+
+func fmtDuration(d time.Duration) string {
+	switch {
+	case d >= time.Minute && d%time.Minute == 0:
+		return fmt.Sprintf("%d min", int(d/time.Minute))
+	case d%time.Second == 0:
+		return fmt.Sprintf("%d s", int(d/time.Second))
+	}
+	return d.String()
+}
+
+func fmtMiB(b int64) string {
+	return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20))
+}

@@ -1,0 +1,282 @@
+package bench
+
+import (
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kpr-dev/kpr/test/loadgen/report"
+)
+
+// These tests are pure: no namespace, no process, no network. The benchmark itself runs
+// through `make bench`.
+
+func TestStatOf(t *testing.T) {
+	for _, tc := range []struct {
+		in   []float64
+		want Stat
+	}{
+		{nil, Stat{}},
+		{[]float64{3}, Stat{N: 1, Median: 3, Min: 3, Max: 3, CILo: 3, CIHi: 3}},
+		{[]float64{5, 1, 3}, Stat{N: 3, Median: 3, Min: 1, Max: 5, CILo: 1, CIHi: 5}},
+		{[]float64{4, 1, 3, 2}, Stat{N: 4, Median: 2.5, Min: 1, Max: 4, CILo: 1, CIHi: 4}},
+	} {
+		if got := statOf(tc.in); got != tc.want {
+			t.Errorf("statOf(%v) = %+v, want %+v", tc.in, got, tc.want)
+		}
+	}
+}
+
+func TestMedianCI(t *testing.T) {
+	// The usual table of 1-based ranks, minus one: n=9 -> 2nd and 8th, n=12 -> 3rd and 10th,
+	// n=15 -> 4th and 12th, n=20 -> 6th and 15th; up to n=8 the extremes.
+	for n, want := range map[int]int{1: 0, 5: 0, 6: 0, 8: 0, 9: 1, 11: 1, 12: 2, 15: 3, 20: 5} {
+		if got := medianCIRank(n); got != want {
+			t.Errorf("medianCIRank(%d) = %d, want %d", n, got, want)
+		}
+	}
+	s := statOf([]float64{9, 1, 8, 2, 7, 3, 6, 4, 5})
+	if s.Median != 5 || s.CILo != 2 || s.CIHi != 8 {
+		t.Fatalf("statOf(1..9) = %+v, want median 5 in [2, 8]", s)
+	}
+}
+
+func TestRotate(t *testing.T) {
+	got := rotate(AllPaths, 5)
+	want := []Path{Kpr, KubeProxyNFTables, KubeProxyIPTables, Direct}
+	if strings.Join(pathStrings(got), ",") != strings.Join(pathStrings(want), ",") {
+		t.Fatalf("rotate by 5 = %v, want %v", got, want)
+	}
+}
+
+func pathStrings(ps []Path) []string {
+	var out []string
+	for _, p := range ps {
+		out = append(out, string(p))
+	}
+	return out
+}
+
+func TestFillEndpointsAreUniqueAndOutsideNode1(t *testing.T) {
+	const services, per = 10000, 10
+	node1 := netip.MustParsePrefix("10.244.1.0/24")
+	pods := netip.MustParsePrefix("10.244.0.0/16")
+	seen := map[netip.AddrPort]bool{}
+	for i := 1; i < services; i++ {
+		var port int32
+		for j := range per {
+			a, p := fillEndpoint(i, j, per)
+			if j > 0 && p != port {
+				t.Fatalf("Service %d: endpoints on ports %d and %d; one slice has one port", i, port, p)
+			}
+			port = p
+			if !pods.Contains(a) || node1.Contains(a) {
+				t.Fatalf("Service %d endpoint %d: %s, want in %s outside %s", i, j, a, pods, node1)
+			}
+			ap := netip.AddrPortFrom(a, uint16(p))
+			if seen[ap] {
+				t.Fatalf("Service %d endpoint %d: %s used twice", i, j, ap)
+			}
+			seen[ap] = true
+		}
+	}
+}
+
+func TestParseStatus(t *testing.T) {
+	m, err := parseStatus([]byte("Name:\tkpr\nVmPeak:\t  900 kB\nVmHWM:\t  204800 kB\nVmRSS:\t  102400 kB\n"))
+	if err != nil || m.RSS != 100<<20 || m.HWM != 200<<20 {
+		t.Fatalf("parseStatus = %+v, %v", m, err)
+	}
+	if _, err := parseStatus([]byte("Name:\tkthread\n")); err == nil {
+		t.Fatal("no VmRSS: want an error")
+	}
+}
+
+func TestLastReport(t *testing.T) {
+	r, err := lastReport([]byte("polling\n{\"mode\":\"first\",\"ok\":0}\nnoise\n{\"mode\":\"first\",\"ok\":1,\"first_ok_unix_nano\":5}\n"))
+	if err != nil || r.OK != 1 || r.FirstOKUnixNano != 5 {
+		t.Fatalf("lastReport = %+v, %v", r, err)
+	}
+	if _, err := lastReport([]byte("polling\n")); err == nil {
+		t.Fatal("no JSON line: want an error")
+	}
+}
+
+func TestGlobalStateLines(t *testing.T) {
+	log := `I1122 11:15:57.1 1 flags.go:64] FLAG: --oom-score-adj="0"
+I1122 11:15:57.2 1 proxier.go:242] "Changed sysctl" name="net/ipv4/conf/all/route_localnet" before=0 after=1
+I1122 11:15:57.3 1 proxier.go:242] "Changed sysctl" name="net/ipv4/conf/all/route_localnet" before=0 after=1
+I1122 11:15:57.4 1 proxier.go:1088] "SyncProxyRules complete"
+`
+	path := filepath.Join(t.TempDir(), "kube-proxy.log")
+	if err := os.WriteFile(path, []byte(log), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	got := globalStateLines(path)
+	if len(got) != 1 || !strings.Contains(got[0], "route_localnet") || !strings.Contains(got[0], "node namespace") {
+		t.Fatalf("globalStateLines = %q, want the one sysctl line, once", got)
+	}
+}
+
+func TestFormat(t *testing.T) {
+	for _, tc := range []struct{ got, want string }{
+		{fmtCount(0), "0"},
+		{fmtCount(999), "999"},
+		{fmtCount(10000), "10,000"},
+		{fmtCount(-1234567), "-1,234,567"},
+		{fmtNum(8312.6, 0), "8,313"},
+		{fmtNum(0.745, 2), "0.75"},
+		{fmtSeconds(0.7449), "0.74 s"},
+		{fmtSeconds(13.04), "13.0 s"},
+		{fmtDuration(3 * time.Minute), "3 min"},
+		{fmtDuration(2 * time.Second), "2 s"},
+		{fmtMiB(150 << 20), "150.0 MiB"},
+	} {
+		if tc.got != tc.want {
+			t.Errorf("got %q, want %q", tc.got, tc.want)
+		}
+	}
+}
+
+func rateRun(perSec float64, failed int64) *report.Run {
+	return &report.Run{Mode: "rate", OK: int64(perSec * 4), Failed: failed, PerSecond: perSec, Seconds: 4}
+}
+
+func latRun(mode string, p50 float64) *report.Run {
+	return &report.Run{Mode: mode, OK: 1000, Latency: report.Latency{N: 1000, P50: p50, P90: p50 * 1.2, P99: p50 * 1.5}}
+}
+
+func sample(client Path, perSec, fresh, est float64) *Sample {
+	return &Sample{Client: client, Rate: rateRun(perSec, 0), Fresh: latRun("fresh", fresh), Established: latRun("established", est), Seconds: 10}
+}
+
+// synthetic is a run at two scales: kpr pairs 1% slower than direct at 1 Service, and at
+// 10,000 Services one pair disturbed by others (left out) and kpr within the targets.
+func synthetic() *Results {
+	kpr1 := &PathRun{Path: Kpr, Round: 1, HasFirstAnswer: true, Answered: true, FirstAnswer: 150 * time.Millisecond,
+		FirstAnswerLimit: time.Minute, MemAfterSync: Mem{RSS: 30 << 20, HWM: 31 << 20},
+		Pairs: []*Pair{
+			{sample(Kpr, 990, 101, 30), sample(Direct, 1000, 100, 30), false},
+			{sample(Kpr, 990, 101, 30), sample(Direct, 1000, 100, 30), true},
+		}}
+	disturbed := sample(Direct, 2000, 50, 15)
+	disturbed.RateOthers, disturbed.FreshOthers, disturbed.EstablishedOthers = 0.5, 0.5, 0.5
+	kpr10k := &PathRun{Path: Kpr, Round: 1, HasFirstAnswer: true, Answered: true, FirstAnswer: 800 * time.Millisecond,
+		FirstAnswerLimit: time.Minute, MemAfterSync: Mem{RSS: 100 << 20, HWM: 120 << 20},
+		Pairs: []*Pair{
+			{sample(Kpr, 1000, 100, 30), sample(Direct, 1000, 100, 30), false},
+			{sample(Kpr, 1000, 100, 30), disturbed, true},
+		}}
+	ipt10k := &PathRun{Path: KubeProxyIPTables, Round: 1, HasFirstAnswer: true, Answered: false, FirstAnswerLimit: 3 * time.Minute}
+	return &Results{
+		Command: "make bench",
+		Machine: Machine{CPUs: 2, CPUModel: "Test CPU", Kernel: "6.18"},
+		Config:  ConfigSummary{Rounds: 1, Pairs: 2, OthersLimit: 0.05, CreateParallelism: 8},
+		Started: time.Unix(0, 0), Finished: time.Unix(600, 0),
+		Scales: []*ScaleResult{
+			{Services: 1, Paths: []*PathResult{
+				{Path: Direct, Runs: []*PathRun{{Path: Direct, Round: 1, Samples: []*Sample{sample(Direct, 1010, 99, 30)}}}},
+				{Path: Kpr, Runs: []*PathRun{kpr1}},
+			}},
+			{Services: 10000, Created: 9999, CreateSeconds: 60, Paths: []*PathResult{
+				{Path: Direct, Runs: []*PathRun{{Path: Direct, Round: 1, Samples: []*Sample{sample(Direct, 1000, 100, 30)}}}},
+				{Path: Kpr, Runs: []*PathRun{kpr10k}},
+				{Path: KubeProxyIPTables, Runs: []*PathRun{ipt10k}, Skipped: "did not answer within 3 min in round 1; not retried"},
+			}},
+		},
+	}
+}
+
+func TestSummarizePairs(t *testing.T) {
+	r := synthetic()
+	k := r.summaries(r.Scales[0])[Kpr]
+	if k.Pairs != 2 || k.PairedConn.N != 2 || k.PairedConn.Median != 0.99 {
+		t.Fatalf("1 Service: pairs %d, paired conn %+v, want 2 pairs at 0.99", k.Pairs, k.PairedConn)
+	}
+	if k.ConnPerSec.Median != 990 || k.Fresh[0].Median != 101 || k.PairedDirectConn.Median != 1000 {
+		t.Fatalf("kpr's own figures: %+v %+v", k.ConnPerSec, k.Fresh[0])
+	}
+	k = r.summaries(r.Scales[1])[Kpr]
+	if k.DisturbedPairs != 1 || k.PairedConn.N != 1 || k.PairedConn.Median != 1 {
+		t.Fatalf("10,000: disturbed %d, paired conn %+v, want the undisturbed pair only", k.DisturbedPairs, k.PairedConn)
+	}
+}
+
+func TestTargets(t *testing.T) {
+	verdicts := map[string]string{}
+	for _, tg := range synthetic().Targets() {
+		verdicts[tg.Name] = tg.verdict()
+	}
+	for name, want := range map[string]string{
+		"kpr new connections/s ≥ 97% of direct, 1 Service":                                        "met",
+		"kpr request latency on a new connection, p50 ≤ 103% of direct, 10,000 Services":          "met",
+		"no failed connection through kpr (all scales, all runs)":                                 "met",
+		"10,000 Services answer within 2 s of kpr's start":                                        "met",
+		"kpr resident memory (VmHWM) under 150.0 MiB with 10,000 Services":                        "met",
+		"kpr request latency on an established connection, p50 ≤ 103% of direct, 1 Service":       "met",
+		"kpr request latency on an established connection, p50 ≤ 103% of direct, 10,000 Services": "met",
+		"kpr new connections/s ≥ 97% of direct, 10,000 Services":                                  "met",
+	} {
+		if got, ok := verdicts[name]; !ok || got != want {
+			t.Errorf("%s: %q (present %v), want %q; all: %v", name, got, ok, want, verdicts)
+		}
+	}
+
+	r := synthetic()
+	r.Scales[1].Paths[1].Runs[0].MemAfterTraffic = Mem{RSS: 160 << 20, HWM: 170 << 20}
+	r.Scales[1].Paths[1].Runs[0].FirstAnswer = 2500 * time.Millisecond
+	r.Scales[0].Paths[1].Runs[0].Pairs[1].Path.Rate.Failed = 3
+	for _, tg := range r.Targets() {
+		switch {
+		case strings.HasPrefix(tg.Name, "kpr resident memory"), strings.HasPrefix(tg.Name, "10,000 Services answer"), strings.HasPrefix(tg.Name, "no failed"):
+			if tg.verdict() != "**MISSED**" {
+				t.Errorf("%s: %s (%s), want missed", tg.Name, tg.verdict(), tg.Measured)
+			}
+		}
+	}
+}
+
+func TestMarkdown(t *testing.T) {
+	r := synthetic()
+	md := r.Markdown()
+	for _, want := range []string{
+		"## Machine", "2 × Test CPU", "## Command", "make bench", "### 10,000 Services",
+		"> 3 min (did not answer)", "Creating 9,999 Services", "## Raw runs", "kpr against the direct path, paired",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("the results file lacks %q", want)
+		}
+	}
+	for _, line := range strings.Split(md, "\n") {
+		if strings.HasPrefix(line, "| 10,000 | kpr |") || strings.HasPrefix(line, "| 1 | direct |") {
+			if n := strings.Count(line, "|") - strings.Count(line, `\|`) - 1; n != 17 {
+				t.Errorf("raw row has %d cells, want 17: %s", n, line)
+			}
+		}
+	}
+	readme := r.ReadmeSection("docs/bench/clusterip.md")
+	if !strings.HasPrefix(readme, "## Performance\n") || !strings.Contains(readme, "(docs/bench/clusterip.md)") {
+		t.Errorf("README section:\n%s", readme)
+	}
+}
+
+func TestConfigs(t *testing.T) {
+	for name, c := range map[string]Config{"default": DefaultConfig(), "quick": QuickConfig()} {
+		c.WorkDir = t.TempDir()
+		if err := c.Validate(); err != nil {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+	c := DefaultConfig()
+	c.Scales = []int{10000, 1}
+	c.Rounds = 0
+	err := c.Validate()
+	for _, want := range []string{"ascending", "rounds", "work dir"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("Validate() = %v, want it to name %q", err, want)
+		}
+	}
+}
