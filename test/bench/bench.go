@@ -149,7 +149,10 @@ func (b *bench) setup(ctx context.Context) error {
 	b.cpu = &cpuMeter{self: os.Getpid(), ours: b.netnsInodes}
 	if n := runtime.NumCPU(); b.cfg.Pin && n > 1 {
 		b.clientCPUs, b.serverCPUs = "0", fmt.Sprintf("1-%d", n-1)
-		b.res.Pinning = fmt.Sprintf("clients on CPU %s, servers on CPUs %s", b.clientCPUs, b.serverCPUs)
+		b.res.Pinning = "clients on CPU 0, servers on CPU 1"
+		if n > 2 {
+			b.res.Pinning = "clients on CPU 0, servers on CPUs " + b.serverCPUs
+		}
 	}
 	if b.node, err = b.cp.AddNode(ctx, "node1", 1); err != nil {
 		return err

@@ -480,7 +480,7 @@ func (s Summary) firstAnswer() string {
 	}
 	out := fmtSeconds(s.FirstAnswer.Median)
 	if s.FirstAnswer.N > 1 {
-		out += fmt.Sprintf(" [%s–%s]", fmtNum(s.FirstAnswer.Min, 2), fmtNum(s.FirstAnswer.Max, 2))
+		out += fmt.Sprintf(" [%s–%s]", strings.TrimSuffix(fmtSeconds(s.FirstAnswer.Min), " s"), strings.TrimSuffix(fmtSeconds(s.FirstAnswer.Max), " s"))
 	}
 	if s.NotAnswered > 0 {
 		out += fmt.Sprintf(", %d run(s) did not answer within %s", s.NotAnswered, fmtDuration(s.FirstLimit))

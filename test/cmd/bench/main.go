@@ -4,10 +4,12 @@
 // writes docs/bench/clusterip.md (and .json); everything it creates is removed when it ends,
 // also on Ctrl-C.
 //
-//	make bench                               the full run (about 15 minutes)
+//	make bench                               the full run (about 17 minutes)
 //	make bench BENCH_FLAGS=-quick            1 Service, one round, short windows; writes nothing
 //	BENCH_SCALES=1 BENCH_ROUNDS=1 make bench a subset through the environment
 //	BENCH_PATHS=direct,kpr make bench        only some paths (direct, kpr, nftables, iptables)
+//	go run ./test/cmd/bench -render docs/bench/clusterip.json -readme
+//	                                         rewrite the Markdown and the README section from a run's JSON
 package main
 
 import (
@@ -50,10 +52,14 @@ func run() error {
 	noPin := flag.Bool("no-pin", false, "do not pin the clients and the servers to separate CPUs")
 	out := flag.String("out", "", "results file (Markdown; a .json beside it); default docs/bench/clusterip.md for a full run, none with -quick")
 	readme := flag.Bool("readme", false, "also rewrite the README's \"## Performance\" section")
+	render := flag.String("render", "", "measure nothing: read this results JSON and write its Markdown (beside it, or -out) and, with -readme, the README section")
 	kprRev := flag.String("kpr-rev", os.Getenv("BENCH_KPR_REV"), "build kpr from this git revision instead of the working tree (env BENCH_KPR_REV)")
 	keep := flag.Bool("keep", false, "keep the work directory (logs of every process) after the run")
 	flag.Parse()
 
+	if *render != "" {
+		return rerender(*render, *out, *readme)
+	}
 	cfg := bench.DefaultConfig()
 	if *quick {
 		cfg = bench.QuickConfig()
@@ -153,6 +159,44 @@ func run() error {
 		}
 	}
 	return runErr
+}
+
+// rerender writes the Markdown of a results JSON written by an earlier run (and the README
+// section), e.g. after the report's layout changed.
+func rerender(jsonFile, mdFile string, readme bool) error {
+	data, err := os.ReadFile(jsonFile)
+	if err != nil {
+		return err
+	}
+	var res bench.Results
+	if err := json.Unmarshal(data, &res); err != nil {
+		return fmt.Errorf("%s: %w", jsonFile, err)
+	}
+	if mdFile == "" {
+		mdFile = strings.TrimSuffix(jsonFile, filepath.Ext(jsonFile)) + ".md"
+	}
+	fmt.Print(res.Table())
+	if err := os.WriteFile(mdFile, []byte(res.Markdown()), 0o644); err != nil {
+		return err
+	}
+	fmt.Printf("\nresults: %s\n", mdFile)
+	if !readme {
+		return nil
+	}
+	root, err := bench.ModuleRoot()
+	if err != nil {
+		return err
+	}
+	abs, err := filepath.Abs(mdFile)
+	if err != nil {
+		return err
+	}
+	rel, _ := filepath.Rel(root, abs)
+	if err := updateReadme(filepath.Join(root, "README.md"), res.ReadmeSection(filepath.ToSlash(rel))); err != nil {
+		return err
+	}
+	fmt.Println("README.md: performance section updated")
+	return nil
 }
 
 func write(mdFile string, res *bench.Results) error {
