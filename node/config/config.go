@@ -74,7 +74,7 @@ var settings = []setting{
 	{"sockRevNatMapSize", "sock-revnat-map-size", "entries in the socket reverse-NAT map (UDP replies, getpeername)", 131072},
 	{"affinityMapSize", "affinity-map-size", "entries in the session-affinity map", 65536},
 	{"affinityMatchMapSize", "affinity-match-map-size", "entries in the map of backends each session-affinity frontend may stick to", 65536},
-	{"syncPeriod", "sync-period", "longest interval between full syncs of the datapath", 30 * time.Second},
+	{"syncPeriod", "sync-period", "longest interval between two syncs; a sync writes only what changed, and once an hour one re-reads the maps and recomputes every Service", 30 * time.Second},
 	{"minSyncPeriod", "min-sync-period", "shortest interval between two syncs; changes within it are batched", time.Second},
 	{"runDir", "run-dir", "directory for the agent's status file", "/run/kpr"},
 }
