@@ -20,7 +20,6 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-	"github.com/spf13/pflag"
 
 	"github.com/kpr-dev/kpr/bpf"
 	"github.com/kpr-dev/kpr/node/agent"
@@ -73,19 +72,13 @@ func runCmd() *cobra.Command {
 	return c
 }
 
-// loadForInspection reads the settings inspection commands need (pin dir, run dir) with the
-// same precedence as `kpr run`.
-func loadForInspection(fs *pflag.FlagSet) (*config.Config, error) {
-	return config.Load(fs)
-}
-
 func statusCmd(out io.Writer) *cobra.Command {
 	c := &cobra.Command{
 		Use:   "status",
 		Short: "show the agent's state in a few lines",
 		Args:  cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			cfg, err := loadForInspection(c.Flags())
+			cfg, err := config.Load(c.Flags())
 			if err != nil {
 				return err
 			}
@@ -199,7 +192,7 @@ func serviceCmd(out io.Writer) *cobra.Command {
 		Short: "list the frontends and backends programmed in the datapath (from the pinned maps)",
 		Args:  cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			cfg, err := loadForInspection(c.Flags())
+			cfg, err := config.Load(c.Flags())
 			if err != nil {
 				return err
 			}
@@ -279,7 +272,7 @@ func cleanupCmd(out io.Writer) *cobra.Command {
 		Short: "detach and remove everything kpr programmed (pinned maps and links)",
 		Args:  cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			cfg, err := loadForInspection(c.Flags())
+			cfg, err := config.Load(c.Flags())
 			if err != nil {
 				return err
 			}

@@ -180,7 +180,6 @@ func (a *Agent) setup() error {
 		return fmt.Errorf("restoring from %s: %w", a.cfg.BPFPinDir, err)
 	}
 	a.rec = rec
-	svcs, _ := dp.Maps.Services()
 	cfg := rest.CopyConfig(cluster.RESTConfig)
 	cfg.Dial = a.observeDial(cfg.Dial)
 	// Protobuf, as kube-proxy uses: lists of 10,000 Services decode several times faster.
@@ -197,7 +196,7 @@ func (a *Agent) setup() error {
 		s.APIServers = cluster.Endpoints
 		s.PinDir = a.cfg.BPFPinDir
 		s.Cgroup = cgroup
-		s.Frontends = len(svcs)
+		s.Frontends = rec.Programmed()
 		s.Networking = nw.status()
 		s.API = "connecting"
 	})

@@ -201,6 +201,9 @@ func (r *Reconciler) Set(service string, fes []lbstate.Frontend) {
 	r.desired[service] = fes
 }
 
+// Programmed is the number of service-map frontends in the mirror (as Stats.Frontends).
+func (r *Reconciler) Programmed() int { return len(r.programmed) }
+
 // Services returns the names of the Services with desired frontends.
 func (r *Reconciler) Services() []string {
 	out := make([]string, 0, len(r.desired))
