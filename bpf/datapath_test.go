@@ -135,6 +135,33 @@ func TestSocketLB(t *testing.T) {
 			})
 	})
 
+	t.Run("run statistics count the connects", func(t *testing.T) {
+		stats, err := ebpf.EnableStats(unix.BPF_STATS_RUN_TIME)
+		if err != nil {
+			t.Skipf("BPF_ENABLE_STATS: %v", err)
+		}
+		defer stats.Close()
+		before, err := RunStats(e.pinDir)
+		must(t, err)
+		const n = 5
+		for range n {
+			if _, err := e.dialTCP(unix.AF_INET, netip.AddrPortFrom(vip4, 80)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		after, err := RunStats(e.pinDir)
+		must(t, err)
+		runs := after["connect4"].RunCount - before["connect4"].RunCount
+		took := after["connect4"].Runtime - before["connect4"].Runtime
+		// Other processes in the test's cgroup may connect too, never fewer.
+		if runs < n || took <= 0 {
+			t.Fatalf("connect4 ran %d times for %v over %d connects, want at least %d runs and some time", runs, took, n, n)
+		}
+		if got := after["connect6"].RunCount - before["connect6"].RunCount; got != 0 {
+			t.Errorf("connect6 ran %d times over IPv4 connects", got)
+		}
+	})
+
 	t.Run("udp connected", func(t *testing.T) {
 		spreadsOver(t, []netip.AddrPort{udpA, udpB},
 			func() (exchange, error) { return e.udpConnected(unix.AF_INET, netip.AddrPortFrom(vip4, 53)) },

@@ -358,6 +358,44 @@ func Attached(pinDir string) ([]string, error) {
 	return names, nil
 }
 
+// RunStats returns the kernel's run-time statistics of each program whose link is pinned in
+// pinDir, by program name: how often it ran and for how long in total. The kernel counts only
+// while statistics are enabled (ebpf.EnableStats, or the kernel.bpf_stats_enabled sysctl);
+// otherwise both stay 0.
+func RunStats(pinDir string) (map[string]ebpf.ProgramStats, error) {
+	names, err := Attached(pinDir)
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string]ebpf.ProgramStats, len(names))
+	for _, name := range names {
+		st, err := linkStats(filepath.Join(pinDir, linksDir, name))
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", name, err)
+		}
+		out[name] = *st
+	}
+	return out, nil
+}
+
+func linkStats(pin string) (*ebpf.ProgramStats, error) {
+	l, err := link.LoadPinnedLink(pin, nil)
+	if err != nil {
+		return nil, err
+	}
+	defer l.Close()
+	info, err := l.Info()
+	if err != nil {
+		return nil, err
+	}
+	prog, err := ebpf.NewProgramFromID(info.Program)
+	if err != nil {
+		return nil, err
+	}
+	defer prog.Close()
+	return prog.Stats()
+}
+
 // Cleanup detaches and unpins the links (cgroup and tcx), unpins the maps of both the socket
 // and the north-south datapath and removes pinDir.
 // It is what `kpr cleanup` runs; calling it again is a no-op.

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -14,6 +15,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/kpr-dev/kpr/test/sandbox"
@@ -44,6 +46,10 @@ type bench struct {
 	// clientCPUs and serverCPUs pin the clients and the servers apart (taskset lists), so
 	// where the scheduler happens to put them does not swing the figures; empty: unpinned.
 	clientCPUs, serverCPUs string
+
+	// bpfStats keeps the kernel's BPF run-time statistics on while the bench runs (closing it
+	// turns them off again); nil when they could not be enabled.
+	bpfStats io.Closer
 
 	vip     netip.Addr // the measured Service's ClusterIP
 	fillers int        // filler Services created so far
@@ -154,6 +160,15 @@ func (b *bench) setup(ctx context.Context) error {
 			b.res.Pinning = "clients on CPU 0, servers on CPUs " + b.serverCPUs
 		}
 	}
+	if slices.Contains(b.cfg.Paths, Kpr) {
+		// While this fd is open the kernel counts each BPF program's runs and run time (the
+		// count costs two clock reads per run, for every program on the machine); closing it
+		// turns counting off again unless something else holds it on.
+		if b.bpfStats, err = ebpf.EnableStats(unix.BPF_STATS_RUN_TIME); err != nil {
+			b.bpfStats = nil
+			b.note("BPF run-time statistics could not be enabled (%v): kpr's datapath cost per connection is not measured.", err)
+		}
+	}
 	if b.node, err = b.cp.AddNode(ctx, "node1", 1); err != nil {
 		return err
 	}
@@ -229,6 +244,9 @@ func (b *bench) wantsKubeProxy() bool {
 // close stops kpr and removes its datapath, then the whole sandbox.
 func (b *bench) close() error {
 	var errs []error
+	if b.bpfStats != nil {
+		b.bpfStats.Close()
+	}
 	if b.kpr != nil {
 		if err := b.kpr.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("kpr: %w", err))

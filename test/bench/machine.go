@@ -252,6 +252,7 @@ type cpuSnapshot struct {
 	at     time.Time
 	uptime uint64 // ticks since boot
 	steal  uint64 // ticks the hypervisor gave to someone else
+	busy   uint64 // ticks all CPUs spent on user, system, irq and softirq work
 	others map[int]procTicks
 }
 
@@ -278,6 +279,10 @@ func (m *cpuMeter) snapshot() cpuSnapshot {
 		// cpu  user nice system idle iowait irq softirq steal ...
 		if f := strings.Fields(strings.SplitN(string(data), "\n", 2)[0]); len(f) > 8 && f[0] == "cpu" {
 			s.steal, _ = strconv.ParseUint(f[8], 10, 64)
+			for _, i := range []int{1, 2, 3, 6, 7} { // user nice system irq softirq
+				v, _ := strconv.ParseUint(f[i], 10, 64)
+				s.busy += v
+			}
 		}
 	}
 	ours := m.ours()

@@ -13,6 +13,9 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cilium/ebpf"
+
+	"github.com/kpr-dev/kpr/bpf"
 	"github.com/kpr-dev/kpr/test/loadgen/report"
 	"github.com/kpr-dev/kpr/test/sandbox"
 )
@@ -94,6 +97,10 @@ func (b *bench) sampleSet(ctx context.Context, run *PathRun, clients []clientSpe
 				}
 			}
 			b.waitQuiet(ctx)
+			var bpfBefore map[string]ebpf.ProgramStats
+			if m.mode == "rate" {
+				bpfBefore = b.kprRunStats(clients)
+			}
 			before := b.cpu.snapshot()
 			proxyBefore := procCPU(run.proxyPID)
 			results := make([]*report.Run, len(clients))
@@ -112,6 +119,10 @@ func (b *bench) sampleSet(ctx context.Context, run *PathRun, clients []clientSpe
 				return err
 			}
 			after := b.cpu.snapshot()
+			var bpfRun *BPFRun
+			if bpfBefore != nil {
+				bpfRun = b.kprRunDelta(bpfBefore)
+			}
 			others := othersShare(before, after)
 			if tracked && m.mode == "rate" {
 				run.ConntrackAfterRate = max(run.ConntrackAfterRate, b.conntrackCount(ctx))
@@ -132,6 +143,11 @@ func (b *bench) sampleSet(ctx context.Context, run *PathRun, clients []clientSpe
 				m.set(s, results[i], others)
 				s.ProxyCPUSeconds += proxyUsed
 				s.Seconds += after.at.Sub(before.at).Seconds()
+				if m.mode == "rate" {
+					s.RateBusySeconds = float64(after.busy-before.busy) / clkTck
+					s.RateSpanSeconds = after.at.Sub(before.at).Seconds()
+					s.RateBPF = bpfRun
+				}
 			}
 			break
 		}
@@ -341,4 +357,41 @@ func parseStatus(data []byte) (Mem, error) {
 		return m, errors.New("no VmRSS")
 	}
 	return m, nil
+}
+
+// kprRunStats reads the run-time statistics of kpr's programs before a measurement in which
+// kpr's client runs alone; nil when the statistics are off or the clients are others'.
+func (b *bench) kprRunStats(clients []clientSpec) map[string]ebpf.ProgramStats {
+	if b.bpfStats == nil || len(clients) != 1 || clients[0].path != Kpr {
+		return nil
+	}
+	st, err := bpf.RunStats(b.kpr.PinDir)
+	if err != nil {
+		b.log("BPF run-time statistics: %v", err)
+		return nil
+	}
+	return st
+}
+
+// kprRunDelta is what kpr's programs did since before.
+func (b *bench) kprRunDelta(before map[string]ebpf.ProgramStats) *BPFRun {
+	after, err := bpf.RunStats(b.kpr.PinDir)
+	if err != nil {
+		b.log("BPF run-time statistics: %v", err)
+		return nil
+	}
+	out := &BPFRun{ByProgram: map[string][2]uint64{}}
+	for name, a := range after {
+		p, ok := before[name]
+		if !ok || a.RunCount < p.RunCount || a.Runtime < p.Runtime {
+			continue // reloaded in between: not comparable
+		}
+		runs, nanos := a.RunCount-p.RunCount, uint64(a.Runtime-p.Runtime)
+		out.Runs += runs
+		out.Nanos += nanos
+		if runs > 0 {
+			out.ByProgram[name] = [2]uint64{runs, nanos}
+		}
+	}
+	return out
 }

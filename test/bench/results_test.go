@@ -280,3 +280,49 @@ func TestConfigs(t *testing.T) {
 		}
 	}
 }
+
+func TestDatapathCost(t *testing.T) {
+	r := synthetic()
+	// 1 Service: kpr's programs ran 3 times per connection (connect4 once) for 300 ns in all;
+	// the direct sample made 1000 conn/s for 2 s with 0.4 s of busy CPU: 200 µs a connection.
+	for _, p := range r.Scales[0].Paths[1].Runs[0].Pairs {
+		p.Path.RateBPF = &BPFRun{Runs: 3000, Nanos: 300_000, ByProgram: map[string][2]uint64{
+			"connect4": {1000, 200_000}, "getpeername4": {2000, 100_000}}}
+		p.Direct.RateBusySeconds, p.Direct.RateSpanSeconds = 0.4, 2
+	}
+	k := r.summaries(r.Scales[0])[Kpr]
+	if k.BPFShare.N != 2 || k.BPFNanosPerConn.Median != 300 || k.BPFRunsPerConn.Median != 3 || k.DirectCPUPerConn.Median != 200 {
+		t.Fatalf("cost %+v runs %+v direct %+v", k.BPFNanosPerConn, k.BPFRunsPerConn, k.DirectCPUPerConn)
+	}
+	if got := k.BPFShare.Median; got < 0.0014999 || got > 0.0015001 {
+		t.Fatalf("share %v, want 300 ns of 200 µs = 0.15%%", got)
+	}
+	verdict := func(r *Results) string {
+		for _, tg := range r.Targets() {
+			if strings.HasPrefix(tg.Name, "kpr's BPF programs") && strings.HasSuffix(tg.Name, ", 1 Service") {
+				return tg.verdict()
+			}
+		}
+		return "absent"
+	}
+	if v := verdict(r); v != "met" {
+		t.Fatalf("0.15%%: %s", v)
+	}
+	if !strings.Contains(r.Markdown(), "kpr's datapath cost, from the kernel's BPF run-time statistics") {
+		t.Error("the results file lacks the datapath cost")
+	}
+	// 10 µs a connection is 5% of 200 µs.
+	for _, p := range r.Scales[0].Paths[1].Runs[0].Pairs {
+		p.Path.RateBPF.Nanos = 10_000_000
+	}
+	if v := verdict(r); v != "**MISSED**" {
+		t.Fatalf("5%%: %s", v)
+	}
+	// Without statistics, nothing is claimed.
+	for _, p := range r.Scales[0].Paths[1].Runs[0].Pairs {
+		p.Path.RateBPF = nil
+	}
+	if v := verdict(r); v != "not measured" {
+		t.Fatalf("no statistics: %s", v)
+	}
+}
