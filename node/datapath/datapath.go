@@ -15,6 +15,7 @@ import (
 
 	"github.com/kpr-dev/kpr/bpf"
 	"github.com/kpr-dev/kpr/node/lbstate"
+	"github.com/kpr-dev/kpr/node/maglev"
 )
 
 // LBMap is the datapath's load-balancer state: implemented by bpf.LBMaps, by Fake (in memory)
@@ -36,6 +37,14 @@ type LBMap interface {
 	UpsertAffinityMatch(svcID, backendID uint32) error
 	DeleteAffinityMatch(svcID, backendID uint32) error
 	AffinityMatches() (map[bpf.AffinityMatch]struct{}, error)
+}
+
+// MaglevMap holds a Maglev lookup table per external frontend (bpf.NodePortMaps).
+type MaglevMap interface {
+	MaglevTableSize() int
+	SetMaglevTable(svcID uint32, table []uint32) error
+	DeleteMaglevTable(svcID uint32) error
+	MaglevServices() ([]uint32, error)
 }
 
 // maxID bounds service and backend IDs; 0 is never used so a zero value means "none".
@@ -101,6 +110,12 @@ type Reconciler struct {
 
 	// desired, by owning Service.
 	desired map[string][]lbstate.Frontend
+	// owners indexes desired by service-map key: the Services that want each frontend
+	// (normally one; the smallest name wins a conflict). wildcards counts, per VIP marker,
+	// the desired frontends whose address it marks. Both are kept by Set, so a Sync examines
+	// only the keys of the Services that changed.
+	owners    map[bpf.ServiceKey][]string
+	wildcards map[bpf.ServiceKey]int
 
 	// mirror of the kernel state.
 	programmed map[bpf.ServiceKey]programmedEntry
@@ -113,6 +128,78 @@ type Reconciler struct {
 
 	// full forces the next Sync to re-read the maps and diff everything (after a failure).
 	full bool
+
+	// Maglev tables of external frontends with backends, when enabled (UseMaglev): tables
+	// holds the svc_ids that have one.
+	maglev     MaglevMap
+	maglevSeed maglev.Seed
+	tables     map[uint32]bool
+}
+
+// UseMaglev makes every external frontend with backends get a Maglev table in m, built with
+// seed, so that a flow picks the same backend on every node. It takes effect at the next Sync,
+// which re-reads the maps.
+func (r *Reconciler) UseMaglev(m MaglevMap, seed maglev.Seed) {
+	r.maglev, r.maglevSeed = m, seed
+	r.full = true
+}
+
+// needsTable reports whether the frontend at k, programmed with ids, gets a Maglev table.
+func (r *Reconciler) needsTable(k bpf.ServiceKey, ids []uint32) bool {
+	return r.maglev != nil && k.Scope == bpf.ScopeExternal && !IsWildcard(k) && len(ids) > 0
+}
+
+// writeTable builds and writes the Maglev table of svcID over the backends bks (with IDs ids).
+// Backends are placed by their address, port and protocol, which every node knows alike.
+func (r *Reconciler) writeTable(svcID uint32, bks []backendKey, ids []uint32) error {
+	cands := make([]maglev.Backend, len(bks))
+	for i, bk := range bks {
+		cands[i] = maglev.Backend{Name: netip.AddrPortFrom(netip.AddrFrom16(bk.addr).Unmap(), bk.port).String() + "/" + ProtoName(bk.proto), Weight: 1}
+	}
+	idx, err := maglev.Table(cands, r.maglev.MaglevTableSize(), r.maglevSeed)
+	if err != nil {
+		return fmt.Errorf("maglev table: %w", err)
+	}
+	table := make([]uint32, len(idx))
+	for i, j := range idx {
+		table[i] = ids[j]
+	}
+	if err := r.maglev.SetMaglevTable(svcID, table); err != nil {
+		return err
+	}
+	r.tables[svcID] = true
+	return nil
+}
+
+// pruneTables deletes the Maglev tables of svc_ids no programmed frontend has (left by a crash
+// between writes, or by a frontend removed while kpr was not running). Only valid right after
+// restore.
+func (r *Reconciler) pruneTables() error {
+	if len(r.tables) == 0 {
+		return nil
+	}
+	live := make(map[uint32]bool, len(r.programmed))
+	for _, pe := range r.programmed {
+		live[pe.id] = true
+	}
+	var errs []error
+	for _, id := range slices.Sorted(maps.Keys(r.tables)) {
+		if !live[id] {
+			errs = append(errs, r.dropTable(id))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (r *Reconciler) dropTable(svcID uint32) error {
+	if !r.tables[svcID] {
+		return nil
+	}
+	if err := r.maglev.DeleteMaglevTable(svcID); err != nil {
+		return err
+	}
+	delete(r.tables, svcID)
+	return nil
 }
 
 type programmedEntry struct {
@@ -126,7 +213,7 @@ type programmedEntry struct {
 // NewReconciler restores IDs and the mirror from what lb already holds (pinned maps survive
 // restarts), so the first sync only writes real differences.
 func NewReconciler(lb LBMap) (*Reconciler, error) {
-	r := &Reconciler{lb: lb, desired: map[string][]lbstate.Frontend{}}
+	r := &Reconciler{lb: lb, desired: map[string][]lbstate.Frontend{}, owners: map[bpf.ServiceKey][]string{}, wildcards: map[bpf.ServiceKey]int{}}
 	if err := r.restore(); err != nil {
 		return nil, err
 	}
@@ -150,6 +237,16 @@ func (r *Reconciler) restore() error {
 	ams, err := r.lb.AffinityMatches()
 	if err != nil {
 		return fmt.Errorf("reading affinity match map: %w", err)
+	}
+	r.tables = map[uint32]bool{}
+	if r.maglev != nil {
+		ids, err := r.maglev.MaglevServices()
+		if err != nil {
+			return fmt.Errorf("reading maglev map: %w", err)
+		}
+		for _, id := range ids {
+			r.tables[id] = true
+		}
 	}
 	r.matches = map[uint32]map[uint32]bool{}
 	for am := range ams {
@@ -194,11 +291,39 @@ func (r *Reconciler) restore() error {
 // Set records the desired frontends of one Service (namespace/name); nil or empty removes it.
 // Nothing is written until Sync.
 func (r *Reconciler) Set(service string, fes []lbstate.Frontend) {
+	for _, fe := range r.desired[service] {
+		k := Key(fe.FrontendKey)
+		if o := r.owners[k]; len(o) == 1 && o[0] == service {
+			delete(r.owners, k)
+		} else if i := slices.Index(o, service); i >= 0 {
+			r.owners[k] = slices.Delete(slices.Clone(o), i, i+1)
+		}
+		if fe.Type.OwnsAddress() {
+			w := wildcard(k.Addr, k.Scope)
+			if r.wildcards[w]--; r.wildcards[w] <= 0 {
+				delete(r.wildcards, w)
+			}
+		}
+	}
 	if len(fes) == 0 {
 		delete(r.desired, service)
 		return
 	}
 	r.desired[service] = fes
+	for _, fe := range fes {
+		k := Key(fe.FrontendKey)
+		if o := r.owners[k]; !slices.Contains(o, service) {
+			o = append(slices.Clone(o), service)
+			slices.Sort(o)
+			r.owners[k] = o
+		}
+		// Only a ClusterIP belongs to its Service entirely; a NodePort, external or
+		// load-balancer address may be the node's own or shared, and its other ports must
+		// keep working.
+		if fe.Type.OwnsAddress() {
+			r.wildcards[wildcard(k.Addr, k.Scope)]++
+		}
+	}
 }
 
 // Programmed is the number of service-map frontends in the mirror (as Stats.Frontends).
@@ -234,18 +359,23 @@ func (r *Reconciler) Sync(touched []string) (Stats, error) {
 		if err := r.pruneMatches(); err != nil {
 			errs = append(errs, err)
 		}
+		if err := r.pruneTables(); err != nil {
+			errs = append(errs, err)
+		}
 	}
-	want := r.want()
-
-	// Keys to examine: everything on a full sync, else what the touched Services own now or
-	// owned before.
+	// Keys to examine: everything on a full sync, else what the touched Services want now or
+	// owned before, and the VIP markers of those addresses.
 	var keys []bpf.ServiceKey
 	if st.Full {
-		for k := range want {
+		keys = make([]bpf.ServiceKey, 0, len(r.owners)+len(r.wildcards))
+		for k := range r.owners {
+			keys = append(keys, k)
+		}
+		for k := range r.wildcards {
 			keys = append(keys, k)
 		}
 		for k := range r.programmed {
-			if _, ok := want[k]; !ok {
+			if !r.wanted(k) {
 				keys = append(keys, k)
 			}
 		}
@@ -256,20 +386,22 @@ func (r *Reconciler) Sync(touched []string) (Stats, error) {
 				seen[k] = true
 				keys = append(keys, k)
 			}
+			if !IsWildcard(k) {
+				if w := wildcard(k.Addr, k.Scope); !seen[w] {
+					seen[w] = true
+					keys = append(keys, w)
+				}
+			}
 		}
 		touchedSet := make(map[string]bool, len(touched))
 		for _, s := range touched {
 			touchedSet[s] = true
-		}
-		for k, e := range want {
-			if touchedSet[e.owner] || IsWildcard(k) {
-				add(k)
+			for _, fe := range r.desired[s] {
+				add(Key(fe.FrontendKey))
 			}
 		}
 		for k, pe := range r.programmed {
-			if touchedSet[pe.owner] || IsWildcard(k) {
-				add(k)
-			} else if _, ok := want[k]; !ok {
+			if touchedSet[pe.owner] {
 				add(k)
 			}
 		}
@@ -277,7 +409,7 @@ func (r *Reconciler) Sync(touched []string) (Stats, error) {
 	// Upserts before deletes, so that a frontend moving between Services never disappears.
 	slices.SortFunc(keys, compareKeys)
 	for _, k := range keys {
-		e, ok := want[k]
+		e, ok := r.want(k)
 		if !ok {
 			continue
 		}
@@ -291,7 +423,7 @@ func (r *Reconciler) Sync(touched []string) (Stats, error) {
 		}
 	}
 	for _, k := range keys {
-		if _, ok := want[k]; ok {
+		if r.wanted(k) {
 			continue
 		}
 		if _, ok := r.programmed[k]; !ok {
@@ -312,29 +444,40 @@ func (r *Reconciler) Sync(touched []string) (Stats, error) {
 	return st, errors.Join(errs...)
 }
 
-// want is the full desired service map, with a wildcard per VIP address and scope.
-func (r *Reconciler) want() map[bpf.ServiceKey]entry {
-	out := map[bpf.ServiceKey]entry{}
-	for owner, fes := range r.desired {
-		for _, fe := range fes {
-			k := Key(fe.FrontendKey)
-			e := entry{affinity: fe.AffinityTimeoutSec, owner: owner, flags: bpf.ServiceFlags(0).WithType(uint8(fe.Type))}
-			if len(fe.Backends) == 0 && fe.NoBackends == lbstate.Unreachable {
-				e.flags |= bpf.FlagUnreachable
-			}
-			for _, b := range fe.Backends {
-				e.backends = append(e.backends, newBackendKey(b, k.Proto))
-			}
-			out[k] = e
-			// Only a ClusterIP belongs to its Service entirely; a NodePort, external or
-			// load-balancer address may be the node's own or shared, and its other ports
-			// must keep working.
-			if fe.Type.OwnsAddress() {
-				out[wildcard(k.Addr, k.Scope)] = entry{}
-			}
-		}
+// wanted reports whether some desired frontend, or VIP marker, is k.
+func (r *Reconciler) wanted(k bpf.ServiceKey) bool {
+	if IsWildcard(k) {
+		return r.wildcards[k] > 0
 	}
-	return out
+	return len(r.owners[k]) > 0
+}
+
+// want is the desired service-map entry for k, if any: a VIP marker while some desired
+// frontend owns its address, else the entry of the first Service that wants k.
+func (r *Reconciler) want(k bpf.ServiceKey) (entry, bool) {
+	if IsWildcard(k) {
+		return entry{}, r.wildcards[k] > 0
+	}
+	owners := r.owners[k]
+	if len(owners) == 0 {
+		return entry{}, false
+	}
+	owner := owners[0]
+	for _, fe := range r.desired[owner] {
+		if Key(fe.FrontendKey) != k {
+			continue
+		}
+		e := entry{affinity: fe.AffinityTimeoutSec, owner: owner, flags: bpf.ServiceFlags(0).WithType(uint8(fe.Type))}
+		if len(fe.Backends) == 0 && fe.NoBackends == lbstate.Unreachable {
+			e.flags |= bpf.FlagUnreachable
+		}
+		e.backends = make([]backendKey, 0, len(fe.Backends))
+		for _, b := range fe.Backends {
+			e.backends = append(e.backends, newBackendKey(b, k.Proto))
+		}
+		return e, true
+	}
+	return entry{}, false
 }
 
 // unchanged reports whether the programmed entry already is e.
@@ -355,6 +498,17 @@ func (r *Reconciler) upsert(k bpf.ServiceKey, e entry) (bool, error) {
 	if exists && r.unchanged(pe, e) {
 		pe.owner = e.owner
 		r.programmed[k] = pe
+		// Restored from maps whose table is missing (a crash, or Maglev just enabled), or a
+		// table left where random selection is now wanted.
+		if r.needsTable(k, pe.ids) && !r.tables[pe.id] {
+			if err := r.writeTable(pe.id, e.backends, pe.ids); err != nil {
+				return false, err
+			}
+		} else if !r.needsTable(k, pe.ids) && r.tables[pe.id] {
+			if err := r.dropTable(pe.id); err != nil {
+				return false, err
+			}
+		}
 		// The slots are right, but the pairs may not be: restored from maps written by a kpr
 		// that crashed between writes, or that did not have them yet.
 		if e.affinity > 0 && !IsWildcard(k) {
@@ -389,6 +543,16 @@ func (r *Reconciler) upsert(k bpf.ServiceKey, e entry) (bool, error) {
 			return false, err
 		}
 	}
+	// The Maglev table before the slots: a new flow finds either the old slots and old table
+	// or the new table, and every backend either names exists by now.
+	if r.needsTable(k, ids) {
+		if err := r.writeTable(id, e.backends, ids); err != nil {
+			if !exists {
+				r.svcIDs.release(id)
+			}
+			return false, err
+		}
+	}
 	// The pairs of new backends before any slot names them: a client sent there by a slot
 	// must find its affinity honoured on the next connect. Also when affinity is being turned
 	// off: until slot 0 is rewritten, readers still see it on.
@@ -411,6 +575,13 @@ func (r *Reconciler) upsert(k bpf.ServiceKey, e entry) (bool, error) {
 	r.addRefs(ids, 1)
 	e.backends = nil
 	r.programmed[k] = programmedEntry{id: id, count: len(ids), ids: ids, entry: e}
+	if !r.needsTable(k, ids) {
+		// No backends left (slot 0 refuses new flows without reading the table), or not an
+		// external frontend: the table goes after the slots.
+		if err := r.dropTable(id); err != nil {
+			return true, err
+		}
+	}
 	// Pairs of backends the frontend no longer has, only now that no slot names them. Until
 	// then a client may still be pinned to one, which is what make-before-break promises.
 	if err := r.dropMatches(id, keep); err != nil {
@@ -431,6 +602,9 @@ func (r *Reconciler) remove(k bpf.ServiceKey) error {
 	}
 	// Before the ID can be handed to another frontend.
 	if err := r.dropMatches(pe.id, nil); err != nil {
+		return err
+	}
+	if err := r.dropTable(pe.id); err != nil {
 		return err
 	}
 	if pe.id != 0 {

@@ -14,6 +14,7 @@ import (
 
 	"github.com/kpr-dev/kpr/bpf"
 	"github.com/kpr-dev/kpr/node/lbstate"
+	"github.com/kpr-dev/kpr/node/maglev"
 )
 
 func fe(vip string, port uint16, proto v1.Protocol, backends ...string) lbstate.Frontend {
@@ -508,5 +509,168 @@ func TestNoWildcardForSharedAddresses(t *testing.T) {
 	}
 	if _, ok := got["10.96.0.10 (any port)"]; !ok {
 		t.Fatalf("the ClusterIP lost its wildcard entry: %v", got)
+	}
+}
+
+// Incremental syncs that name only the Services whose frontends changed end where a fresh
+// full programming does, also when Services share addresses (their VIP marker) and even
+// frontend keys (the first Service by name wins, whichever changed last).
+func TestIncrementalSyncMatchesFull(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	m := NewFake()
+	r, _ := NewReconciler(m)
+	state := map[string][]lbstate.Frontend{}
+	for round := range 200 {
+		var touched []string
+		for range 1 + rng.IntN(3) {
+			name := fmt.Sprintf("ns/s%d", rng.IntN(6))
+			var fes []lbstate.Frontend
+			for range rng.IntN(3) {
+				// Few addresses and ports, so keys and addresses collide between Services.
+				f := fe(fmt.Sprintf("10.96.0.%d", 1+rng.IntN(3)), uint16(80+rng.IntN(2)), v1.ProtocolTCP)
+				for j := range rng.IntN(3) {
+					f.Backends = append(f.Backends, netip.MustParseAddrPort(fmt.Sprintf("10.244.1.%d:8080", 2+j+rng.IntN(3))))
+				}
+				if slices.ContainsFunc(fes, func(g lbstate.Frontend) bool { return g.FrontendKey == f.FrontendKey }) {
+					continue // one Service never lists a frontend twice
+				}
+				fes = append(fes, f)
+			}
+			state[name] = fes
+			r.Set(name, fes)
+			touched = append(touched, name)
+		}
+		mustSync(t, r, touched)
+		fresh := NewFake()
+		rf, _ := NewReconciler(fresh)
+		for n, fes := range state {
+			rf.Set(n, fes)
+		}
+		mustSync(t, rf, nil)
+		if a, b := fmt.Sprint(programmed(t, m)), fmt.Sprint(programmed(t, fresh)); a != b {
+			t.Fatalf("round %d (touched %v): incremental state\n%s\ndiffers from fresh\n%s", round, touched, a, b)
+		}
+	}
+	if len(m.Violations) > 0 {
+		t.Fatalf("%d violations, first: %s", len(m.Violations), m.Violations[0])
+	}
+}
+
+// memMaglev is an in-memory MaglevMap.
+type memMaglev struct {
+	size   int
+	tables map[uint32][]uint32
+	writes int
+}
+
+func (m *memMaglev) MaglevTableSize() int { return m.size }
+func (m *memMaglev) SetMaglevTable(id uint32, t []uint32) error {
+	m.tables[id] = slices.Clone(t)
+	m.writes++
+	return nil
+}
+func (m *memMaglev) DeleteMaglevTable(id uint32) error { delete(m.tables, id); m.writes++; return nil }
+func (m *memMaglev) MaglevServices() ([]uint32, error) {
+	return slices.Sorted(maps.Keys(m.tables)), nil
+}
+
+// External frontends with backends get a Maglev table over exactly their backends' IDs, in
+// shares within one slot; the table follows the backends, goes with the frontend, survives a
+// restart untouched, and is the same on another node whose backend IDs differ.
+func TestMaglevTables(t *testing.T) {
+	seed, err := maglev.ParseSeed("a3ByLW1hZ2xldi0x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ext := func(f lbstate.Frontend) lbstate.Frontend {
+		f.Scope, f.Type = lbstate.ScopeExternal, lbstate.NodePort
+		return f
+	}
+	m, mm := NewFake(), &memMaglev{size: 251, tables: map[uint32][]uint32{}}
+	r, _ := NewReconciler(m)
+	r.UseMaglev(mm, seed)
+	np := ext(fe("198.18.0.11", 30080, v1.ProtocolTCP, "10.244.1.2:8080", "10.244.1.3:8080", "10.244.2.2:8080"))
+	r.Set("default/web", []lbstate.Frontend{np, fe("10.96.0.10", 80, v1.ProtocolTCP, "10.244.1.2:8080")})
+	mustSync(t, r, nil)
+	svcs, _ := m.Services()
+	bes, _ := m.Backends()
+	id := svcs[Key(np.FrontendKey)].ID
+	if len(mm.tables) != 1 || mm.tables[id] == nil {
+		t.Fatalf("tables for %v, want one for the NodePort (svc %d) only", slices.Collect(maps.Keys(mm.tables)), id)
+	}
+	// Resolve the table to backend addresses: each of the three backends in 83 or 84 slots.
+	resolve := func(table []uint32, bes map[uint32]bpf.Backend) []string {
+		out := make([]string, len(table))
+		for i, bid := range table {
+			b, ok := bes[bid]
+			if !ok {
+				t.Fatalf("slot %d names missing backend %d", i, bid)
+			}
+			out[i] = netip.AddrPortFrom(b.Addr, b.Port).String()
+		}
+		return out
+	}
+	names := resolve(mm.tables[id], bes)
+	counts := map[string]int{}
+	for _, n := range names {
+		counts[n]++
+	}
+	for _, b := range np.Backends {
+		if c := counts[b.String()]; c < 83 || c > 84 {
+			t.Fatalf("backend %s has %d of 251 slots: %v", b, c, counts)
+		}
+	}
+
+	// Another node: backend IDs allocated in another order, the same table by address.
+	m2, mm2 := NewFake(), &memMaglev{size: 251, tables: map[uint32][]uint32{}}
+	r2, _ := NewReconciler(m2)
+	r2.UseMaglev(mm2, seed)
+	r2.Set("default/other", []lbstate.Frontend{fe("10.96.0.99", 80, v1.ProtocolTCP, "10.244.2.2:8080")})
+	mustSync(t, r2, nil)
+	np2 := np
+	np2.Addr = netip.MustParseAddr("198.18.0.12")
+	r2.Set("default/web", []lbstate.Frontend{np2})
+	mustSync(t, r2, []string{"default/web"})
+	svcs2, _ := m2.Services()
+	bes2, _ := m2.Backends()
+	if got := resolve(mm2.tables[svcs2[Key(np2.FrontendKey)].ID], bes2); !slices.Equal(got, names) {
+		t.Fatal("the other node's table differs")
+	}
+
+	// A backend goes: the table is rewritten without it; a restart writes nothing.
+	np.Backends = np.Backends[:2]
+	r.Set("default/web", []lbstate.Frontend{np})
+	mustSync(t, r, []string{"default/web"})
+	bes, _ = m.Backends()
+	for _, n := range resolve(mm.tables[id], bes) {
+		if n == "10.244.2.2:8080" {
+			t.Fatal("the removed backend is still in the table")
+		}
+	}
+	writes := mm.writes
+	r3, _ := NewReconciler(m)
+	r3.UseMaglev(mm, seed)
+	r3.Set("default/web", []lbstate.Frontend{np})
+	mustSync(t, r3, nil)
+	if mm.writes != writes {
+		t.Fatalf("a restart wrote %d tables", mm.writes-writes)
+	}
+	// No backends, then no frontend: no table.
+	np.Backends = nil
+	r3.Set("default/web", []lbstate.Frontend{np})
+	mustSync(t, r3, []string{"default/web"})
+	if len(mm.tables) != 0 {
+		t.Fatalf("tables %v left for a frontend without backends", mm.tables)
+	}
+	np.Backends = []netip.AddrPort{netip.MustParseAddrPort("10.244.1.2:8080")}
+	r3.Set("default/web", []lbstate.Frontend{np})
+	mustSync(t, r3, []string{"default/web"})
+	r3.Set("default/web", nil)
+	mustSync(t, r3, []string{"default/web"})
+	if len(mm.tables) != 0 {
+		t.Fatalf("tables %v left after the frontend went", mm.tables)
+	}
+	if len(m.Violations) > 0 {
+		t.Fatalf("violations: %v", m.Violations)
 	}
 }
