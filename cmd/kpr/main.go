@@ -116,6 +116,12 @@ func printStatus(out io.Writer, cfg *config.Config) error {
 		if st.Networking != nil {
 			fmt.Fprintf(w, "Networking:\t%s\n", networkingLine(st.Networking))
 		}
+		if st.NorthSouth != "" {
+			fmt.Fprintf(w, "From outside:\t%s\n", st.NorthSouth)
+		}
+		if st.Masquerade != "" {
+			fmt.Fprintf(w, "Masquerade:\t%s\n", st.Masquerade)
+		}
 		if st.Error != "" {
 			fmt.Fprintf(w, "Error:\t%s\n", st.Error)
 		}
@@ -269,7 +275,7 @@ func listServices(out io.Writer, m datapath.LBMap) error {
 func cleanupCmd(out io.Writer) *cobra.Command {
 	c := &cobra.Command{
 		Use:   "cleanup",
-		Short: "detach and remove everything kpr programmed (pinned maps and links)",
+		Short: "detach and remove everything kpr programmed (pinned maps and links, tc attachments, the nftables table)",
 		Args:  cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
 			cfg, err := config.Load(c.Flags())
@@ -278,6 +284,9 @@ func cleanupCmd(out io.Writer) *cobra.Command {
 			}
 			if err := bpf.Cleanup(cfg.BPFPinDir); err != nil {
 				return err
+			}
+			if err := agent.DeleteMasquerade(); err != nil {
+				return fmt.Errorf("deleting the nftables table %q: %w", "kpr", err)
 			}
 			if err := os.Remove(filepath.Join(cfg.RunDir, agent.StatusFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
 				return err

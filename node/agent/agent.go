@@ -5,10 +5,12 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -30,6 +32,7 @@ import (
 	"github.com/kpr-dev/kpr/node/config"
 	"github.com/kpr-dev/kpr/node/datapath"
 	"github.com/kpr-dev/kpr/node/lbstate"
+	"github.com/kpr-dev/kpr/node/maglev"
 	"github.com/kpr-dev/kpr/systemd"
 )
 
@@ -55,6 +58,13 @@ type Agent struct {
 	tracker tracker
 	status  *statusWriter
 
+	// ns is the north-south setup; nil when that traffic is not served. Guarded by mu: the
+	// address watcher replaces it.
+	ns         *northSouth
+	maglevSeed maglev.Seed
+	// problems are the last reported problems per Service, so each is logged once.
+	problems map[string]string
+
 	mu           sync.Mutex
 	lastLoop     time.Time
 	lastFull     time.Time
@@ -79,6 +89,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	defer a.dp.Close()
+	defer a.closeNorthSouth()
 
 	// READY once the datapath is loaded, attached and restored from the pins: on a
 	// control-plane node the API server itself may wait for kubelet, which waits for us.
@@ -94,6 +105,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
 	wg.Go(func() { r.Loop(ctx) })
 	wg.Go(func() { a.notify.Watchdog(ctx, a.Healthy) })
+	if a.ns != nil {
+		wg.Go(func() { a.followAddresses(ctx) })
+	}
 	r.Run()
 	<-ctx.Done()
 	a.notify.Stopping()
@@ -180,6 +194,32 @@ func (a *Agent) setup() error {
 		return fmt.Errorf("restoring from %s: %w", a.cfg.BPFPinDir, err)
 	}
 	a.rec = rec
+	if a.maglevSeed, err = maglev.ParseSeed(a.cfg.MaglevHashSeed); err != nil {
+		dp.Close()
+		return err
+	}
+	nsStatus := "not served"
+	if ns, err := discoverNorthSouth(a.cfg); err != nil {
+		a.log.Warn("NodePort, ExternalIP and LoadBalancer traffic from outside the node is not served", "err", err)
+	} else if err := loadNorthSouth(a.cfg, ns, a.maglevSeed); err != nil {
+		a.log.Warn("north-south datapath not loaded", "err", err)
+	} else {
+		a.ns = ns
+		nsStatus = ns.status()
+		if a.cfg.LoadBalancerAlgorithm == "maglev" {
+			rec.UseMaglev(ns.np.Maps, a.maglevSeed)
+		} else if err := dropMaglevTables(ns.np.Maps); err != nil {
+			a.log.Warn("removing Maglev tables (loadBalancerAlgorithm: random)", "err", err)
+		}
+		a.log.Info("north-south datapath ready", "devices", ns.devices, "nodePortAddresses", ns.nodePort, "snat4", ns.snat4, "snat6", ns.snat6, "algorithm", a.cfg.LoadBalancerAlgorithm)
+	}
+	masqStatus, err := applyMasquerade(a.cfg, nw)
+	if err != nil {
+		a.closeNorthSouth()
+		dp.Close()
+		return err
+	}
+	a.log.Info("masquerade", "state", masqStatus)
 	cfg := rest.CopyConfig(cluster.RESTConfig)
 	cfg.Dial = a.observeDial(cfg.Dial)
 	// Protobuf, as kube-proxy uses: lists of 10,000 Services decode several times faster.
@@ -198,6 +238,8 @@ func (a *Agent) setup() error {
 		s.Cgroup = cgroup
 		s.Frontends = rec.Programmed()
 		s.Networking = nw.status()
+		s.NorthSouth = nsStatus
+		s.Masquerade = masqStatus
 		s.API = "connecting"
 	})
 	return nil
@@ -417,7 +459,8 @@ func (a *Agent) syncOnce() error {
 	return nil
 }
 
-// frontends computes one Service's socket-LB frontends from the informer caches.
+// frontends computes one Service's frontends from the informer caches: the socket LB's, and
+// with the north-south datapath loaded, the external ones.
 func (a *Agent) frontends(name string, node lbstate.Node) []lbstate.Frontend {
 	obj, exists, err := a.services.GetIndexer().GetByKey(name)
 	if err != nil || !exists {
@@ -437,7 +480,117 @@ func (a *Agent) frontends(name string, node lbstate.Node) []lbstate.Frontend {
 			eps = append(eps, s)
 		}
 	}
-	return lbstate.Frontends(svc, lbstate.ServiceEndpoints(eps, node.Name), node)
+	endpoints := lbstate.ServiceEndpoints(eps, node.Name)
+	a.mu.Lock()
+	ns := a.ns
+	a.mu.Unlock()
+	if ns == nil {
+		return lbstate.Frontends(svc, endpoints, node)
+	}
+	_, fes, problems := lbstate.AllFrontends(svc, endpoints, node, ns.nodePort, lbstate.Options{ExternalClusterIP: a.cfg.ExternalClusterIP})
+	out := fes[:0]
+	for _, fe := range fes {
+		if fe.Scope == lbstate.ScopeExternal && fe.PreserveClientIP {
+			// The tc path only does SNAT so far; serving these would hide the client's
+			// address from the backend, which externalTrafficPolicy: Local promises.
+			problems = append(problems, lbstate.Problem{Field: "spec.externalTrafficPolicy",
+				Detail: fmt.Sprintf("Local: %s from outside the node is not served yet (only SNAT is implemented); in-node clients are", fe.FrontendKey)})
+			continue
+		}
+		out = append(out, fe)
+	}
+	a.report(name, problems)
+	return out
+}
+
+// report logs a Service's problems when they differ from the last ones reported. Only the sync
+// loop calls it.
+func (a *Agent) report(name string, problems []lbstate.Problem) {
+	var b strings.Builder
+	for i, p := range problems {
+		if i > 0 {
+			b.WriteString("; ")
+		}
+		b.WriteString(p.String())
+	}
+	if a.problems == nil {
+		a.problems = map[string]string{}
+	}
+	if a.problems[name] == b.String() {
+		return
+	}
+	if b.Len() == 0 {
+		delete(a.problems, name)
+		return
+	}
+	a.problems[name] = b.String()
+	a.log.Warn("Service partly not served", "service", name, "problems", b.String())
+}
+
+func (a *Agent) closeNorthSouth() {
+	if a.ns != nil && a.ns.np != nil {
+		a.ns.np.Close()
+	}
+}
+
+// followAddresses polls the devices' addresses: when they change, the SNAT addresses and the
+// NodePort frontends follow. New devices (pods' veths) get the reply program.
+func (a *Agent) followAddresses(ctx context.Context) {
+	t := time.NewTicker(addressPollPeriod)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		a.mu.Lock()
+		cur := a.ns
+		a.mu.Unlock()
+		if err := cur.attachReplies(a.cfg.BPFPinDir, cur.deviceIndexes()); err != nil {
+			a.log.Warn("attaching the reply program to new devices", "err", err)
+		}
+		found, err := discoverNorthSouth(a.cfg)
+		if err != nil || !slices.Equal(found.devices, cur.devices) {
+			continue // devices appear and go on restarts only, for now
+		}
+		if found.same(cur) {
+			continue
+		}
+		if found.snat4 != cur.snat4 || found.snat6 != cur.snat6 {
+			c, err := cur.np.Maps.Config()
+			if err == nil {
+				c.SNATAddr4, c.SNATAddr6 = found.snat4, found.snat6
+				err = cur.np.Maps.SetConfig(c)
+			}
+			if err != nil {
+				a.log.Error("updating the SNAT addresses", "err", err)
+				continue
+			}
+		}
+		found.np = cur.np
+		a.mu.Lock()
+		a.ns = found
+		a.mu.Unlock()
+		a.log.Info("node addresses changed", "nodePortAddresses", found.nodePort, "snat4", found.snat4, "snat6", found.snat6)
+		a.status.set(func(s *Status) { s.NorthSouth = found.status() })
+		a.tracker.touchAll()
+	}
+}
+
+// addressPollPeriod is how often the devices' addresses are checked.
+const addressPollPeriod = 2 * time.Second
+
+func dropMaglevTables(m *bpf.NodePortMaps) error {
+	ids, err := m.MaglevServices()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, id := range ids {
+		errs = append(errs, m.DeleteMaglevTable(id))
+	}
+	return errors.Join(errs...)
 }
 
 // Healthy is true while the sync loop runs and the datapath accepts writes. An unreachable API

@@ -34,6 +34,10 @@ type Status struct {
 	Backends         int       `json:"backends"`
 	// Networking is nil until the agent has read its configuration and the kubeadm files.
 	Networking *Networking `json:"networking,omitempty"`
+	// NorthSouth says whether and where traffic from outside the node is served; Masquerade
+	// what kpr's nftables table does.
+	NorthSouth string `json:"northSouth,omitempty"`
+	Masquerade string `json:"masquerade,omitempty"`
 	Error      string      `json:"error,omitempty"`
 }
 

@@ -17,7 +17,13 @@ import (
 	"github.com/go-viper/mapstructure/v2"
 	"github.com/spf13/pflag"
 	"github.com/spf13/viper"
+
+	"github.com/kpr-dev/kpr/node/maglev"
 )
+
+// DefaultMaglevSeed seeds the Maglev hashes unless maglevSeed is set. It is the same on every
+// node, which is all that consistency needs; a cluster may set its own.
+const DefaultMaglevSeed = "a3ByLW1hZ2xldi0x" // "kpr-maglev-1"
 
 // DefaultFile is where packages install the configuration.
 const DefaultFile = "/etc/kpr/kpr.yaml"
@@ -45,6 +51,20 @@ type Config struct {
 	AffinityMapSize   int    `mapstructure:"affinityMapSize"`
 	// AffinityMatchMapSize bounds the {frontend, backend} pairs under session affinity.
 	AffinityMatchMapSize int `mapstructure:"affinityMatchMapSize"`
+
+	// North-south: NodePort, ExternalIP and LoadBalancer traffic arriving on the devices.
+	// Devices empty: the devices of the default routes.
+	Devices           []string `mapstructure:"devices"`
+	NodePortAddresses []string `mapstructure:"nodePortAddresses"`
+	ExternalClusterIP bool     `mapstructure:"externalClusterIP"`
+	// LoadBalancerAlgorithm picks a backend for a new north-south flow: maglev or random.
+	LoadBalancerAlgorithm string `mapstructure:"loadBalancerAlgorithm"`
+	MaglevTableSize       int    `mapstructure:"maglevTableSize"`
+	MaglevHashSeed        string `mapstructure:"maglevHashSeed"`
+	ConntrackMapSize      int    `mapstructure:"conntrackMapSize"`
+	// Masquerade of pod traffic leaving the cluster (nftables table "kpr").
+	Masquerade         bool     `mapstructure:"masquerade"`
+	NonMasqueradeCIDRs []string `mapstructure:"nonMasqueradeCIDRs"`
 
 	// Sync loop, as kube-proxy's syncPeriod and minSyncPeriod.
 	SyncPeriod    time.Duration `mapstructure:"syncPeriod"`
@@ -74,6 +94,15 @@ var settings = []setting{
 	{"sockRevNatMapSize", "sock-revnat-map-size", "entries in the socket reverse-NAT map (UDP replies, getpeername)", 131072},
 	{"affinityMapSize", "affinity-map-size", "entries in the session-affinity map", 65536},
 	{"affinityMatchMapSize", "affinity-match-map-size", "entries in the map of backends each session-affinity frontend may stick to", 65536},
+	{"devices", "devices", "network devices whose incoming NodePort, ExternalIP and LoadBalancer traffic kpr serves (default: the devices of the default routes)", []string{}},
+	{"nodePortAddresses", "node-port-addresses", "addresses NodePorts are served on, as kube-proxy's nodePortAddresses: CIDRs, \"primary\" (each family's first address on the devices) or \"all\" (every address on the devices)", []string{"primary"}},
+	{"externalClusterIP", "external-cluster-ip", "also serve ClusterIPs to traffic arriving from outside the node on the devices", false},
+	{"loadBalancerAlgorithm", "load-balancer-algorithm", "backend selection for north-south flows: maglev (the same backend for a flow on every node) or random", "maglev"},
+	{"maglevTableSize", "maglev-table-size", "entries of each Maglev table: a prime from 251 to 131071", maglev.DefaultTableSize},
+	{"maglevHashSeed", "maglev-hash-seed", "seed of the Maglev hashes, 12 bytes in base64 (head -c 12 /dev/urandom | base64); must be the same on every node (default: a fixed seed, the same everywhere)", DefaultMaglevSeed},
+	{"conntrackMapSize", "conntrack-map-size", "north-south flows tracked at once (and as many SNAT entries)", 131072},
+	{"masquerade", "masquerade", "masquerade pod traffic to destinations outside nonMasqueradeCIDRs, with one nftables table per family", true},
+	{"nonMasqueradeCIDRs", "non-masquerade-cidr", "destinations pod traffic keeps its source address to (default: the pod and Service CIDRs)", []string{}},
 	{"syncPeriod", "sync-period", "longest interval between two syncs; a sync writes only what changed, and once an hour one re-reads the maps and recomputes every Service", 30 * time.Second},
 	{"minSyncPeriod", "min-sync-period", "shortest interval between two syncs; changes within it are batched", time.Second},
 	{"runDir", "run-dir", "directory for the agent's status file", "/run/kpr"},
@@ -108,6 +137,8 @@ func AddFlags(fs *pflag.FlagSet) {
 			fs.StringSlice(s.flag, d, s.usage)
 		case int:
 			fs.Int(s.flag, d, s.usage)
+		case bool:
+			fs.Bool(s.flag, d, s.usage)
 		case time.Duration:
 			fs.Duration(s.flag, d, s.usage)
 		}
@@ -207,6 +238,42 @@ func (c *Config) Validate() error {
 	for key, n := range map[string]int{"serviceMapSize": c.ServiceMapSize, "backendMapSize": c.BackendMapSize, "sockRevNatMapSize": c.SockRevNatMapSize, "affinityMapSize": c.AffinityMapSize, "affinityMatchMapSize": c.AffinityMatchMapSize} {
 		if n < 1 || n > 1<<24 {
 			bad(key, "%d is out of range 1..16777216", n)
+		}
+	}
+	for _, a := range c.NodePortAddresses {
+		a = strings.TrimSpace(a)
+		if a == "primary" || a == "all" {
+			if len(c.NodePortAddresses) > 1 {
+				bad("nodePortAddresses", "%q cannot be combined with other entries", a)
+			}
+			continue
+		}
+		if _, err := netip.ParsePrefix(a); err != nil {
+			bad("nodePortAddresses", "%q is neither a CIDR nor \"primary\" or \"all\"", a)
+		}
+	}
+	for _, d := range c.Devices {
+		if strings.TrimSpace(d) == "" || strings.ContainsAny(d, "/ ") || len(d) > 15 {
+			bad("devices", "%q is not a network device name", d)
+		}
+	}
+	switch c.LoadBalancerAlgorithm {
+	case "maglev", "random":
+	default:
+		bad("loadBalancerAlgorithm", "%q is not maglev or random", c.LoadBalancerAlgorithm)
+	}
+	if err := maglev.ValidTableSize(c.MaglevTableSize); err != nil {
+		errs = append(errs, err) // names maglevTableSize
+	}
+	if _, err := maglev.ParseSeed(c.MaglevHashSeed); err != nil {
+		errs = append(errs, err) // names maglevHashSeed
+	}
+	if c.ConntrackMapSize < 1024 || c.ConntrackMapSize > 1<<24 {
+		bad("conntrackMapSize", "%d is out of range 1024..16777216", c.ConntrackMapSize)
+	}
+	for _, s := range c.NonMasqueradeCIDRs {
+		if _, err := netip.ParsePrefix(strings.TrimSpace(s)); err != nil {
+			bad("nonMasqueradeCIDRs", "%q is not a CIDR", s)
 		}
 	}
 	if c.MinSyncPeriod < 0 {

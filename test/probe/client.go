@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -49,6 +50,9 @@ type clientFlags struct {
 	timeout  time.Duration
 	interval time.Duration
 	reuse    bool
+	// localPort, when not 0, is the source port every socket binds to (SO_REUSEADDR set), so a
+	// flow's 5-tuple is known in advance.
+	localPort int
 }
 
 func (f *clientFlags) register(fs *flag.FlagSet, timeout time.Duration) {
@@ -81,9 +85,14 @@ func client(args []string) error {
 	fs.IntVar(&f.count, "count", 1, "number of attempts, each on a new socket")
 	fs.DurationVar(&f.interval, "interval", 0, "pause between attempts")
 	fs.BoolVar(&f.reuse, "reuse", false, "one connected socket (TCP, or connected UDP) for every attempt, to show an established flow keeps working")
+	fs.IntVar(&f.localPort, "local-port", 0, "source port to bind every socket to before connecting or sending, with SO_REUSEADDR (0: any). "+
+		"UDP can reuse it at once; a TCP connection to the same target and port right after another fails while the first is in TIME_WAIT")
 	fs.Parse(args)
 	if err := f.check(); err != nil {
 		return err
+	}
+	if f.localPort < 0 || f.localPort > 65535 {
+		return fmt.Errorf("--local-port %d: want 0..65535", f.localPort)
 	}
 	if f.count < 1 || f.count > maxCount {
 		return fmt.Errorf("--count %d: want 1..%d", f.count, maxCount)
@@ -112,7 +121,7 @@ func reuseAttempts(f clientFlags, enc *json.Encoder) error {
 		return fmt.Errorf("--reuse needs tcp or --udp-mode connected")
 	}
 	start := time.Now()
-	d := net.Dialer{Deadline: start.Add(f.timeout)}
+	d := f.dialer(start.Add(f.timeout))
 	c, err := d.Dial(f.proto, f.target)
 	if err != nil {
 		r := Result{Err: err.Error(), ElapsedMS: float64(time.Since(start).Microseconds()) / 1000}
@@ -192,11 +201,11 @@ func attempt(f clientFlags, timeout time.Duration) Result {
 	var err error
 	switch {
 	case f.proto == "tcp":
-		err = tcpAttempt(&r, f.target, start.Add(timeout))
+		err = tcpAttempt(&r, f, start.Add(timeout))
 	case f.udpMode == "connected":
-		err = udpConnectedAttempt(&r, f.target, start.Add(timeout))
+		err = udpConnectedAttempt(&r, f, start.Add(timeout))
 	default:
-		err = udpUnconnectedAttempt(&r, f.target, start.Add(timeout))
+		err = udpUnconnectedAttempt(&r, f, start.Add(timeout))
 	}
 	r.ElapsedMS = float64(time.Since(start).Microseconds()) / 1000
 	if err != nil {
@@ -218,9 +227,53 @@ func attempt(f clientFlags, timeout time.Duration) Result {
 	return r
 }
 
-func tcpAttempt(r *Result, target string, deadline time.Time) error {
+// dialer binds to --local-port when one is given.
+func (f clientFlags) dialer(deadline time.Time) net.Dialer {
 	d := net.Dialer{Deadline: deadline}
-	c, err := d.Dial("tcp", target)
+	if f.localPort == 0 {
+		return d
+	}
+	ip := net.IPv4zero
+	if !f.targetIs4() {
+		ip = net.IPv6unspecified
+	}
+	if f.proto == "tcp" {
+		d.LocalAddr = &net.TCPAddr{IP: ip, Port: f.localPort}
+	} else {
+		d.LocalAddr = &net.UDPAddr{IP: ip, Port: f.localPort}
+	}
+	d.Control = reuseAddr
+	return d
+}
+
+// targetIs4 reports whether the target is an IPv4 address (names count as IPv4 only if they
+// are not IPv6 literals).
+func (f clientFlags) targetIs4() bool {
+	host, _, err := net.SplitHostPort(f.target)
+	if err != nil {
+		return true
+	}
+	a, err := netip.ParseAddr(host)
+	return err != nil || a.Unmap().Is4()
+}
+
+// reuseAddr sets SO_REUSEADDR before bind, so a fixed source port can be bound again at once.
+func reuseAddr(_, _ string, rc syscall.RawConn) error {
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return fmt.Errorf("SO_REUSEADDR: %w", serr)
+	}
+	return nil
+}
+
+func tcpAttempt(r *Result, f clientFlags, deadline time.Time) error {
+	d := f.dialer(deadline)
+	c, err := d.Dial("tcp", f.target)
 	if err != nil {
 		return err
 	}
@@ -240,9 +293,9 @@ func tcpAttempt(r *Result, target string, deadline time.Time) error {
 	return parseAnswer(r, line)
 }
 
-func udpConnectedAttempt(r *Result, target string, deadline time.Time) error {
-	d := net.Dialer{Deadline: deadline}
-	c, err := d.Dial("udp", target)
+func udpConnectedAttempt(r *Result, f clientFlags, deadline time.Time) error {
+	d := f.dialer(deadline)
+	c, err := d.Dial("udp", f.target)
 	if err != nil {
 		return err
 	}
@@ -263,8 +316,8 @@ func udpConnectedAttempt(r *Result, target string, deadline time.Time) error {
 	return parseAnswer(r, string(buf[:n]))
 }
 
-func udpUnconnectedAttempt(r *Result, target string, deadline time.Time) error {
-	raddr, err := net.ResolveUDPAddr("udp", target)
+func udpUnconnectedAttempt(r *Result, f clientFlags, deadline time.Time) error {
+	raddr, err := net.ResolveUDPAddr("udp", f.target)
 	if err != nil {
 		return err
 	}
@@ -272,10 +325,15 @@ func udpUnconnectedAttempt(r *Result, target string, deadline time.Time) error {
 	if raddr.IP.To4() != nil {
 		network = "udp4"
 	}
-	c, err := net.ListenUDP(network, nil)
+	var lc net.ListenConfig
+	if f.localPort != 0 {
+		lc.Control = reuseAddr
+	}
+	pc, err := lc.ListenPacket(context.Background(), network, fmt.Sprintf(":%d", f.localPort))
 	if err != nil {
 		return err
 	}
+	c := pc.(*net.UDPConn)
 	defer c.Close()
 	c.SetDeadline(deadline)
 	if _, err := c.WriteToUDP([]byte(hello), raddr); err != nil {

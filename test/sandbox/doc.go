@@ -14,6 +14,10 @@
 //	                     other node's pod CIDRs via that node (host-gw style, over the bridge).
 //	<prefix>-<node>-<s>  eth0 10.244.i.s/32 fd6b:7072:244:i::s/128, default via 169.254.1.1
 //	                     (onlink) and fe80::1, which the node side p<i>s<s> of the veth holds.
+//	<prefix>-<host>      an external host (ControlPlane.AddExternalHost): eth0 198.18.0.(200+i)/24
+//	                     fd6b:7072::(200+i)/64 (bridged to br0), forwarding off, no default
+//	                     route; Host.RouteVia routes a prefix (an external or load-balancer IP)
+//	                     via a node.
 //
 // IPv6 numbers follow the documented mnemonic: the decimal digits are written as hex text, so
 // node 11 is fd6b:7072::11 and pod slot 12 on node 3 is fd6b:7072:244:3::12.

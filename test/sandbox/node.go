@@ -94,6 +94,12 @@ func (cp *ControlPlane) AddNode(ctx context.Context, name string, index int) (*N
 		return nil, fmt.Errorf("sandbox: node index %d is taken by %s", index, other.Name)
 	}
 	v4, v6 := NodeIPs(index)
+	if h := cp.hostWithAddr(v4); h != nil {
+		return nil, fmt.Errorf("sandbox: node index %d has the addresses of external host %s", index, h.Name)
+	}
+	if h := cp.hostWithName(name); h != nil {
+		return nil, fmt.Errorf("sandbox: node %s: an external host has that name", name)
+	}
 	cidr4, cidr6 := NodePodCIDRs(index)
 	n := &Node{
 		Name:     name,

@@ -91,6 +91,7 @@ type ControlPlane struct {
 	topo    sync.Mutex // serializes topology changes (nodes, pods, routes)
 	nodes   map[string]*Node
 	indexes map[int]*Node
+	hosts   []*Host // external hosts (host.go)
 
 	mu      sync.Mutex
 	netnses []string // every namespace created, for the leak check in Close

@@ -1,0 +1,605 @@
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"maps"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	v1 "k8s.io/api/core/v1"
+	discovery "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/utils/ptr"
+
+	"github.com/kpr-dev/kpr/test/sandbox"
+)
+
+// Addresses outside the cluster that only the sandbox routes: TEST-NET-2 (RFC 5737). The
+// external host reaches them through a node (Host.RouteVia); the nodes' default route leads to
+// the control-plane namespace, which does not forward, so a packet kpr does not translate dies
+// there.
+var (
+	npExternalIP = netip.MustParseAddr("198.51.100.10") // spec.externalIPs of "ext"
+	npLBIP       = netip.MustParseAddr("198.51.100.20") // status.loadBalancer.ingress of "lb"
+	npLBProxyIP  = netip.MustParseAddr("198.51.100.21") // the same with ipMode Proxy ("lb-proxy")
+)
+
+// npProgramWithin bounds how long kpr may take to serve an API change (it should take ~2s).
+const npProgramWithin = 5 * time.Second
+
+// npEnv is the north-south topology: two nodes each running kpr, three pods behind the
+// Services (two on node1, one on node2) and an external host "client" on the LAN.
+type npEnv struct {
+	t       *testing.T
+	cp      *sandbox.ControlPlane
+	nodes   []*sandbox.Node // node1, node2
+	kprs    []*sandbox.Kpr
+	pods    []*sandbox.Pod     // np-a, np-b (node1), np-c (node2)
+	servers []*sandbox.Process // their probe servers
+	host    *sandbox.Host
+	probe   string
+	// nextPort hands out fixed client source ports below the ephemeral range (32768-60999), so
+	// a flow made with one is new to every node: no earlier socket ever had its 5-tuple.
+	nextPort int
+}
+
+func newNPEnv(t *testing.T, ctx context.Context) *npEnv {
+	requireE2E(t)
+	e := &npEnv{t: t, nextPort: 20000}
+	work := t.TempDir()
+	var err error
+	e.cp, err = sandbox.Start(ctx, sandbox.Options{WorkDir: work + "/sandbox", Log: t.Logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := e.cp.Close(); err != nil {
+			t.Errorf("sandbox close: %v", err)
+		}
+	})
+	for i, name := range []string{"node1", "node2"} {
+		n, err := e.cp.AddNode(ctx, name, i+1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.nodes = append(e.nodes, n)
+	}
+	if e.probe, err = sandbox.BuildProbe(work); err != nil {
+		t.Fatal(err)
+	}
+	bin, err := sandbox.BuildKpr(work)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range e.nodes {
+		k, err := n.NewKpr(bin)
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.kprs = append(e.kprs, k)
+		// Registered after the sandbox's, so it runs first: kpr and its datapath go first.
+		t.Cleanup(func() {
+			if err := k.Close(); err != nil {
+				t.Errorf("kpr on %s: %v", n.Name, err)
+			}
+		})
+	}
+	for _, p := range []struct {
+		node *sandbox.Node
+		name string
+		slot int
+	}{{e.nodes[0], "np-a", 1}, {e.nodes[0], "np-b", 2}, {e.nodes[1], "np-c", 1}} {
+		pod, err := p.node.AddPod(ctx, ns, p.name, p.slot)
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv, err := pod.Start(ctx, e.probe, "serve", "--name", p.name, "--tcp", "8080", "--udp", "8080")
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.pods = append(e.pods, pod)
+		e.servers = append(e.servers, srv)
+	}
+	for _, p := range e.pods {
+		for _, proto := range []string{"tcp", "udp"} {
+			out, err := p.Node.Exec(ctx, 0, e.probe, "ready", "--proto", proto, "--target", target(p.IPv4, 8080), "--timeout", "10s")
+			if err != nil {
+				t.Fatalf("server in %s not ready: %v %s", p.Name, err, out)
+			}
+		}
+	}
+	if e.host, err = e.cp.AddExternalHost(ctx, "client", 0); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range e.kprs {
+		if err := k.Start(ctx, 30*time.Second); err != nil {
+			t.Fatalf("kpr on %s: %v", k.Node.Name, err)
+		}
+	}
+	return e
+}
+
+// diagnostics logs what each kpr thinks it serves and what is attached to eth0. Call it
+// while kpr runs: processes started with the test's context stop when it is cancelled.
+func (e *npEnv) diagnostics() {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for _, k := range e.kprs {
+		for _, args := range [][]string{{"status"}, {"service", "list"}} {
+			out, err := k.Run(ctx, args...)
+			e.t.Logf("diagnostics: kpr %s on %s (%v):\n%s", strings.Join(args, " "), k.Node.Name, err, out)
+		}
+		// bpftool before 7.3 does not show tcx attachments; kpr pins one link per attachment.
+		var links []string
+		ents, err := os.ReadDir(filepath.Join(k.PinDir, "links"))
+		for _, l := range ents {
+			links = append(links, l.Name())
+		}
+		e.t.Logf("diagnostics: links pinned by kpr on %s: %v %v", k.Node.Name, links, err)
+		if k.Proc != nil {
+			e.t.Logf("diagnostics: kpr log on %s (%s), tail:\n%s", k.Node.Name, k.Proc.LogPath, k.Proc.LogTail(3000))
+		}
+	}
+	// What reached each pod: "tcp <client as seen> -> <pod address>" per request.
+	for i, p := range e.servers {
+		e.t.Logf("diagnostics: probe serve in %s (%s on %s), last lines:\n%s", e.pods[i].Name, e.pods[i].IPv4, e.pods[i].Node.Name, p.LogTail(600))
+	}
+}
+
+// hostProbe runs `probe client` in the external host's namespace (in the test's own cgroup, so
+// no socket hook of any kpr applies: it is outside the cluster) and returns one result per
+// attempt.
+func (e *npEnv) hostProbe(args ...string) ([]result, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	out, err := e.host.Exec(ctx, 0, e.probe, append([]string{"client"}, args...)...)
+	if err != nil {
+		return nil, fmt.Errorf("probe client %v on host %s: %v\n%s", args, e.host.Name, err, out)
+	}
+	var rs []result
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	for sc.Scan() {
+		line := sc.Bytes()
+		if len(line) == 0 || line[0] != '{' {
+			continue
+		}
+		var r result
+		if err := json.Unmarshal(line, &r); err != nil {
+			return nil, fmt.Errorf("probe output %q: %v", line, err)
+		}
+		rs = append(rs, r)
+	}
+	return rs, nil
+}
+
+// attempts makes count attempts (each a new socket, a random source port) from the host.
+func (e *npEnv) attempts(t *testing.T, proto string, dst netip.AddrPort, count int) []result {
+	t.Helper()
+	rs, err := e.hostProbe("--target", dst.String(), "--proto", proto, "--count", strconv.Itoa(count), "--timeout", "1s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rs) != count {
+		t.Fatalf("probe client printed %d results, want %d", len(rs), count)
+	}
+	return rs
+}
+
+// fromPort makes one attempt from the host with a fixed source port.
+func (e *npEnv) fromPort(t *testing.T, proto string, dst netip.AddrPort, srcPort int) result {
+	t.Helper()
+	rs, err := e.hostProbe("--target", dst.String(), "--proto", proto, "--local-port", strconv.Itoa(srcPort), "--timeout", "1s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rs) != 1 {
+		t.Fatalf("probe client printed %d results, want 1", len(rs))
+	}
+	return rs[0]
+}
+
+func (e *npEnv) freshPort() int {
+	e.nextPort++
+	if e.nextPort >= 32768 {
+		e.t.Fatal("out of fixed source ports below the ephemeral range")
+	}
+	return e.nextPort
+}
+
+// flow names what the user did, for messages: "tcp from client 198.18.0.200 to 198.18.0.11:30080 (node1)".
+func (e *npEnv) flow(proto string, dst netip.AddrPort, via string) string {
+	return fmt.Sprintf("%s from external host %s %s to %s (%s)", proto, e.host.Name, e.host.IPv4, dst, via)
+}
+
+// serveWithin retries one attempt until it is answered; the error says what the host saw last.
+func (e *npEnv) serveWithin(proto string, dst netip.AddrPort, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		rs, err := e.hostProbe("--target", dst.String(), "--proto", proto, "--timeout", "1s")
+		if err != nil {
+			return err
+		}
+		if len(rs) == 1 && rs[0].OK {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("not answered within %s; last attempt: %s", timeout, summary(rs))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// summary says what the host observed over a set of attempts.
+func summary(rs []result) string {
+	by, seen, failed := map[string]int{}, map[string]int{}, map[string]int{}
+	for _, r := range rs {
+		if r.OK {
+			by[r.Backend]++
+			seen[addrOnly(r.SeenAs)]++
+			continue
+		}
+		why := r.Errno
+		if why == "" {
+			why = r.Err
+		}
+		failed[why]++
+	}
+	s := fmt.Sprintf("%d of %d answered", len(rs)-sum(failed), len(rs))
+	if len(by) > 0 {
+		s += fmt.Sprintf(" (by %s; the pods saw the client as %s)", counts(by), counts(seen))
+	}
+	if len(failed) > 0 {
+		s += fmt.Sprintf(", %d failed (%s", sum(failed), counts(failed))
+		for _, r := range rs {
+			if !r.OK && r.Err != "" {
+				s += "; e.g. " + r.Err
+				break
+			}
+		}
+		s += ")"
+	}
+	return s
+}
+
+func counts(m map[string]int) string {
+	var parts []string
+	for _, k := range slices.Sorted(maps.Keys(m)) {
+		parts = append(parts, fmt.Sprintf("%s×%d", k, m[k]))
+	}
+	return strings.Join(parts, " ")
+}
+
+func sum(m map[string]int) int {
+	n := 0
+	for _, v := range m {
+		n += v
+	}
+	return n
+}
+
+func addrOnly(hostPort string) string {
+	ap, err := netip.ParseAddrPort(hostPort)
+	if err != nil {
+		return hostPort
+	}
+	return ap.Addr().String()
+}
+
+// checkServed: every attempt answered, by exactly the pods in want, each pod seeing the client
+// as seenAs (the SNAT address of the node that received the flow), each answer from dst.
+func checkServed(rs []result, dst netip.AddrPort, want []string, seenAs netip.Addr) error {
+	var problems []string
+	if f := failures(rs); len(f) > 0 {
+		problems = append(problems, fmt.Sprintf("%d attempts failed", len(f)))
+	}
+	if got := slices.Sorted(maps.Keys(backends(rs))); !slices.Equal(got, want) {
+		problems = append(problems, fmt.Sprintf("answered by %v, want every one of %v", got, want))
+	}
+	for _, r := range rs {
+		if r.OK && addrOnly(r.SeenAs) != seenAs.String() {
+			problems = append(problems, fmt.Sprintf("a pod saw the client as %s, want %s (SNAT to the node's address)", r.SeenAs, seenAs))
+			break
+		}
+	}
+	for _, r := range rs {
+		if r.OK && r.Peer != dst.String() {
+			problems = append(problems, fmt.Sprintf("an answer came from %s, want %s", r.Peer, dst))
+			break
+		}
+	}
+	if len(problems) == 0 {
+		return nil
+	}
+	return fmt.Errorf("%s: %s", strings.Join(problems, "; "), summary(rs))
+}
+
+func nodePortOf(t *testing.T, svc *v1.Service, proto v1.Protocol) uint16 {
+	t.Helper()
+	for _, p := range svc.Spec.Ports {
+		if p.Protocol == proto && p.NodePort > 0 {
+			return uint16(p.NodePort)
+		}
+	}
+	t.Fatalf("service %s has no %s nodePort: %+v", svc.Name, proto, svc.Spec.Ports)
+	return 0
+}
+
+// npService is a dual-stack Service of type typ with TCP 80 and UDP 80 to the pods' 8080, and
+// its EndpointSlices (both families) with the given pods.
+func (e *npEnv) npService(ctx context.Context, name string, typ v1.ServiceType, mutate func(*v1.Service), pods ...*sandbox.Pod) *v1.Service {
+	e.t.Helper()
+	svc := service(name,
+		v1.ServicePort{Name: "tcp", Port: 80, TargetPort: intstr.FromInt32(8080), Protocol: v1.ProtocolTCP},
+		v1.ServicePort{Name: "udp", Port: 80, TargetPort: intstr.FromInt32(8080), Protocol: v1.ProtocolUDP},
+	)
+	svc.Spec.Type = typ
+	if typ != v1.ServiceTypeClusterIP {
+		svc.Spec.ExternalTrafficPolicy = v1.ServiceExternalTrafficPolicyCluster
+	}
+	if mutate != nil {
+		mutate(svc)
+	}
+	api := e.cp.Client
+	created, err := api.CoreV1().Services(ns).Create(ctx, svc, metav1.CreateOptions{})
+	if err != nil {
+		e.t.Fatalf("create Service %s: %v", name, err)
+	}
+	ports := []discovery.EndpointPort{port("tcp", 8080, v1.ProtocolTCP), port("udp", 8080, v1.ProtocolUDP)}
+	for _, s := range []*discovery.EndpointSlice{
+		slice(name, name+"-v4", discovery.AddressTypeIPv4, ports, pods...),
+		slice(name, name+"-v6", discovery.AddressTypeIPv6, ports, pods...),
+	} {
+		if _, err := api.DiscoveryV1().EndpointSlices(ns).Create(ctx, s, metav1.CreateOptions{}); err != nil {
+			e.t.Fatalf("create EndpointSlice %s: %v", s.Name, err)
+		}
+	}
+	return created
+}
+
+func (e *npEnv) setIngress(ctx context.Context, name string, ing ...v1.LoadBalancerIngress) {
+	e.t.Helper()
+	svcs := e.cp.Client.CoreV1().Services(ns)
+	svc, err := svcs.Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	svc.Status.LoadBalancer.Ingress = ing
+	if _, err := svcs.UpdateStatus(ctx, svc, metav1.UpdateOptions{}); err != nil {
+		e.t.Fatalf("Service %s: UpdateStatus with ingress %+v: %v", name, ing, err)
+	}
+}
+
+func (e *npEnv) routeVia(ctx context.Context, ip netip.Addr, n *sandbox.Node) {
+	e.t.Helper()
+	if err := e.host.RouteVia(ctx, netip.PrefixFrom(ip, ip.BitLen()), n); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// TestNodePort runs kpr on two nodes of a real cluster and checks, from a host outside the
+// cluster on the same LAN, what a user of NodePort, ExternalIP and LoadBalancer Services
+// observes: kpr's tc programs (SNAT mode, Maglev) with the default configuration (devices: the
+// default route's device, eth0; nodePortAddresses: primary, the node's LAN addresses).
+func TestNodePort(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	e := newNPEnv(t, ctx)
+	defer func() {
+		if t.Failed() {
+			e.diagnostics()
+		}
+	}()
+	node1, node2 := e.nodes[0], e.nodes[1]
+	allPods := []string{"np-a", "np-b", "np-c"}
+
+	np := e.npService(ctx, "np", v1.ServiceTypeNodePort, nil, e.pods...)
+	e.npService(ctx, "ext", v1.ServiceTypeClusterIP, func(s *v1.Service) {
+		s.Spec.ExternalIPs = []string{npExternalIP.String()}
+	}, e.pods...)
+	npPorts := map[string]uint16{"tcp": nodePortOf(t, np, v1.ProtocolTCP), "udp": nodePortOf(t, np, v1.ProtocolUDP)}
+	t.Logf("Service np: nodePorts tcp %d udp %d; Service ext: externalIPs %s", npPorts["tcp"], npPorts["udp"], npExternalIP)
+
+	t.Run("NodePort on each node's IPv4 reaches pods on both nodes, SNATed to that node", func(t *testing.T) {
+		for _, n := range e.nodes {
+			for _, proto := range []string{"tcp", "udp"} {
+				dst := netip.AddrPortFrom(n.IPv4, npPorts[proto])
+				what := e.flow(proto, dst, "NodePort of "+n.Name)
+				if err := e.serveWithin(proto, dst, npProgramWithin); err != nil {
+					t.Errorf("%s: %v", what, err)
+					continue
+				}
+				if err := checkServed(e.attempts(t, proto, dst, 30), dst, allPods, n.IPv4); err != nil {
+					t.Errorf("%s, 30 attempts: %v", what, err)
+				}
+			}
+		}
+	})
+
+	t.Run("ExternalIP is served by whichever node the host routes it to", func(t *testing.T) {
+		for _, n := range []*sandbox.Node{node1, node2} {
+			e.routeVia(ctx, npExternalIP, n)
+			for _, proto := range []string{"tcp", "udp"} {
+				dst := netip.AddrPortFrom(npExternalIP, 80)
+				what := e.flow(proto, dst, "external IP routed via "+n.Name)
+				if err := e.serveWithin(proto, dst, npProgramWithin); err != nil {
+					t.Errorf("%s: %v", what, err)
+					continue
+				}
+				if err := checkServed(e.attempts(t, proto, dst, 30), dst, allPods, n.IPv4); err != nil {
+					t.Errorf("%s, 30 attempts: %v", what, err)
+				}
+			}
+		}
+	})
+
+	t.Run("Maglev sends a flow to the same pod through either node", func(t *testing.T) {
+		dst := netip.AddrPortFrom(npExternalIP, 80)
+		e.routeVia(ctx, npExternalIP, node1)
+		if err := e.serveWithin("udp", dst, npProgramWithin); err != nil {
+			t.Fatalf("%s: %v", e.flow("udp", dst, "external IP routed via node1"), err)
+		}
+		ports := make([]int, 12)
+		for i := range ports {
+			ports[i] = e.freshPort()
+		}
+		answered := map[string][]result{} // node -> one result per source port
+		for _, n := range []*sandbox.Node{node1, node2} {
+			e.routeVia(ctx, npExternalIP, n)
+			for _, p := range ports {
+				answered[n.Name] = append(answered[n.Name], e.fromPort(t, "udp", dst, p))
+			}
+		}
+		// who says which pod answered one flow through node n, or why none did.
+		who := func(n *sandbox.Node, r result) string {
+			switch {
+			case !r.OK:
+				return fmt.Sprintf("no answer via %s (%s)", n.Name, r.Errno)
+			case addrOnly(r.SeenAs) != n.IPv4.String():
+				// The pod saw another node's SNAT address: the route switch did not happen.
+				return fmt.Sprintf("%s via %s, but the pod saw the client as %s", r.Backend, n.Name, r.SeenAs)
+			}
+			return fmt.Sprintf("%s via %s", r.Backend, n.Name)
+		}
+		pods := map[string]int{}
+		var bad []string
+		for i, p := range ports {
+			a, b := answered["node1"][i], answered["node2"][i]
+			if a.OK {
+				pods[a.Backend]++
+			}
+			wa, wb := who(node1, a), who(node2, b)
+			if !a.OK || !b.OK || a.Backend != b.Backend || wa != a.Backend+" via node1" || wb != b.Backend+" via node2" {
+				bad = append(bad, fmt.Sprintf("source port %d: %s; %s", p, wa, wb))
+			}
+		}
+		if len(bad) > 0 {
+			t.Errorf("the same UDP flow (client %s, to %s) must reach the same pod through node1 and node2; %d of %d source ports did not:\n  %s",
+				e.host.IPv4, dst, len(bad), len(ports), strings.Join(bad, "\n  "))
+		}
+		if len(pods) < 2 && len(bad) == 0 {
+			t.Errorf("%d source ports all went to %v: Maglev should spread flows over the 3 pods", len(ports), pods)
+		}
+		t.Logf("flows per pod over %d source ports: %s", len(ports), counts(pods))
+	})
+
+	t.Run("LoadBalancer ingress IP is served, one with ipMode Proxy is not", func(t *testing.T) {
+		e.npService(ctx, "lb", v1.ServiceTypeLoadBalancer, nil, e.pods...)
+		lbProxy := e.npService(ctx, "lb-proxy", v1.ServiceTypeLoadBalancer, nil, e.pods...)
+		// lb-proxy's status first: once lb's (later) ingress is served, kpr has seen both.
+		e.setIngress(ctx, "lb-proxy", v1.LoadBalancerIngress{IP: npLBProxyIP.String(), IPMode: ptr.To(v1.LoadBalancerIPModeProxy)})
+		e.setIngress(ctx, "lb", v1.LoadBalancerIngress{IP: npLBIP.String(), IPMode: ptr.To(v1.LoadBalancerIPModeVIP)})
+		for _, n := range []*sandbox.Node{node1, node2} {
+			e.routeVia(ctx, npLBIP, n)
+			for _, proto := range []string{"tcp", "udp"} {
+				dst := netip.AddrPortFrom(npLBIP, 80)
+				what := e.flow(proto, dst, "load-balancer IP (ipMode VIP) routed via "+n.Name)
+				if err := e.serveWithin(proto, dst, npProgramWithin); err != nil {
+					t.Errorf("%s: %v", what, err)
+					continue
+				}
+				if err := checkServed(e.attempts(t, proto, dst, 20), dst, allPods, n.IPv4); err != nil {
+					t.Errorf("%s, 20 attempts: %v", what, err)
+				}
+			}
+		}
+
+		// lb-proxy is programmed (its NodePort answers), but not on its ingress IP.
+		pdst := netip.AddrPortFrom(node1.IPv4, nodePortOf(t, lbProxy, v1.ProtocolTCP))
+		if err := e.serveWithin("tcp", pdst, npProgramWithin); err != nil {
+			t.Fatalf("%s: %v (needed to know kpr has seen lb-proxy)", e.flow("tcp", pdst, "NodePort of lb-proxy on node1"), err)
+		}
+		e.routeVia(ctx, npLBProxyIP, node1)
+		for _, proto := range []string{"tcp", "udp"} {
+			dst := netip.AddrPortFrom(npLBProxyIP, 80)
+			rs := e.attempts(t, proto, dst, 3)
+			if b := backends(rs); len(b) > 0 {
+				t.Errorf("%s: %s; want no answer: with ipMode Proxy the load balancer, not the node, serves that address",
+					e.flow(proto, dst, "ipMode Proxy ingress routed via node1"), summary(rs))
+			}
+			for _, r := range rs {
+				if !r.OK && r.ElapsedMS > 1500 {
+					t.Errorf("%s: an attempt took %.0f ms to fail, want the 1s timeout at most", e.flow(proto, dst, "ipMode Proxy ingress via node1"), r.ElapsedMS)
+				}
+			}
+		}
+	})
+
+	t.Run("a removed endpoint gets no new connections through either node", func(t *testing.T) {
+		const gone = "np-b"
+		slices4 := e.cp.Client.DiscoveryV1().EndpointSlices(ns)
+		s, err := slices4.Get(ctx, "np-v4", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.Endpoints = slices.DeleteFunc(s.Endpoints, func(ep discovery.Endpoint) bool { return ep.TargetRef.Name == gone })
+		if len(s.Endpoints) != 2 {
+			t.Fatalf("np-v4 has %d endpoints after removing %s, want 2", len(s.Endpoints), gone)
+		}
+		if _, err := slices4.Update(ctx, s, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		left := []string{"np-a", "np-c"}
+		// TCP connections are new flows every time (random source port, TIME_WAIT keeps it
+		// from coming back soon); wait until neither node sends one to the removed pod.
+		deadline := time.Now().Add(npProgramWithin)
+		for {
+			var errs []string
+			for _, n := range e.nodes {
+				dst := netip.AddrPortFrom(n.IPv4, npPorts["tcp"])
+				if err := checkServed(e.attempts(t, "tcp", dst, 10), dst, left, n.IPv4); err != nil {
+					errs = append(errs, fmt.Sprintf("%s: %v", e.flow("tcp", dst, "NodePort of "+n.Name), err))
+				}
+			}
+			if len(errs) == 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s was removed from EndpointSlice np-v4 %s ago; still:\n  %s", gone, npProgramWithin, strings.Join(errs, "\n  "))
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		for _, n := range e.nodes {
+			dst := netip.AddrPortFrom(n.IPv4, npPorts["tcp"])
+			if err := checkServed(e.attempts(t, "tcp", dst, 30), dst, left, n.IPv4); err != nil {
+				t.Errorf("after removing %s: %s, 30 new connections: %v", gone, e.flow("tcp", dst, "NodePort of "+n.Name), err)
+			}
+			// UDP from source ports never used before: new flows for certain.
+			udst := netip.AddrPortFrom(n.IPv4, npPorts["udp"])
+			var rs []result
+			for range 20 {
+				rs = append(rs, e.fromPort(t, "udp", udst, e.freshPort()))
+			}
+			if err := checkServed(rs, udst, left, n.IPv4); err != nil {
+				t.Errorf("after removing %s: %s, 20 new flows (fresh source ports): %v", gone, e.flow("udp", udst, "NodePort of "+n.Name), err)
+			}
+		}
+	})
+
+	t.Run("IPv6 NodePort on each node's IPv6 address", func(t *testing.T) {
+		// np is dual-stack; its IPv6 slice still has all three pods.
+		for _, n := range e.nodes {
+			for _, proto := range []string{"tcp", "udp"} {
+				dst := netip.AddrPortFrom(n.IPv6, npPorts[proto])
+				what := fmt.Sprintf("%s from external host %s %s to %s (NodePort of %s)", proto, e.host.Name, e.host.IPv6, dst, n.Name)
+				if err := e.serveWithin(proto, dst, npProgramWithin); err != nil {
+					t.Errorf("%s: %v", what, err)
+					continue
+				}
+				if err := checkServed(e.attempts(t, proto, dst, 30), dst, allPods, n.IPv6); err != nil {
+					t.Errorf("%s, 30 attempts: %v", what, err)
+				}
+			}
+		}
+	})
+}
