@@ -160,6 +160,11 @@ func (e *env) probeErr(where runner, args ...string) ([]result, error) {
 	if err != nil {
 		return nil, fmt.Errorf("probe client %v: %v\n%s", args, err, out)
 	}
+	return parseResults(out)
+}
+
+// parseResults reads probe client's output: one JSON result per attempt.
+func parseResults(out []byte) ([]result, error) {
 	var rs []result
 	sc := bufio.NewScanner(bytes.NewReader(out))
 	for sc.Scan() {

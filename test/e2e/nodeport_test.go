@@ -1,10 +1,7 @@
 package e2e
 
 import (
-	"bufio"
-	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
 	"maps"
 	"net/netip"
@@ -167,20 +164,7 @@ func (e *npEnv) hostProbe(args ...string) ([]result, error) {
 	if err != nil {
 		return nil, fmt.Errorf("probe client %v on host %s: %v\n%s", args, e.host.Name, err, out)
 	}
-	var rs []result
-	sc := bufio.NewScanner(bytes.NewReader(out))
-	for sc.Scan() {
-		line := sc.Bytes()
-		if len(line) == 0 || line[0] != '{' {
-			continue
-		}
-		var r result
-		if err := json.Unmarshal(line, &r); err != nil {
-			return nil, fmt.Errorf("probe output %q: %v", line, err)
-		}
-		rs = append(rs, r)
-	}
-	return rs, nil
+	return parseResults(out)
 }
 
 // attempts makes count attempts (each a new socket, a random source port) from the host.
