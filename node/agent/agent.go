@@ -547,7 +547,7 @@ func (a *Agent) followAddresses(ctx context.Context) {
 		a.mu.Lock()
 		cur := a.ns
 		a.mu.Unlock()
-		if err := cur.attachReplies(a.cfg.BPFPinDir, cur.deviceIndexes()); err != nil {
+		if err := cur.syncReplies(); err != nil {
 			a.log.Warn("attaching the reply program to new devices", "err", err)
 		}
 		found, err := discoverNorthSouth(a.cfg)
@@ -568,7 +568,7 @@ func (a *Agent) followAddresses(ctx context.Context) {
 				continue
 			}
 		}
-		found.np = cur.np
+		found.np, found.devIdx, found.replies = cur.np, cur.devIdx, cur.replies
 		a.mu.Lock()
 		a.ns = found
 		a.mu.Unlock()

@@ -31,6 +31,9 @@ type northSouth struct {
 	// snat4, snat6 are the addresses SNATed flows leave from: each family's primary address.
 	snat4, snat6 netip.Addr
 	np           *bpf.NodePort
+	// devIdx are the configured devices' interface indexes (both programs); replies the
+	// other devices that carry the reply program. Read from the pins once, at load.
+	devIdx, replies map[int]bool
 }
 
 // status is the north-south part of `kpr status`.
@@ -220,8 +223,25 @@ func loadNorthSouth(cfg *config.Config, ns *northSouth, seed maglev.Seed) error 
 			}
 		}
 	}
-	ns.np = np
-	if err := ns.attachReplies(cfg.BPFPinDir, want); err != nil {
+	att, err := bpf.TCAttached(cfg.BPFPinDir)
+	if err != nil {
+		np.Close()
+		return err
+	}
+	ns.np, ns.devIdx, ns.replies = np, want, map[int]bool{}
+	for _, a := range att {
+		switch {
+		case a.Defunct || (!want[a.Ifindex] && a.Hook == bpf.TCNodePort):
+			if err := np.DetachTC(a.Ifindex, a.Hook); err != nil {
+				np.Close()
+				ns.np = nil
+				return fmt.Errorf("detaching tc %s from ifindex %d (gone, or no longer a configured device): %w", a.Hook, a.Ifindex, err)
+			}
+		case a.Hook == bpf.TCReply && !want[a.Ifindex]:
+			ns.replies[a.Ifindex] = true
+		}
+	}
+	if err := ns.syncReplies(); err != nil {
 		np.Close()
 		ns.np = nil
 		return err
@@ -229,32 +249,18 @@ func loadNorthSouth(cfg *config.Config, ns *northSouth, seed maglev.Seed) error 
 	return nil
 }
 
-// attachReplies puts the reply program on every other device of the namespace, and takes
-// it off devices that went: a backend on this node (a pod behind a veth, say) answers a
-// translated flow through its own device, not through one of the configured ones.
-// devices are the configured devices' indexes, which carry both programs.
-func (ns *northSouth) attachReplies(pinDir string, devices map[int]bool) error {
+// syncReplies puts the reply program on every other device of the namespace, and takes it off
+// devices that went: a backend on this node (a pod behind a veth, say) answers a translated
+// flow through its own device, not through one of the configured ones.
+func (ns *northSouth) syncReplies() error {
 	ifs, err := net.Interfaces()
 	if err != nil {
 		return err
 	}
-	att, err := bpf.TCAttached(pinDir)
-	if err != nil {
-		return err
-	}
-	have := map[int]bool{}
-	for _, a := range att {
-		switch {
-		case a.Defunct || (!devices[a.Ifindex] && a.Hook == bpf.TCNodePort):
-			if err := ns.np.DetachTC(a.Ifindex, a.Hook); err != nil {
-				return fmt.Errorf("detaching tc %s from ifindex %d (gone, or no longer a configured device): %w", a.Hook, a.Ifindex, err)
-			}
-		case a.Hook == bpf.TCReply:
-			have[a.Ifindex] = true
-		}
-	}
+	present := map[int]bool{}
 	for _, i := range ifs {
-		if i.Flags&net.FlagLoopback != 0 || devices[i.Index] || have[i.Index] {
+		present[i.Index] = true
+		if i.Flags&net.FlagLoopback != 0 || ns.devIdx[i.Index] || ns.replies[i.Index] {
 			continue
 		}
 		if err := ns.np.AttachTC(i.Index, bpf.TCReply); err != nil {
@@ -263,19 +269,18 @@ func (ns *northSouth) attachReplies(pinDir string, devices map[int]bool) error {
 			}
 			return fmt.Errorf("attaching tc %s to %s: %w", bpf.TCReply, i.Name, err)
 		}
+		ns.replies[i.Index] = true
+	}
+	for idx := range ns.replies {
+		if present[idx] {
+			continue
+		}
+		if err := ns.np.DetachTC(idx, bpf.TCReply); err != nil {
+			return fmt.Errorf("detaching tc %s from ifindex %d (gone): %w", bpf.TCReply, idx, err)
+		}
+		delete(ns.replies, idx)
 	}
 	return nil
-}
-
-// deviceIndexes are the configured devices' interface indexes.
-func (ns *northSouth) deviceIndexes() map[int]bool {
-	out := map[int]bool{}
-	for _, d := range ns.devices {
-		if ifc, err := net.InterfaceByName(d); err == nil {
-			out[ifc.Index] = true
-		}
-	}
-	return out
 }
 
 // applyMasquerade keeps kpr's nftables table as the config asks: masquerade of pod traffic to

@@ -38,7 +38,7 @@ type Status struct {
 	// what kpr's nftables table does.
 	NorthSouth string `json:"northSouth,omitempty"`
 	Masquerade string `json:"masquerade,omitempty"`
-	Error      string      `json:"error,omitempty"`
+	Error      string `json:"error,omitempty"`
 }
 
 // Networking is the cluster networking the agent uses, each value with where it came from
