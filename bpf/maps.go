@@ -250,34 +250,72 @@ func (m *LBMaps) DeleteRevNat(id uint32) error {
 	return nil
 }
 
-// Services dumps the frontends, reassembled from their slots.
-func (m *LBMaps) Services() (map[ServiceKey]Service, error) {
-	frontends := make(map[ServiceKey]Service)
-	slots := make(map[ServiceKey]map[uint16]uint32)
+// ServiceSlot is one entry of the service map: a frontend's slot 0, or one of its backend
+// slots.
+type ServiceSlot struct {
+	Key  ServiceKey
+	Slot uint16 // 0: the frontend; 1..Count: its backends in order
+	// Slot 0 only.
+	ID                 uint32
+	Flags              ServiceFlags
+	AffinityTimeoutSec uint32
+	Count              uint16
+	// Backend slots only: the backend's ID.
+	BackendID uint32
+}
 
+// WalkServiceSlots calls fn with every entry of the service map, in the map's order, until fn
+// returns false. Unlike Services it assembles nothing, so checking the whole map costs no
+// memory.
+func (m *LBMaps) WalkServiceSlots(fn func(ServiceSlot) bool) error {
 	var key sockSvcKey
 	var val sockSvcValue
 	it := m.svc.Iterate()
 	for it.Next(&key, &val) {
-		k := serviceKeyFrom(&key)
+		s := ServiceSlot{Key: serviceKeyFrom(&key), Slot: key.Slot}
 		if key.Slot == 0 {
-			frontends[k] = Service{
-				ID:                 val.SvcId,
-				Flags:              ServiceFlags(val.Flags),
-				AffinityTimeoutSec: val.AffinityTimeoutSec,
-				Backends:           make([]uint32, val.Count),
-			}
-			continue
+			s.ID, s.Flags, s.AffinityTimeoutSec, s.Count = val.SvcId, ServiceFlags(val.Flags), val.AffinityTimeoutSec, val.Count
+		} else {
+			s.BackendID = val.SvcId // backend_id, see UpsertService
 		}
-		if slots[k] == nil {
-			slots[k] = make(map[uint16]uint32)
+		if !fn(s) {
+			return nil
 		}
-		slots[k][key.Slot] = val.SvcId // backend_id, see UpsertService
 	}
 	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("dump %s: %w", sockMapKprSvcV1, err)
+		return fmt.Errorf("dump %s: %w", sockMapKprSvcV1, err)
 	}
+	return nil
+}
 
+// Services dumps the frontends, reassembled from their slots.
+func (m *LBMaps) Services() (map[ServiceKey]Service, error) {
+	return AssembleServices(m.WalkServiceSlots)
+}
+
+// AssembleServices reassembles the frontends from a walk of the service map's slots.
+func AssembleServices(walk func(func(ServiceSlot) bool) error) (map[ServiceKey]Service, error) {
+	frontends := make(map[ServiceKey]Service)
+	slots := make(map[ServiceKey]map[uint16]uint32)
+	err := walk(func(s ServiceSlot) bool {
+		if s.Slot == 0 {
+			frontends[s.Key] = Service{
+				ID:                 s.ID,
+				Flags:              s.Flags,
+				AffinityTimeoutSec: s.AffinityTimeoutSec,
+				Backends:           make([]uint32, s.Count),
+			}
+			return true
+		}
+		if slots[s.Key] == nil {
+			slots[s.Key] = make(map[uint16]uint32)
+		}
+		slots[s.Key][s.Slot] = s.BackendID
+		return true
+	})
+	if err != nil {
+		return nil, err
+	}
 	for k, s := range frontends {
 		if len(s.Backends) == 0 {
 			s.Backends = nil
@@ -291,21 +329,32 @@ func (m *LBMaps) Services() (map[ServiceKey]Service, error) {
 	return frontends, nil
 }
 
-// Backends dumps the backends by ID.
-func (m *LBMaps) Backends() (map[uint32]Backend, error) {
-	out := make(map[uint32]Backend)
+// WalkBackends calls fn with every backend until fn returns false.
+func (m *LBMaps) WalkBackends(fn func(id uint32, b Backend) bool) error {
 	var id uint32
 	var val sockBackend
 	it := m.backends.Iterate()
 	for it.Next(&id, &val) {
-		out[id] = Backend{
-			Addr:  netip.AddrFrom16(val.Addr).Unmap(),
-			Port:  hostPort(val.Port),
-			Proto: Proto(val.Proto),
+		b := Backend{Addr: netip.AddrFrom16(val.Addr).Unmap(), Port: hostPort(val.Port), Proto: Proto(val.Proto)}
+		if !fn(id, b) {
+			return nil
 		}
 	}
 	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("dump %s: %w", sockMapKprBackendsV1, err)
+		return fmt.Errorf("dump %s: %w", sockMapKprBackendsV1, err)
+	}
+	return nil
+}
+
+// Backends dumps the backends by ID.
+func (m *LBMaps) Backends() (map[uint32]Backend, error) {
+	out := make(map[uint32]Backend)
+	err := m.WalkBackends(func(id uint32, b Backend) bool {
+		out[id] = b
+		return true
+	})
+	if err != nil {
+		return nil, err
 	}
 	return out, nil
 }
@@ -356,17 +405,31 @@ func (m *LBMaps) DeleteAffinityMatch(svcID, backendID uint32) error {
 	return nil
 }
 
-// AffinityMatches dumps the (svc_id, backend_id) pairs.
-func (m *LBMaps) AffinityMatches() (map[AffinityMatch]struct{}, error) {
-	out := make(map[AffinityMatch]struct{})
+// WalkAffinityMatches calls fn with every (svc_id, backend_id) pair until fn returns false.
+func (m *LBMaps) WalkAffinityMatches(fn func(AffinityMatch) bool) error {
 	var key sockAffinityMatchKey
 	var val uint8
 	it := m.affinityMatch.Iterate()
 	for it.Next(&key, &val) {
-		out[AffinityMatch{SvcID: key.SvcId, BackendID: key.BackendId}] = struct{}{}
+		if !fn(AffinityMatch{SvcID: key.SvcId, BackendID: key.BackendId}) {
+			return nil
+		}
 	}
 	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("dump %s: %w", sockMapKprAffinityMatchV1, err)
+		return fmt.Errorf("dump %s: %w", sockMapKprAffinityMatchV1, err)
+	}
+	return nil
+}
+
+// AffinityMatches dumps the (svc_id, backend_id) pairs.
+func (m *LBMaps) AffinityMatches() (map[AffinityMatch]struct{}, error) {
+	out := make(map[AffinityMatch]struct{})
+	err := m.WalkAffinityMatches(func(am AffinityMatch) bool {
+		out[am] = struct{}{}
+		return true
+	})
+	if err != nil {
+		return nil, err
 	}
 	return out, nil
 }

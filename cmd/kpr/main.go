@@ -65,7 +65,23 @@ func runCmd() *cobra.Command {
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 			defer stop()
-			return agent.New(cfg, log).Run(ctx)
+			a := agent.New(cfg, log)
+			// SIGHUP (systemctl reload kpr): a full sync now.
+			hup := make(chan os.Signal, 1)
+			signal.Notify(hup, syscall.SIGHUP)
+			defer signal.Stop(hup)
+			go func() {
+				for {
+					select {
+					case <-ctx.Done():
+						return
+					case <-hup:
+						log.Info("SIGHUP: full sync requested")
+						a.RequestFullSync()
+					}
+				}
+			}()
+			return a.Run(ctx)
 		},
 	}
 	config.AddFlags(c.Flags())
@@ -108,6 +124,9 @@ func printStatus(out io.Writer, cfg *config.Config) error {
 		sync := "not yet synced"
 		if st.Synced {
 			sync = fmt.Sprintf("last sync %s ago, took %s", time.Since(st.LastSync).Round(time.Second), st.LastSyncDuration)
+			if !st.LastFullSync.IsZero() {
+				sync += fmt.Sprintf("; last full sync %s ago", time.Since(st.LastFullSync).Round(time.Second))
+			}
 		}
 		if st.LastSyncError != "" {
 			sync += ", error: " + st.LastSyncError

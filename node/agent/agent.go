@@ -68,6 +68,8 @@ type Agent struct {
 	mu           sync.Mutex
 	lastLoop     time.Time
 	lastFull     time.Time
+	forceFull    bool
+	runner       *runner
 	syncFailures int
 	apiDown      bool
 }
@@ -102,6 +104,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.startInformers(ctx)
 	r := newRunner(a.syncOnce, a.cfg.MinSyncPeriod, a.cfg.SyncPeriod)
 	a.tracker.onChange = r.Run
+	a.mu.Lock()
+	a.runner = r
+	a.mu.Unlock()
 	var wg sync.WaitGroup
 	wg.Go(func() { r.Loop(ctx) })
 	wg.Go(func() { a.notify.Watchdog(ctx, a.Healthy) })
@@ -255,12 +260,6 @@ func proxySelector() string {
 
 const byService = "byService"
 
-// fullSyncPeriod is how often a sync recomputes every Service and re-reads the maps to
-// correct drift, as kube-proxy's nftables proxier does once an hour. In between, syncs touch
-// only the Services that changed: at 10,000 Services a full pass costs most of a second of
-// CPU, which every syncPeriod (30 s) was 3% of a core for nothing (make bench).
-const fullSyncPeriod = time.Hour
-
 // trimObject drops from cached objects what kpr never reads, before they enter the informer
 // caches: managedFields and owner references everywhere, and in EndpointSlices each
 // endpoint's targetRef, hostname, zone, deprecatedTopology and every address after the first
@@ -387,12 +386,29 @@ func (a *Agent) setAPIDown(down bool, err error) {
 	a.tracker.touchAll()
 }
 
+// RequestFullSync makes the next sync, started at once, a full one: every Service recomputed
+// and the BPF maps checked against what kpr programmed (`kill -HUP`, `systemctl reload kpr`).
+func (a *Agent) RequestFullSync() {
+	a.mu.Lock()
+	a.forceFull = true
+	r := a.runner
+	a.mu.Unlock()
+	if r != nil {
+		r.Run()
+	}
+}
+
 // syncOnce computes the desired state of the Services that changed and programs the
 // difference. It is the runner's only function, so it never runs concurrently.
 func (a *Agent) syncOnce() error {
 	a.mu.Lock()
 	a.lastLoop = time.Now()
-	full := time.Since(a.lastFull) >= fullSyncPeriod
+	// A full pass recomputes every Service and checks the maps against the mirror, to correct
+	// drift, by default once an hour as kube-proxy's nftables proxier does. In between, syncs
+	// touch only the Services that changed: at 10,000 Services a full pass costs most of a
+	// second of CPU, which every syncPeriod (30 s) was 3% of a core for nothing (make bench).
+	full := a.forceFull || time.Since(a.lastFull) >= a.cfg.FullSyncPeriod
+	a.forceFull = false
 	node := a.node
 	a.mu.Unlock()
 	if !a.services.HasSynced() || !a.slices.HasSynced() {
@@ -433,6 +449,9 @@ func (a *Agent) syncOnce() error {
 	}
 	a.mu.Unlock()
 	a.status.set(func(s *Status) {
+		if err == nil && touched == nil {
+			s.LastFullSync = start
+		}
 		s.Synced = true
 		s.LastSync = start
 		s.LastSyncDuration = elapsed.String()
@@ -450,6 +469,10 @@ func (a *Agent) syncOnce() error {
 	if err != nil {
 		a.log.Error("datapath sync failed; will retry", "err", err)
 		return err
+	}
+	if st.Drift || st.RevNatsFixed > 0 {
+		a.log.Warn("the BPF maps differed from what kpr had programmed (changed outside kpr, or a failed write); corrected",
+			"reread", st.Drift, "revnatFixed", st.RevNatsFixed)
 	}
 	if st.Upserted > 0 || st.Deleted > 0 || st.Full {
 		a.log.Info("datapath synced", "full", st.Full, "upserted", st.Upserted, "deleted", st.Deleted,

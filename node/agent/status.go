@@ -29,9 +29,11 @@ type Status struct {
 	LastSync         time.Time `json:"lastSync,omitzero"`
 	LastSyncDuration string    `json:"lastSyncDuration,omitempty"`
 	LastSyncError    string    `json:"lastSyncError,omitempty"`
-	Services         int       `json:"services"`
-	Frontends        int       `json:"frontends"`
-	Backends         int       `json:"backends"`
+	// LastFullSync: the last sync that recomputed every Service and checked the maps.
+	LastFullSync time.Time `json:"lastFullSync,omitzero"`
+	Services     int       `json:"services"`
+	Frontends    int       `json:"frontends"`
+	Backends     int       `json:"backends"`
 	// Networking is nil until the agent has read its configuration and the kubeadm files.
 	Networking *Networking `json:"networking,omitempty"`
 	// NorthSouth says whether and where traffic from outside the node is served; Masquerade

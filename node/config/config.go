@@ -69,6 +69,8 @@ type Config struct {
 	// Sync loop, as kube-proxy's syncPeriod and minSyncPeriod.
 	SyncPeriod    time.Duration `mapstructure:"syncPeriod"`
 	MinSyncPeriod time.Duration `mapstructure:"minSyncPeriod"`
+	// FullSyncPeriod: how often a sync recomputes every Service and checks the maps.
+	FullSyncPeriod time.Duration `mapstructure:"fullSyncPeriod"`
 
 	// RunDir holds the agent's status file for `kpr status`.
 	RunDir string `mapstructure:"runDir"`
@@ -103,8 +105,9 @@ var settings = []setting{
 	{"conntrackMapSize", "conntrack-map-size", "north-south flows tracked at once (and as many SNAT entries)", 131072},
 	{"masquerade", "masquerade", "masquerade pod traffic to destinations outside nonMasqueradeCIDRs, with one nftables table per family", true},
 	{"nonMasqueradeCIDRs", "non-masquerade-cidr", "destinations pod traffic keeps its source address to (default: the pod and Service CIDRs)", []string{}},
-	{"syncPeriod", "sync-period", "longest interval between two syncs; a sync writes only what changed, and once an hour one re-reads the maps and recomputes every Service", 30 * time.Second},
+	{"syncPeriod", "sync-period", "longest interval between two syncs; a sync writes only what changed", 30 * time.Second},
 	{"minSyncPeriod", "min-sync-period", "shortest interval between two syncs; changes within it are batched", time.Second},
+	{"fullSyncPeriod", "full-sync-period", "how often a sync recomputes every Service and checks the BPF maps against what kpr programmed, correcting whatever differs", time.Hour},
 	{"runDir", "run-dir", "directory for the agent's status file", "/run/kpr"},
 }
 
@@ -278,6 +281,9 @@ func (c *Config) Validate() error {
 	}
 	if c.MinSyncPeriod < 0 {
 		bad("minSyncPeriod", "%s is negative", c.MinSyncPeriod)
+	}
+	if c.FullSyncPeriod <= 0 {
+		bad("fullSyncPeriod", "%s must be positive", c.FullSyncPeriod)
 	}
 	if c.SyncPeriod <= 0 {
 		bad("syncPeriod", "%s must be positive", c.SyncPeriod)

@@ -37,6 +37,11 @@ type LBMap interface {
 	UpsertAffinityMatch(svcID, backendID uint32) error
 	DeleteAffinityMatch(svcID, backendID uint32) error
 	AffinityMatches() (map[bpf.AffinityMatch]struct{}, error)
+	// Walks call fn with one entry at a time until it returns false: a full sync checks the
+	// maps against the mirror without a second copy of either.
+	WalkServiceSlots(fn func(bpf.ServiceSlot) bool) error
+	WalkBackends(fn func(id uint32, b bpf.Backend) bool) error
+	WalkAffinityMatches(fn func(bpf.AffinityMatch) bool) error
 }
 
 // MaglevMap holds a Maglev lookup table per external frontend (bpf.NodePortMaps).
@@ -128,6 +133,9 @@ type Reconciler struct {
 
 	// full forces the next Sync to re-read the maps and diff everything (after a failure).
 	full bool
+	// check makes the next Sync a full one (Resync): the maps are compared with the mirror
+	// and re-read only if they differ.
+	check bool
 
 	// Maglev tables of external frontends with backends, when enabled (UseMaglev): tables
 	// holds the svc_ids that have one.
@@ -225,19 +233,11 @@ func NewReconciler(lb LBMap) (*Reconciler, error) {
 	return r, nil
 }
 
+// restore rebuilds the mirror from the maps. It streams them: the frontends in one walk of the
+// service map and their slots in a second, so no dump of a map is ever held beside the mirror.
 func (r *Reconciler) restore() error {
-	svcs, err := r.lb.Services()
-	if err != nil {
-		return fmt.Errorf("reading service map: %w", err)
-	}
-	bes, err := r.lb.Backends()
-	if err != nil {
-		return fmt.Errorf("reading backend map: %w", err)
-	}
-	ams, err := r.lb.AffinityMatches()
-	if err != nil {
-		return fmt.Errorf("reading affinity match map: %w", err)
-	}
+	// The old mirror is about to be replaced; letting it go first keeps the peak at one copy.
+	r.programmed, r.backends, r.byID, r.matches, r.tables = nil, nil, nil, nil, nil
 	r.tables = map[uint32]bool{}
 	if r.maglev != nil {
 		ids, err := r.maglev.MaglevServices()
@@ -249,48 +249,178 @@ func (r *Reconciler) restore() error {
 		}
 	}
 	r.matches = map[uint32]map[uint32]bool{}
-	for am := range ams {
+	if err := r.lb.WalkAffinityMatches(func(am bpf.AffinityMatch) bool {
 		r.setMatch(am.SvcID, am.BackendID, true)
+		return true
+	}); err != nil {
+		return fmt.Errorf("reading affinity match map: %w", err)
 	}
-	r.programmed = make(map[bpf.ServiceKey]programmedEntry, len(svcs))
 	r.svcIDs = newIDAllocator()
 	r.backendIDs = newIDAllocator()
-	r.backends = make(map[backendKey]uint32, len(bes))
-	r.byID = make(map[uint32]backendState, len(bes))
-	for id, b := range bes {
+	r.backends = map[backendKey]uint32{}
+	r.byID = map[uint32]backendState{}
+	if err := r.lb.WalkBackends(func(id uint32, b bpf.Backend) bool {
 		k := newBackendKey(netip.AddrPortFrom(b.Addr.Unmap(), b.Port), b.Proto)
 		r.byID[id] = backendState{key: k}
 		r.backendIDs.reserve(id)
 		if _, dup := r.backends[k]; !dup {
 			// Two IDs for one backend (a crash mid-update): keep the first, the other is
-			// collected below once nothing references it.
+			// collected once nothing references it.
 			r.backends[k] = id
 		}
+		return true
+	}); err != nil {
+		return fmt.Errorf("reading backend map: %w", err)
 	}
-	for k, s := range svcs {
-		pe := programmedEntry{id: s.ID, count: len(s.Backends), ids: s.Backends, entry: entry{flags: s.Flags, affinity: s.AffinityTimeoutSec}}
-		for i, id := range s.Backends {
+	r.programmed = map[bpf.ServiceKey]programmedEntry{}
+	if err := r.lb.WalkServiceSlots(func(s bpf.ServiceSlot) bool {
+		if s.Slot == 0 {
+			r.programmed[s.Key] = programmedEntry{id: s.ID, count: int(s.Count), ids: make([]uint32, s.Count),
+				entry: entry{flags: s.Flags, affinity: s.AffinityTimeoutSec}}
+		}
+		return true
+	}); err != nil {
+		return fmt.Errorf("reading service map: %w", err)
+	}
+	// A slot that is missing, or beyond its frontend's count, leaves ID 0, which never matches
+	// a desired backend, so the next write replaces it.
+	if err := r.lb.WalkServiceSlots(func(s bpf.ServiceSlot) bool {
+		if pe, ok := r.programmed[s.Key]; ok && s.Slot > 0 && int(s.Slot) <= pe.count {
+			pe.ids[s.Slot-1] = s.BackendID
+		}
+		return true
+	}); err != nil {
+		return fmt.Errorf("reading service map: %w", err)
+	}
+	for _, pe := range r.programmed {
+		for i, id := range pe.ids {
 			st, ok := r.byID[id]
 			if !ok {
-				// A slot naming a missing backend: ID 0 never matches, so the next write
-				// replaces it.
 				pe.ids[i] = 0
 				continue
 			}
 			st.refs++
 			r.byID[id] = st
 		}
-		if s.ID != 0 {
-			r.svcIDs.reserve(s.ID)
+		if pe.id != 0 {
+			r.svcIDs.reserve(pe.id)
 		}
-		r.programmed[k] = pe
 	}
 	return nil
+}
+
+// verify reports whether the maps hold exactly what the mirror says: every frontend, slot,
+// backend and affinity pair, and which frontends have a Maglev table. It reads one entry at a
+// time and keeps only counters, so the hourly full sync costs no memory when nothing drifted.
+func (r *Reconciler) verify() (bool, error) {
+	same := true
+	var fronts, slots int
+	if err := r.lb.WalkServiceSlots(func(s bpf.ServiceSlot) bool {
+		pe, ok := r.programmed[s.Key]
+		switch {
+		case !ok:
+			same = false
+		case s.Slot == 0:
+			same = pe.id == s.ID && pe.flags == s.Flags && pe.affinity == s.AffinityTimeoutSec && pe.count == int(s.Count)
+			fronts++
+		case int(s.Slot) <= pe.count:
+			same = pe.ids[s.Slot-1] == s.BackendID
+			slots++
+		}
+		// Slots beyond the count are never read by the datapath, and restore ignores them.
+		return same
+	}); err != nil || !same {
+		return false, err
+	}
+	total := 0
+	for _, pe := range r.programmed {
+		total += pe.count
+	}
+	if fronts != len(r.programmed) || slots != total {
+		return false, nil
+	}
+	n := 0
+	if err := r.lb.WalkBackends(func(id uint32, b bpf.Backend) bool {
+		st, ok := r.byID[id]
+		same = ok && st.key == newBackendKey(netip.AddrPortFrom(b.Addr.Unmap(), b.Port), b.Proto)
+		n++
+		return same
+	}); err != nil || !same || n != len(r.byID) {
+		return false, err
+	}
+	n, total = 0, 0
+	if err := r.lb.WalkAffinityMatches(func(am bpf.AffinityMatch) bool {
+		same = r.matches[am.SvcID][am.BackendID]
+		n++
+		return same
+	}); err != nil || !same {
+		return false, err
+	}
+	for _, m := range r.matches {
+		total += len(m)
+	}
+	if n != total {
+		return false, nil
+	}
+	if r.maglev != nil {
+		ids, err := r.maglev.MaglevServices()
+		if err != nil {
+			return false, fmt.Errorf("reading maglev map: %w", err)
+		}
+		if len(ids) != len(r.tables) {
+			return false, nil
+		}
+		for _, id := range ids {
+			if !r.tables[id] {
+				return false, nil
+			}
+		}
+	}
+	return true, nil
+}
+
+// repairRevNats makes the reverse NAT map hold exactly one entry per programmed frontend, its
+// address and port under its svc_id: a missing or wrong entry would make replies and
+// getpeername() show the backend instead of the Service, a stale one is garbage.
+func (r *Reconciler) repairRevNats() (int, error) {
+	have, err := r.lb.RevNats()
+	if err != nil {
+		return 0, err
+	}
+	fixed := 0
+	var errs []error
+	for k, pe := range r.programmed {
+		if IsWildcard(k) || pe.id == 0 {
+			continue
+		}
+		want := bpf.RevNat{Addr: k.Addr, Port: k.Port}
+		got, ok := have[pe.id]
+		delete(have, pe.id)
+		if ok && got == want {
+			continue
+		}
+		if err := r.lb.UpsertRevNat(pe.id, want); err != nil {
+			errs = append(errs, fmt.Errorf("frontend %s: %w", keyString(k), err))
+			continue
+		}
+		fixed++
+	}
+	for _, id := range slices.Sorted(maps.Keys(have)) {
+		if err := r.lb.DeleteRevNat(id); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		fixed++
+	}
+	return fixed, errors.Join(errs...)
 }
 
 // Set records the desired frontends of one Service (namespace/name); nil or empty removes it.
 // Nothing is written until Sync.
 func (r *Reconciler) Set(service string, fes []lbstate.Frontend) {
+	if old, ok := r.desired[service]; ok && slices.EqualFunc(old, fes, lbstate.Frontend.Equal) {
+		return
+	}
 	for _, fe := range r.desired[service] {
 		k := Key(fe.FrontendKey)
 		if o := r.owners[k]; len(o) == 1 && o[0] == service {
@@ -344,16 +474,29 @@ type Stats struct {
 	Frontends, Backends int // programmed after the sync
 	Upserted, Deleted   int // service-map frontends written and removed
 	Full                bool
+	// Drift: a full sync found the maps different from what kpr had programmed (changed by
+	// someone else, or left by a failed write) and re-read them. RevNatsFixed counts the
+	// reverse NAT entries it rewrote or removed.
+	Drift        bool
+	RevNatsFixed int
 }
 
 // Sync makes the maps hold exactly the desired state. touched lists the Services that changed
 // since the last successful sync; nil means all of them. A failure leaves every Service either
 // as it was or as desired (never half-programmed) and makes the next Sync a full one.
 func (r *Reconciler) Sync(touched []string) (Stats, error) {
-	st := Stats{Full: touched == nil || r.full}
+	st := Stats{Full: touched == nil || r.full || r.check}
 	var errs []error
-	if r.full {
+	if st.Full && !r.full {
+		same, err := r.verify()
+		if err != nil {
+			return st, err
+		}
+		st.Drift = !same
+	}
+	if r.full || st.Drift {
 		if err := r.restore(); err != nil {
+			r.full = true
 			return st, err
 		}
 		if err := r.pruneMatches(); err != nil {
@@ -435,9 +578,17 @@ func (r *Reconciler) Sync(touched []string) (Stats, error) {
 		}
 		st.Deleted++
 	}
+	if st.Full {
+		n, err := r.repairRevNats()
+		st.RevNatsFixed = n
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
 	if err := r.collectBackends(); err != nil {
 		errs = append(errs, err)
 	}
+	r.check = false
 	r.full = len(errs) > 0
 	st.Frontends = len(r.programmed)
 	st.Backends = len(r.backends)
@@ -810,6 +961,7 @@ func (a *idAllocator) alloc() (uint32, error) {
 	return 0, errors.New("no free ID: every ID up to 2^24 is in use")
 }
 
-// Resync makes the next Sync re-read the maps and correct anything that differs from the
-// desired state, whoever changed it.
-func (r *Reconciler) Resync() { r.full = true }
+// Resync makes the next Sync a full one: it checks the maps against what was programmed,
+// re-reads them if anything differs, and corrects whatever differs from the desired state,
+// whoever changed it.
+func (r *Reconciler) Resync() { r.check = true }

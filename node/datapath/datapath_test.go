@@ -674,3 +674,103 @@ func TestMaglevTables(t *testing.T) {
 		t.Fatalf("violations: %v", m.Violations)
 	}
 }
+
+// The periodic full sync finds whatever changed the maps behind kpr's back, through the
+// comparison with its mirror, and puts back the desired state; with nothing changed it writes
+// nothing.
+func TestFullSyncCorrectsDrift(t *testing.T) {
+	state := map[string][]lbstate.Frontend{
+		"default/web": {
+			fe("10.96.0.10", 80, v1.ProtocolTCP, "10.244.1.2:8080", "10.244.1.3:8080"),
+			sticky(fe("10.96.0.10", 443, v1.ProtocolTCP, "10.244.1.2:8443", "10.244.1.3:8443")),
+		},
+		"default/dns": {fe("10.96.0.53", 53, v1.ProtocolUDP, "10.244.2.2:53")},
+	}
+	web := Key(state["default/web"][0].FrontendKey)
+	webTLS := Key(state["default/web"][1].FrontendKey)
+	dns := Key(state["default/dns"][0].FrontendKey)
+	tamper := []struct {
+		name string
+		do   func(m *Fake, svcs map[bpf.ServiceKey]bpf.Service) error
+	}{
+		{"slot names another backend", func(m *Fake, s map[bpf.ServiceKey]bpf.Service) error {
+			bad := s[web]
+			bad.Backends = []uint32{s[dns].Backends[0], bad.Backends[1]}
+			return m.UpsertService(web, bad, 2)
+		}},
+		{"frontend deleted", func(m *Fake, s map[bpf.ServiceKey]bpf.Service) error {
+			return m.DeleteService(dns, 1)
+		}},
+		{"foreign frontend added", func(m *Fake, s map[bpf.ServiceKey]bpf.Service) error {
+			k := bpf.ServiceKey{Addr: netip.MustParseAddr("10.96.0.99"), Port: 80, Proto: bpf.ProtoTCP}
+			if err := m.UpsertService(k, bpf.Service{ID: 4000, Backends: s[dns].Backends}, 0); err != nil {
+				return err
+			}
+			return m.UpsertRevNat(4000, bpf.RevNat{Addr: k.Addr, Port: 80})
+		}},
+		{"backend deleted", func(m *Fake, s map[bpf.ServiceKey]bpf.Service) error {
+			return m.DeleteBackend(s[dns].Backends[0])
+		}},
+		{"backend rewritten", func(m *Fake, s map[bpf.ServiceKey]bpf.Service) error {
+			return m.UpsertBackend(s[dns].Backends[0], bpf.Backend{Addr: netip.MustParseAddr("10.244.9.9"), Port: 53, Proto: bpf.ProtoUDP})
+		}},
+		{"affinity timeout changed", func(m *Fake, s map[bpf.ServiceKey]bpf.Service) error {
+			bad := s[webTLS]
+			bad.AffinityTimeoutSec = 5
+			return m.UpsertService(webTLS, bad, 2)
+		}},
+		{"affinity pair deleted", func(m *Fake, s map[bpf.ServiceKey]bpf.Service) error {
+			return m.DeleteAffinityMatch(s[webTLS].ID, s[webTLS].Backends[0])
+		}},
+		{"stray affinity pair", func(m *Fake, s map[bpf.ServiceKey]bpf.Service) error {
+			return m.UpsertAffinityMatch(s[web].ID, s[dns].Backends[0])
+		}},
+		{"reverse NAT deleted", func(m *Fake, s map[bpf.ServiceKey]bpf.Service) error {
+			return m.DeleteRevNat(s[web].ID)
+		}},
+		{"reverse NAT rewritten", func(m *Fake, s map[bpf.ServiceKey]bpf.Service) error {
+			return m.UpsertRevNat(s[dns].ID, bpf.RevNat{Addr: netip.MustParseAddr("10.96.0.1"), Port: 53})
+		}},
+		{"stale reverse NAT", func(m *Fake, s map[bpf.ServiceKey]bpf.Service) error {
+			return m.UpsertRevNat(4001, bpf.RevNat{Addr: netip.MustParseAddr("10.96.0.98"), Port: 80})
+		}},
+	}
+	for _, tc := range tamper {
+		t.Run(tc.name, func(t *testing.T) {
+			m := NewFake()
+			r, _ := NewReconciler(m)
+			for n, fes := range state {
+				r.Set(n, fes)
+			}
+			mustSync(t, r, nil)
+			want := fmt.Sprint(programmed(t, m))
+			wantRevs, _ := m.RevNats()
+
+			// Nothing changed: the full sync only reads.
+			writes := m.Writes
+			r.Resync()
+			if st := mustSync(t, r, []string{}); !st.Full || st.Drift || st.RevNatsFixed != 0 || m.Writes != writes {
+				t.Fatalf("full sync of unchanged maps: stats %+v, %d writes", st, m.Writes-writes)
+			}
+
+			svcs, _ := m.Services()
+			if err := tc.do(m, svcs); err != nil {
+				t.Fatal(err)
+			}
+			st := mustSync(t, r, nil)
+			if !st.Drift && st.RevNatsFixed == 0 {
+				t.Fatalf("full sync did not notice: %+v", st)
+			}
+			if got := fmt.Sprint(programmed(t, m)); got != want {
+				t.Fatalf("after the full sync the maps hold\n%s\nwant\n%s", got, want)
+			}
+			if revs, _ := m.RevNats(); len(revs) != len(wantRevs) {
+				t.Fatalf("reverse NAT entries %v, want %v", revs, wantRevs)
+			}
+			// And the next one finds nothing more to do.
+			if st := mustSync(t, r, nil); st.Drift || st.RevNatsFixed != 0 || st.Upserted != 0 || st.Deleted != 0 {
+				t.Fatalf("second full sync: %+v", st)
+			}
+		})
+	}
+}

@@ -142,6 +142,48 @@ func (f *Fake) Services() (map[bpf.ServiceKey]bpf.Service, error) {
 	return out, nil
 }
 
+// WalkServiceSlots calls fn with every slot entry, as the BPF map would (slot 0 and the
+// backend slots, those beyond the count included), until fn returns false.
+func (f *Fake) WalkServiceSlots(fn func(bpf.ServiceSlot) bool) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for k, m := range f.master {
+		if !fn(bpf.ServiceSlot{Key: k, ID: m.ID, Flags: m.Flags, AffinityTimeoutSec: m.AffinityTimeoutSec, Count: uint16(len(m.Backends))}) {
+			return nil
+		}
+	}
+	for sk, id := range f.slots {
+		if !fn(bpf.ServiceSlot{Key: sk.svc, Slot: uint16(sk.slot), BackendID: id}) {
+			return nil
+		}
+	}
+	return nil
+}
+
+// WalkBackends calls fn with every backend until fn returns false.
+func (f *Fake) WalkBackends(fn func(uint32, bpf.Backend) bool) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for id, b := range f.backends {
+		if !fn(id, b) {
+			return nil
+		}
+	}
+	return nil
+}
+
+// WalkAffinityMatches calls fn with every pair until fn returns false.
+func (f *Fake) WalkAffinityMatches(fn func(bpf.AffinityMatch) bool) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for am := range f.matches {
+		if !fn(am) {
+			return nil
+		}
+	}
+	return nil
+}
+
 func (f *Fake) Backends() (map[uint32]bpf.Backend, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()

@@ -146,6 +146,15 @@ type Frontend struct {
 	LoadBalancerSourceRanges []netip.Prefix
 }
 
+// Equal reports whether f and g are the same frontend with the same backends and settings.
+func (f Frontend) Equal(g Frontend) bool {
+	return f.FrontendKey == g.FrontendKey && f.Service == g.Service && f.Type == g.Type &&
+		f.NoBackends == g.NoBackends && f.AffinityTimeoutSec == g.AffinityTimeoutSec &&
+		f.PreserveClientIP == g.PreserveClientIP &&
+		slices.Equal(f.Backends, g.Backends) &&
+		slices.Equal(f.LoadBalancerSourceRanges, g.LoadBalancerSourceRanges)
+}
+
 // Node is what the computation needs to know about the node kpr runs on.
 type Node struct {
 	Name string

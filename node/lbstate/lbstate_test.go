@@ -846,3 +846,56 @@ func TestCategorize(t *testing.T) {
 		})
 	}
 }
+
+// Equal tells frontends apart by every field, so a full sync that skips unchanged Services
+// never skips a real change. A field added to Frontend without Equal learning it fails here.
+func TestFrontendEqualSeesEveryField(t *testing.T) {
+	base := Frontend{
+		FrontendKey:              FrontendKey{Addr: netip.MustParseAddr("10.96.0.10"), Port: 80, Protocol: v1.ProtocolTCP},
+		Service:                  ServicePortName{Namespace: "default", Name: "web", Port: "http", Protocol: v1.ProtocolTCP},
+		Backends:                 []netip.AddrPort{netip.MustParseAddrPort("10.244.1.2:8080")},
+		LoadBalancerSourceRanges: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")},
+	}
+	if !base.Equal(base) {
+		t.Fatal("a frontend differs from itself")
+	}
+	var change func(v reflect.Value, path string)
+	change = func(v reflect.Value, path string) {
+		for i := range v.NumField() {
+			f, name := v.Field(i), path+v.Type().Field(i).Name
+			if f.Kind() == reflect.Struct && f.Type() != reflect.TypeOf(netip.Addr{}) {
+				change(f, name+".")
+				continue
+			}
+			old := reflect.New(f.Type()).Elem()
+			old.Set(f)
+			switch f.Interface().(type) {
+			case netip.Addr:
+				f.Set(reflect.ValueOf(netip.MustParseAddr("10.96.0.11")))
+			case []netip.AddrPort:
+				f.Set(reflect.ValueOf([]netip.AddrPort{netip.MustParseAddrPort("10.244.1.3:8080")}))
+			case []netip.Prefix:
+				f.Set(reflect.ValueOf([]netip.Prefix{netip.MustParsePrefix("198.51.100.0/24")}))
+			default:
+				switch f.Kind() {
+				case reflect.String:
+					f.SetString(f.String() + "x")
+				case reflect.Bool:
+					f.SetBool(!f.Bool())
+				case reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+					f.SetUint(f.Uint() + 1)
+				case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
+					f.SetInt(f.Int() + 1)
+				default:
+					t.Fatalf("field %s of kind %s: teach this test how to change it", name, f.Kind())
+				}
+			}
+			cur := reflect.ValueOf(&base).Elem().Interface().(Frontend)
+			f.Set(old)
+			if base.Equal(cur) {
+				t.Errorf("Equal does not see a change of %s", name)
+			}
+		}
+	}
+	change(reflect.ValueOf(&base).Elem(), "")
+}

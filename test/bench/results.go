@@ -110,10 +110,12 @@ type PathRun struct {
 	// Retaken lists the measurements discarded for disturbance (not in any figure).
 	Retaken []Retake `json:"retaken,omitempty"`
 
-	MemAfterSync       Mem    `json:"mem_after_sync"`
-	MemAfterTraffic    Mem    `json:"mem_after_traffic"`
-	MapMemlock         int64  `json:"map_memlock,omitempty"`
-	Programmed         string `json:"programmed,omitempty"`
+	MemAfterSync    Mem    `json:"mem_after_sync"`
+	MemAfterTraffic Mem    `json:"mem_after_traffic"`
+	MapMemlock      int64  `json:"map_memlock,omitempty"`
+	Programmed      string `json:"programmed,omitempty"`
+	// FullSync: kpr's full sync, forced after the traffic so the memory includes it.
+	FullSync           string `json:"full_sync,omitempty"`
 	ConntrackAfterRate int64  `json:"conntrack_after_rate,omitempty"`
 
 	Notes []string `json:"notes,omitempty"`
@@ -861,7 +863,8 @@ func method(r *Results) string {
 		"in the raw runs, and a pair still disturbed is left out of the paired figures.\n",
 		100*c.OthersLimit, c.Retakes, c.DisturbanceBudget)
 	b.WriteString("- Proxy memory: VmRSS and VmHWM from /proc/<pid>/status after the first answer and after the traffic; the " +
-		"table shows the largest. kpr's BPF maps are kernel memory, not in VmRSS; bpftool's memlock for them is in the raw " +
+		"table shows the largest. After the traffic kpr is made to run its hourly full sync (SIGHUP: every Service " +
+		"recomputed, the maps checked against what it programmed), so VmHWM includes that peak. kpr's BPF maps are kernel memory, not in VmRSS; bpftool's memlock for them is in the raw " +
 		"runs. \"Proxy CPU\" in the raw runs is the CPU time the proxy process itself used during the sample (its control " +
 		"plane, e.g. periodic syncs; the datapath work happens in the kernel on behalf of the client and servers).\n")
 	b.WriteString("- kube-proxy runs with `--conntrack-max-per-core=0 --conntrack-tcp-timeout-established=0 " +
@@ -900,6 +903,9 @@ func (r *Results) raw() string {
 				}
 				if run.Programmed != "" {
 					other = append(other, "kpr: "+run.Programmed)
+				}
+				if run.FullSync != "" {
+					other = append(other, "full sync after the traffic "+run.FullSync)
 				}
 				if run.MapMemlock > 0 {
 					other = append(other, "map memlock "+fmtMiB(run.MapMemlock))

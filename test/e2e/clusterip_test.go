@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -20,6 +21,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/utils/ptr"
 
+	"github.com/kpr-dev/kpr/bpf"
 	"github.com/kpr-dev/kpr/node/agent"
 	"github.com/kpr-dev/kpr/test/sandbox"
 )
@@ -146,10 +148,12 @@ func TestClusterIP(t *testing.T) {
 		}
 	}
 	vip4, vip6 := vips(t, web)
-	eventually(t, 10*time.Second, "the web Service answers through its ClusterIP", func() error {
-		rs := e.probeFrom(client, "--target", target(vip4, 80), "--timeout", "500ms")
-		if len(rs) != 1 || !rs[0].OK {
-			return fmt.Errorf("%+v", rs)
+	eventually(t, 10*time.Second, "the web Service answers through both its ClusterIPs", func() error {
+		for _, vip := range []netip.Addr{vip4, vip6} {
+			rs := e.probeFrom(client, "--target", target(vip, 80), "--timeout", "500ms")
+			if len(rs) != 1 || !rs[0].OK {
+				return fmt.Errorf("%s: %+v", vip, rs)
+			}
 		}
 		return nil
 	})
@@ -492,6 +496,47 @@ func TestClusterIP(t *testing.T) {
 		status, err := e.kprCmd("status")
 		if err != nil || !strings.Contains(status, "running") || !strings.Contains(status, "8 programs attached") {
 			t.Fatalf("kpr status: %v\n%s", err, status)
+		}
+	})
+
+	t.Run("a reload puts back a frontend deleted behind kpr's back", func(t *testing.T) {
+		m, err := bpf.OpenMaps(e.kpr.PinDir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer m.Close()
+		svcs, err := m.Services()
+		if err != nil {
+			t.Fatal(err)
+		}
+		k := bpf.ServiceKey{Addr: vip4, Port: 80, Proto: bpf.ProtoTCP, Scope: bpf.ScopeSocket}
+		s, ok := svcs[k]
+		if !ok {
+			t.Fatalf("%s is not in the service map", k)
+		}
+		if err := m.DeleteService(k, len(s.Backends)); err != nil {
+			t.Fatal(err)
+		}
+		rs := e.probeFrom(client, "--target", target(vip4, 80), "--timeout", "3s")
+		if len(rs) != 1 || rs[0].OK || rs[0].Errno != "ECONNREFUSED" {
+			t.Fatalf("with the frontend deleted: %+v, want ECONNREFUSED", rs)
+		}
+		if err := e.kpr.Proc.Signal(syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, 10*time.Second, "the frontend is back after SIGHUP", func() error {
+			rs := e.probeFrom(client, "--target", target(vip4, 80), "--count", "10")
+			if f := failures(rs); len(f) > 0 {
+				return fmt.Errorf("%v", f)
+			}
+			return nil
+		})
+		if log := readFile(t, e.kpr.Proc.LogPath); !strings.Contains(log, "differed from what kpr had programmed") {
+			t.Fatalf("kpr did not report the drift:\n%s", e.kpr.Proc.LogTail(20))
+		}
+		status, err := e.kprCmd("status")
+		if err != nil || !strings.Contains(status, "last full sync") {
+			t.Fatalf("kpr status does not show the full sync: %v\n%s", err, status)
 		}
 	})
 
