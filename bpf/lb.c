@@ -829,6 +829,7 @@ struct fwd_state {
 	__u32 svc_id;
 	__u32 now;
 	__u16 count;
+	__u8 preserve_src; /* SVC_F_PRESERVE_SRC: no SNAT */
 };
 
 /*
@@ -846,6 +847,11 @@ struct {
 /*
  * A new flow: pick a backend, claim a SNAT port, write the reverse entry and
  * then the forward entry. Returns 0 with s->flow filled in, or a verdict.
+ *
+ * With SVC_F_PRESERVE_SRC the flow keeps the client's address and port (the
+ * "SNAT" address and port are the client's own), so the reverse entry is keyed
+ * by the backend's reply straight to the client, which the pod's device hands
+ * to tc_nodeport_reply like any other.
  */
 static __noinline int new_flow(const struct lb_config *cfg, struct fwd_state *s)
 {
@@ -881,17 +887,30 @@ static __noinline int new_flow(const struct lb_config *cfg, struct fwd_state *s)
 	rv->client_port = s->fk.sport;
 	rv->vip_port = s->fk.dport;
 	rv->last_seen = s->now;
-	if (snat_alloc(cfg, rk, rv, s->now)) {
+	if (s->preserve_src) {
+		__builtin_memcpy(out->snat_addr, s->fk.saddr, 16);
+		__builtin_memcpy(rk->daddr, s->fk.saddr, 16);
+		rk->dport = s->fk.sport;
+		if (bpf_map_update_elem(&kpr_lb_snat_v1, rk, rv, BPF_ANY)) {
+			count(STAT_DROP_ERROR);
+			return TC_ACT_SHOT;
+		}
+	} else if (snat_alloc(cfg, rk, rv, s->now)) {
 		count(STAT_DROP_NO_SNAT_PORT);
 		return TC_ACT_SHOT;
 	}
 	out->snat_port = rk->dport;
 
 	if (bpf_map_update_elem(&kpr_lb_ct_v1, &s->fk, out, BPF_NOEXIST)) {
-		/* Another CPU created the flow first: use its entry, give our port back. */
+		/*
+		 * Another CPU created the flow first: use its entry, give our port
+		 * back. Without SNAT there is no port, and the reverse entry may be
+		 * the other CPU's own (the same backend): leave it to the LRU.
+		 */
 		struct ct_value *ct = bpf_map_lookup_elem(&kpr_lb_ct_v1, &s->fk);
 
-		bpf_map_delete_elem(&kpr_lb_snat_v1, rk);
+		if (!s->preserve_src)
+			bpf_map_delete_elem(&kpr_lb_snat_v1, rk);
 		if (!ct) {
 			count(STAT_DROP_ERROR);
 			return TC_ACT_SHOT;
@@ -938,6 +957,7 @@ int tc_nodeport(struct __sk_buff *skb)
 	}
 	s->count = sv->count;
 	s->svc_id = sv->svc_id;
+	s->preserve_src = (sv->flags & SVC_F_PRESERVE_SRC) != 0;
 	if (s->count == 0) {
 		/* A TCP RST or ICMP unreachable is for a later slice. */
 		count(STAT_DROP_NO_BACKEND);
@@ -948,7 +968,7 @@ int tc_nodeport(struct __sk_buff *skb)
 	if (!cfg || cfg->snat_port_min == 0)
 		return VERDICT_NOT_MINE;
 	__builtin_memcpy(s->snat_addr.b, s->p.v4 ? cfg->addr4 : cfg->addr6, 16);
-	if (addr_is_zero(&s->snat_addr)) {
+	if (!s->preserve_src && addr_is_zero(&s->snat_addr)) {
 		count(STAT_DROP_NO_NODE_ADDR);
 		return TC_ACT_SHOT;
 	}

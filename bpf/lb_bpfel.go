@@ -86,10 +86,11 @@ type lbFwdState struct {
 		_ structs.HostLayout
 		B [16]uint8
 	}
-	SvcId uint32
-	Now   uint32
-	Count uint16
-	_     [2]byte
+	SvcId       uint32
+	Now         uint32
+	Count       uint16
+	PreserveSrc uint8
+	_           [1]byte
 }
 
 type lbLbConfig struct {

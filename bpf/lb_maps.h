@@ -15,6 +15,11 @@
 #define IPPROTO_UDP 17
 
 #define SVC_F_UNREACHABLE 1
+/*
+ * External scope: the backend must see the client's address (externalTrafficPolicy
+ * Local, only local backends), so tc_nodeport translates the destination only.
+ */
+#define SVC_F_PRESERVE_SRC 2
 #define SCOPE_SOCKET 0
 #define SCOPE_EXTERNAL 1
 

@@ -1202,3 +1202,93 @@ func TestLBObjectMatchesSchema(t *testing.T) {
 		}
 	}
 }
+
+// externalTrafficPolicy Local: a frontend with FlagPreserveClientIP is translated in the
+// destination only, so the (local) backend sees the client; the reply from the backend,
+// addressed to the client, goes back from the frontend. No SNAT address is needed for it.
+func TestNodePortPreserveClientIP(t *testing.T) {
+	e := newNodePortEnv(t, Config{}, npConfig)
+	e.ifindexes()
+	e.programServices()
+	m := e.d.Maps
+	keyLocal := ServiceKey{Addr: npNode4, Port: 30082, Proto: ProtoTCP, Scope: ScopeExternal}
+	keyLocalUDP := ServiceKey{Addr: npNode4, Port: 30054, Proto: ProtoUDP, Scope: ScopeExternal}
+	keyLocal6 := ServiceKey{Addr: npNode6, Port: 30082, Proto: ProtoTCP, Scope: ScopeExternal}
+	must(t, m.UpsertService(keyLocal, Service{ID: 31, Flags: FlagPreserveClientIP, Backends: []uint32{npBeA, npBeB}}, 0))
+	must(t, m.UpsertService(keyLocalUDP, Service{ID: 32, Flags: FlagPreserveClientIP, Backends: []uint32{npBeUDP}}, 0))
+	must(t, m.UpsertService(keyLocal6, Service{ID: 33, Flags: FlagPreserveClientIP, Backends: []uint32{npBe6}}, 0))
+
+	cases := []struct {
+		name     string
+		client   netip.AddrPort
+		frontend netip.AddrPort
+		proto    Proto
+		backends []netip.AddrPort
+	}{
+		{"tcp ipv4", netip.AddrPortFrom(npClient4, 45000), netip.AddrPortFrom(npNode4, 30082), ProtoTCP,
+			[]netip.AddrPort{netip.AddrPortFrom(npPodA, 8080), netip.AddrPortFrom(npPodB, 8080)}},
+		{"udp ipv4", netip.AddrPortFrom(npClient4, 45001), netip.AddrPortFrom(npNode4, 30054), ProtoUDP,
+			[]netip.AddrPort{netip.AddrPortFrom(npPodA, 5353)}},
+		{"tcp ipv6", netip.AddrPortFrom(npClient6, 45002), netip.AddrPortFrom(npNode6, 30082), ProtoTCP,
+			[]netip.AddrPort{netip.AddrPortFrom(npPod6, 8080)}},
+	}
+	check := func(t *testing.T, in, out []byte, ret uint32, client netip.AddrPort, backends []netip.AddrPort) packet {
+		t.Helper()
+		if ret != tcActRedirect {
+			t.Fatalf("verdict %d, want TC_ACT_REDIRECT", int32(ret))
+		}
+		pin, err := parsePacket(in)
+		must(t, err)
+		p := checkChecksums(t, out, false)
+		if !slices.Contains(backends, p.dst) || p.src != client {
+			t.Fatalf("%s -> %s, want %s -> one of %v", p.src, p.dst, client, backends)
+		}
+		if p.ttl != pin.ttl-1 || !bytes.Equal(p.dstMAC, podMACs[p.dst.Addr()]) || !bytes.Equal(p.payload, pin.payload) {
+			t.Errorf("ttl %d MAC %s payload %q", p.ttl, p.dstMAC, p.payload)
+		}
+		return p
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			for i, flags := range []uint8{tcpSYN, tcpACK | tcpPSH} {
+				in := buildPacket(pktSpec{src: tc.client, dst: tc.frontend, proto: tc.proto, tcpFlags: flags, payload: []byte(fmt.Sprintf("request %d", i))})
+				ret, out := e.nodeport(in)
+				p := check(t, in, out, ret, tc.client, tc.backends)
+
+				reply := buildPacket(pktSpec{src: p.dst, dst: tc.client, proto: tc.proto, tcpFlags: tcpACK,
+					payload: []byte("answer"), srcMAC: podMACs[p.dst.Addr()], dstMAC: pod0MAC})
+				ret, out = e.reply(reply)
+				if ret != tcActRedirect {
+					t.Fatalf("reply verdict %d, want TC_ACT_REDIRECT", int32(ret))
+				}
+				r := checkChecksums(t, out, false)
+				if r.src != tc.frontend || r.dst != tc.client || string(r.payload) != "answer" {
+					t.Errorf("reply %s -> %s %q, want %s -> %s", r.src, r.dst, r.payload, tc.frontend, tc.client)
+				}
+			}
+			f, ok := e.flows()[tc.client]
+			if !ok || f.SNAT != tc.client || f.Frontend != tc.frontend {
+				t.Errorf("flow %+v (present %v), want the client %s as its own source", f, ok, tc.client)
+			}
+		})
+	}
+
+	t.Run("a reply of the backend to someone else passes untouched", func(t *testing.T) {
+		in := buildPacket(pktSpec{src: netip.AddrPortFrom(npPodA, 8080), dst: netip.AddrPortFrom(npClient4, 45999), proto: ProtoTCP, tcpFlags: tcpACK})
+		ret, out := e.reply(in)
+		untouched(t, "unrelated reply", in, out, ret)
+	})
+
+	t.Run("served without a SNAT address, unlike a SNAT frontend", func(t *testing.T) {
+		must(t, e.n.Maps.SetConfig(NodePortConfig{HashSeed: npConfig.HashSeed}))
+		defer func() { must(t, e.n.Maps.SetConfig(npConfig)) }()
+		c := netip.AddrPortFrom(npClient4, 45100)
+		in := buildPacket(pktSpec{src: c, dst: netip.AddrPortFrom(npNode4, 30082), proto: ProtoTCP, tcpFlags: tcpSYN})
+		ret, out := e.nodeport(in)
+		check(t, in, out, ret, c, cases[0].backends)
+		in = buildPacket(pktSpec{src: c, dst: netip.AddrPortFrom(npNode4, 30080), proto: ProtoTCP, tcpFlags: tcpSYN})
+		if ret, _ := e.nodeport(in); ret != tcActShot {
+			t.Errorf("SNAT frontend without a SNAT address: verdict %d, want TC_ACT_SHOT", int32(ret))
+		}
+	})
+}

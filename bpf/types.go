@@ -49,6 +49,12 @@ type ServiceFlags uint16
 // traffic policy. Mirrors SVC_F_UNREACHABLE in sock.c.
 const FlagUnreachable ServiceFlags = 1
 
+// FlagPreserveClientIP, on an external-scope frontend, makes tc_nodeport translate only the
+// destination: the backend sees the client's own address and port, and its reply, routed
+// back through this node, is translated back by tc_nodeport_reply on the backend's device
+// (externalTrafficPolicy Local, where every backend is local). Mirrors SVC_F_PRESERVE_SRC.
+const FlagPreserveClientIP ServiceFlags = 2
+
 // Bits 8..11 of the flags carry the frontend's Service type for listings (`kpr service
 // list`); the datapath does not read them.
 const (

@@ -61,7 +61,7 @@ func runCmd() *cobra.Command {
 			if os.Getenv("GOGC") == "" {
 				// The agent is mostly idle and its live heap is the informer caches: trade a
 				// little CPU at sync time for a lower peak (see docs/bench). GOGC overrides.
-				debug.SetGCPercent(50)
+				debug.SetGCPercent(30)
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 			defer stop()
@@ -140,6 +140,13 @@ func printStatus(out io.Writer, cfg *config.Config) error {
 		}
 		if st.Masquerade != "" {
 			fmt.Fprintf(w, "Masquerade:\t%s\n", st.Masquerade)
+		}
+		if st.HealthCheckPorts > 0 || st.HealthCheckError != "" {
+			hc := fmt.Sprintf("%d healthCheckNodePorts served", st.HealthCheckPorts)
+			if st.HealthCheckError != "" {
+				hc += "; " + st.HealthCheckError
+			}
+			fmt.Fprintf(w, "Health checks:\t%s\n", hc)
 		}
 		if st.Error != "" {
 			fmt.Fprintf(w, "Error:\t%s\n", st.Error)

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
 	"slices"
@@ -31,6 +32,7 @@ import (
 	"github.com/kpr-dev/kpr/kubeadm"
 	"github.com/kpr-dev/kpr/node/config"
 	"github.com/kpr-dev/kpr/node/datapath"
+	"github.com/kpr-dev/kpr/node/healthcheck"
 	"github.com/kpr-dev/kpr/node/lbstate"
 	"github.com/kpr-dev/kpr/node/maglev"
 	"github.com/kpr-dev/kpr/systemd"
@@ -65,6 +67,16 @@ type Agent struct {
 	// problems are the last reported problems per Service, so each is logged once.
 	problems map[string]string
 
+	// hc serves the healthCheckNodePorts (with the north-south datapath only); health is what
+	// it should serve, kept by frontends(), and healthErr the last problem reported.
+	hc            *healthcheck.Server
+	health        map[string]healthcheck.Service
+	healthChanged bool
+	healthErr     string
+
+	// handlersSynced: the event handlers have seen the initial lists (set by startInformers).
+	handlersSynced func() bool
+
 	mu           sync.Mutex
 	lastLoop     time.Time
 	lastFull     time.Time
@@ -92,6 +104,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	defer a.dp.Close()
 	defer a.closeNorthSouth()
+	if a.ns != nil {
+		a.hc = healthcheck.New(a.ns.nodePort, a.Healthy, a.log)
+		a.health = map[string]healthcheck.Service{}
+		defer a.hc.Close()
+	}
 
 	// READY once the datapath is loaded, attached and restored from the pins: on a
 	// control-plane node the API server itself may wait for kubelet, which waits for us.
@@ -324,8 +341,12 @@ func (a *Agent) startInformers(ctx context.Context) {
 		UpdateFunc: func(_, obj any) { a.tracker.touch(serviceName(obj)) },
 		DeleteFunc: func(obj any) { a.tracker.touch(serviceName(obj)) },
 	}
-	_, _ = a.services.AddEventHandler(h)
-	_, _ = a.slices.AddEventHandler(h)
+	// The registrations, not the informers, say when the handler has been told about every
+	// object of the initial lists: a sync before that would be followed by a second one
+	// recomputing every Service again for the late notifications.
+	svcReg, _ := a.services.AddEventHandler(h)
+	sliceReg, _ := a.slices.AddEventHandler(h)
+	a.handlersSynced = func() bool { return svcReg != nil && sliceReg != nil && svcReg.HasSynced() && sliceReg.HasSynced() }
 	nodeChanged := func(obj any) {
 		if n, ok := obj.(*v1.Node); ok {
 			a.mu.Lock()
@@ -386,6 +407,9 @@ func (a *Agent) setAPIDown(down bool, err error) {
 	a.tracker.touchAll()
 }
 
+// errNotSynced makes the runner retry a sync that waits for the informers' initial lists.
+var errNotSynced = errors.New("informer caches not synced yet")
+
 // RequestFullSync makes the next sync, started at once, a full one: every Service recomputed
 // and the BPF maps checked against what kpr programmed (`kill -HUP`, `systemctl reload kpr`).
 func (a *Agent) RequestFullSync() {
@@ -403,6 +427,12 @@ func (a *Agent) RequestFullSync() {
 func (a *Agent) syncOnce() error {
 	a.mu.Lock()
 	a.lastLoop = time.Now()
+	a.mu.Unlock()
+	if a.handlersSynced == nil || !a.handlersSynced() {
+		// Not an error to report: the runner tries again soon, with backoff.
+		return errNotSynced
+	}
+	a.mu.Lock()
 	// A full pass recomputes every Service and checks the maps against the mirror, to correct
 	// drift, by default once an hour as kube-proxy's nftables proxier does. In between, syncs
 	// touch only the Services that changed: at 10,000 Services a full pass costs most of a
@@ -411,9 +441,6 @@ func (a *Agent) syncOnce() error {
 	a.forceFull = false
 	node := a.node
 	a.mu.Unlock()
-	if !a.services.HasSynced() || !a.slices.HasSynced() {
-		return nil
-	}
 	start := time.Now()
 	touched, all := a.tracker.take()
 	if full || all {
@@ -437,6 +464,7 @@ func (a *Agent) syncOnce() error {
 		a.rec.Resync()
 	}
 	st, err := a.rec.Sync(touched)
+	a.syncHealthChecks()
 	elapsed := time.Since(start)
 	a.mu.Lock()
 	if err != nil {
@@ -485,6 +513,8 @@ func (a *Agent) syncOnce() error {
 // frontends computes one Service's frontends from the informer caches: the socket LB's, and
 // with the north-south datapath loaded, the external ones.
 func (a *Agent) frontends(name string, node lbstate.Node) []lbstate.Frontend {
+	var info lbstate.ServiceInfo // none unless computed below
+	defer func() { a.setHealthCheck(name, info) }()
 	obj, exists, err := a.services.GetIndexer().GetByKey(name)
 	if err != nil || !exists {
 		return nil
@@ -510,20 +540,50 @@ func (a *Agent) frontends(name string, node lbstate.Node) []lbstate.Frontend {
 	if ns == nil {
 		return lbstate.Frontends(svc, endpoints, node)
 	}
-	_, fes, problems := lbstate.AllFrontends(svc, endpoints, node, ns.nodePort, lbstate.Options{ExternalClusterIP: a.cfg.ExternalClusterIP})
-	out := fes[:0]
-	for _, fe := range fes {
-		if fe.Scope == lbstate.ScopeExternal && fe.PreserveClientIP {
-			// The tc path only does SNAT so far; serving these would hide the client's
-			// address from the backend, which externalTrafficPolicy: Local promises.
-			problems = append(problems, lbstate.Problem{Field: "spec.externalTrafficPolicy",
-				Detail: fmt.Sprintf("Local: %s from outside the node is not served yet (only SNAT is implemented); in-node clients are", fe.FrontendKey)})
-			continue
-		}
-		out = append(out, fe)
-	}
+	info, fes, problems := lbstate.AllFrontends(svc, endpoints, node, ns.nodePort, lbstate.Options{ExternalClusterIP: a.cfg.ExternalClusterIP})
 	a.report(name, problems)
-	return out
+	return fes
+}
+
+// setHealthCheck records what the health check port of Service name should answer.
+func (a *Agent) setHealthCheck(name string, info lbstate.ServiceInfo) {
+	if a.hc == nil {
+		return
+	}
+	want := healthcheck.Service{Port: info.HealthCheckNodePort, LocalEndpoints: info.LocalReadyEndpoints}
+	if old, ok := a.health[name]; ok == (want.Port != 0) && old == want {
+		return
+	}
+	if want.Port == 0 {
+		delete(a.health, name)
+	} else {
+		a.health[name] = want
+	}
+	a.healthChanged = true
+}
+
+// syncHealthChecks hands the health check ports to their server after a change, and again
+// while a port could not be opened (in use by someone else), which it retries.
+func (a *Agent) syncHealthChecks() {
+	if a.hc == nil || (!a.healthChanged && a.healthErr == "") {
+		return
+	}
+	a.healthChanged = false
+	err := a.hc.Sync(maps.Clone(a.health))
+	msg := ""
+	if err != nil {
+		msg = err.Error()
+	}
+	if msg != a.healthErr {
+		if err != nil {
+			a.log.Warn("health check node ports", "err", err)
+		} else {
+			a.log.Info("health check node ports all served", "ports", len(a.health))
+		}
+	}
+	a.healthErr = msg
+	n := len(a.health)
+	a.status.set(func(s *Status) { s.HealthCheckPorts, s.HealthCheckError = n, msg })
 }
 
 // report logs a Service's problems when they differ from the last ones reported. Only the sync
@@ -597,6 +657,11 @@ func (a *Agent) followAddresses(ctx context.Context) {
 		a.mu.Unlock()
 		a.log.Info("node addresses changed", "nodePortAddresses", found.nodePort, "snat4", found.snat4, "snat6", found.snat6)
 		a.status.set(func(s *Status) { s.NorthSouth = found.status() })
+		if a.hc != nil && !slices.Equal(found.nodePort, cur.nodePort) {
+			if err := a.hc.SetAddrs(found.nodePort); err != nil {
+				a.log.Warn("health check node ports on the new addresses", "err", err)
+			}
+		}
 		a.tracker.touchAll()
 	}
 }

@@ -40,7 +40,11 @@ type Status struct {
 	// what kpr's nftables table does.
 	NorthSouth string `json:"northSouth,omitempty"`
 	Masquerade string `json:"masquerade,omitempty"`
-	Error      string `json:"error,omitempty"`
+	// HealthCheckPorts is the number of healthCheckNodePorts served; HealthCheckError the
+	// ports that could not be opened.
+	HealthCheckPorts int    `json:"healthCheckPorts,omitempty"`
+	HealthCheckError string `json:"healthCheckError,omitempty"`
+	Error            string `json:"error,omitempty"`
 }
 
 // Networking is the cluster networking the agent uses, each value with where it came from

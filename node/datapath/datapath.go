@@ -622,6 +622,11 @@ func (r *Reconciler) want(k bpf.ServiceKey) (entry, bool) {
 		if len(fe.Backends) == 0 && fe.NoBackends == lbstate.Unreachable {
 			e.flags |= bpf.FlagUnreachable
 		}
+		// Only the tc programs read it; in the socket scope the client's address is always
+		// kept, and the flag would only make a restart rewrite every entry.
+		if fe.PreserveClientIP && k.Scope == bpf.ScopeExternal {
+			e.flags |= bpf.FlagPreserveClientIP
+		}
 		e.backends = make([]backendKey, 0, len(fe.Backends))
 		for _, b := range fe.Backends {
 			e.backends = append(e.backends, newBackendKey(b, k.Proto))

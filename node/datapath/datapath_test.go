@@ -774,3 +774,31 @@ func TestFullSyncCorrectsDrift(t *testing.T) {
 		})
 	}
 }
+
+// externalTrafficPolicy Local: the external-scope frontend is marked for destination-only
+// translation; the socket-scope one, which never masquerades anyway, is not.
+func TestPreserveClientIPFlag(t *testing.T) {
+	m := NewFake()
+	r, _ := NewReconciler(m)
+	ext := fe("198.18.0.11", 30080, v1.ProtocolTCP, "10.244.1.2:8080")
+	ext.Scope, ext.Type, ext.PreserveClientIP = lbstate.ScopeExternal, lbstate.NodePort, true
+	sock := ext
+	sock.Scope = lbstate.ScopeSocket
+	cluster := ext
+	cluster.FrontendKey.Port, cluster.PreserveClientIP = 30081, false
+	r.Set("default/web", []lbstate.Frontend{ext, sock, cluster})
+	mustSync(t, r, nil)
+	svcs, _ := m.Services()
+	for _, c := range []struct {
+		f    lbstate.Frontend
+		want bool
+	}{{ext, true}, {sock, false}, {cluster, false}} {
+		s, ok := svcs[Key(c.f.FrontendKey)]
+		if !ok {
+			t.Fatalf("%s not programmed", c.f.FrontendKey)
+		}
+		if got := s.Flags&bpf.FlagPreserveClientIP != 0; got != c.want {
+			t.Errorf("%s scope %d: preserve-client-IP flag %v, want %v", c.f.FrontendKey, c.f.Scope, got, c.want)
+		}
+	}
+}

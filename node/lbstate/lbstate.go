@@ -177,9 +177,10 @@ type ServiceInfo struct {
 	// checks for that Service; 0 if the Service has none.
 	HealthCheckNodePort uint16
 	// LocalReadyEndpoints is the number of distinct addresses of ready endpoints on this node,
-	// over every port and family: what that health check reports (healthy if not 0), as
-	// kube-proxy's health check server does.
-	LocalReadyEndpoints int
+	// over every port, by IP family ([0] IPv4, [1] IPv6): what that health check reports
+	// (healthy if not 0). kube-proxy runs a proxier, with its own health check server, per
+	// family, so a check sent to an IPv4 address of the node reports the IPv4 count.
+	LocalReadyEndpoints [2]int
 }
 
 // Problem is a part of a Service that kpr skips, naming the field; the rest is served.
@@ -756,18 +757,24 @@ func needsHealthCheck(svc *v1.Service) bool {
 	return svc.Spec.Type == v1.ServiceTypeLoadBalancer && externalPolicyLocal(svc)
 }
 
-// localReadyEndpoints counts distinct addresses, as kube-proxy does: an endpoint serving two
-// ports is one.
-func localReadyEndpoints(endpoints map[ServicePortName][]Endpoint) int {
+// localReadyEndpoints counts distinct addresses per family, as kube-proxy does: an endpoint
+// serving two ports is one.
+func localReadyEndpoints(endpoints map[ServicePortName][]Endpoint) [2]int {
 	seen := map[netip.Addr]bool{}
+	var n [2]int
 	for _, eps := range endpoints {
 		for _, e := range eps {
-			if e.Ready && e.Local {
-				seen[e.AddrPort.Addr()] = true
+			if a := e.AddrPort.Addr(); e.Ready && e.Local && !seen[a] {
+				seen[a] = true
+				if a.Is4() {
+					n[0]++
+				} else {
+					n[1]++
+				}
 			}
 		}
 	}
-	return len(seen)
+	return n
 }
 
 // CompareKeys orders frontend keys, for stable output.

@@ -666,15 +666,15 @@ func TestAllFrontendsServiceInfo(t *testing.T) {
 		slices []*discovery.EndpointSlice
 		want   ServiceInfo
 	}{
-		{"LoadBalancer, eTP Local: health check port", lbWeb(etpLocal), twoEndpoints(), ServiceInfo{HealthCheckNodePort: 32000, LocalReadyEndpoints: 1}},
-		{"LoadBalancer, eTP Cluster: none", lbWeb(func(s *v1.Service) { s.Spec.HealthCheckNodePort = 32000 }), twoEndpoints(), ServiceInfo{LocalReadyEndpoints: 1}},
+		{"LoadBalancer, eTP Local: health check port", lbWeb(etpLocal), twoEndpoints(), ServiceInfo{HealthCheckNodePort: 32000, LocalReadyEndpoints: [2]int{1, 0}}},
+		{"LoadBalancer, eTP Cluster: none", lbWeb(func(s *v1.Service) { s.Spec.HealthCheckNodePort = 32000 }), twoEndpoints(), ServiceInfo{LocalReadyEndpoints: [2]int{1, 0}}},
 		{"NodePort, eTP Local: none (the API allocates it for LoadBalancer Services only)", web(func(s *v1.Service) {
 			s.Spec.Type = v1.ServiceTypeNodePort
 			etpLocal(s)
-		}, withNodePort(httpPort())), twoEndpoints(), ServiceInfo{LocalReadyEndpoints: 1}},
+		}, withNodePort(httpPort())), twoEndpoints(), ServiceInfo{LocalReadyEndpoints: [2]int{1, 0}}},
 		{"ClusterIP: none", web(nil), nil, ServiceInfo{}},
 		{
-			name: "local ready endpoints: distinct addresses over ports and families; not terminating, not remote",
+			name: "local ready endpoints: distinct addresses over ports, per family; not terminating, not remote",
 			svc:  lbWeb(etpLocal),
 			slices: []*discovery.EndpointSlice{
 				slice(ns, svcName, "web-1", discovery.AddressTypeIPv4,
@@ -682,7 +682,7 @@ func TestAllFrontendsServiceInfo(t *testing.T) {
 					ep("10.244.1.1", "node-a"), ep("10.244.1.2", "node-a"), epCond("10.244.1.3", "node-a", false, true, true), ep("10.244.2.1", "node-b")),
 				webSlice6("web-v6", ep("fd6b:7072:244:1::1", "node-a")),
 			},
-			want: ServiceInfo{HealthCheckNodePort: 32000, LocalReadyEndpoints: 3},
+			want: ServiceInfo{HealthCheckNodePort: 32000, LocalReadyEndpoints: [2]int{2, 1}},
 		},
 		{"ignored Service: nothing", lbWeb(func(s *v1.Service) { etpLocal(s); s.Spec.Type = v1.ServiceTypeExternalName }), twoEndpoints(), ServiceInfo{}},
 	} {

@@ -2,8 +2,11 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"io"
 	"maps"
+	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -567,6 +570,108 @@ func TestNodePort(t *testing.T) {
 			if err := checkServed(rs, udst, left, n.IPv4); err != nil {
 				t.Errorf("after removing %s: %s, 20 new flows (fresh source ports): %v", gone, e.flow("udp", udst, "NodePort of "+n.Name), err)
 			}
+		}
+	})
+
+	t.Run("externalTrafficPolicy Local: local pods only, the client's own address kept", func(t *testing.T) {
+		local := e.npService(ctx, "local", v1.ServiceTypeNodePort, func(s *v1.Service) {
+			s.Spec.ExternalTrafficPolicy = v1.ServiceExternalTrafficPolicyLocal
+		}, e.pods...)
+		onlyNode1 := e.npService(ctx, "local-node1", v1.ServiceTypeNodePort, func(s *v1.Service) {
+			s.Spec.ExternalTrafficPolicy = v1.ServiceExternalTrafficPolicyLocal
+		}, e.pods[0], e.pods[1])
+		localPods := map[string][]string{"node1": {"np-a", "np-b"}, "node2": {"np-c"}}
+		for _, n := range e.nodes {
+			for _, proto := range []string{"tcp", "udp"} {
+				for _, fam := range []struct{ node, client netip.Addr }{{n.IPv4, e.host.IPv4}, {n.IPv6, e.host.IPv6}} {
+					p := v1.ProtocolTCP
+					if proto == "udp" {
+						p = v1.ProtocolUDP
+					}
+					dst := netip.AddrPortFrom(fam.node, nodePortOf(t, local, p))
+					what := e.flow(proto, dst, "NodePort (Local) of "+n.Name)
+					if err := e.serveWithin(proto, dst, npProgramWithin); err != nil {
+						t.Errorf("%s: %v", what, err)
+						continue
+					}
+					if err := checkServed(e.attempts(t, proto, dst, 20), dst, localPods[n.Name], fam.client); err != nil {
+						t.Errorf("%s, 20 attempts: %v", what, err)
+					}
+				}
+			}
+		}
+		// node1 serves local-node1; node2 has no local endpoint and drops.
+		dst1 := netip.AddrPortFrom(node1.IPv4, nodePortOf(t, onlyNode1, v1.ProtocolTCP))
+		if err := e.serveWithin("tcp", dst1, npProgramWithin); err != nil {
+			t.Fatalf("%s: %v", e.flow("tcp", dst1, "NodePort (Local) of node1"), err)
+		}
+		dst2 := netip.AddrPortFrom(node2.IPv4, dst1.Port())
+		rs := e.attempts(t, "tcp", dst2, 3)
+		if b := backends(rs); len(b) > 0 {
+			t.Errorf("%s: %s; want no answer: node2 has no local endpoint of local-node1", e.flow("tcp", dst2, "NodePort (Local) of node2"), summary(rs))
+		}
+	})
+
+	t.Run("healthCheckNodePort answers 200 on the node with local endpoints, 503 on the other", func(t *testing.T) {
+		svc := e.npService(ctx, "lb-local", v1.ServiceTypeLoadBalancer, func(s *v1.Service) {
+			s.Spec.ExternalTrafficPolicy = v1.ServiceExternalTrafficPolicyLocal
+		}, e.pods[0], e.pods[1])
+		hc := uint16(svc.Spec.HealthCheckNodePort)
+		if hc == 0 {
+			t.Fatalf("the API server allocated no healthCheckNodePort: %+v", svc.Spec)
+		}
+		client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DialContext: e.host.DialContext, DisableKeepAlives: true}}
+		type answer struct {
+			code int
+			body struct {
+				Service struct {
+					Namespace, Name string
+				} `json:"service"`
+				LocalEndpoints      int  `json:"localEndpoints"`
+				ServiceProxyHealthy bool `json:"serviceProxyHealthy"`
+			}
+		}
+		get := func(a netip.Addr) (answer, error) {
+			var ans answer
+			resp, err := client.Get("http://" + netip.AddrPortFrom(a, hc).String() + "/healthz")
+			if err != nil {
+				return ans, err
+			}
+			defer resp.Body.Close()
+			ans.code = resp.StatusCode
+			b, err := io.ReadAll(resp.Body)
+			if err != nil {
+				return ans, err
+			}
+			if err := json.Unmarshal(b, &ans.body); err != nil {
+				return ans, fmt.Errorf("%w: %q", err, b)
+			}
+			return ans, nil
+		}
+		for _, c := range []struct {
+			addr      netip.Addr
+			code, eps int
+		}{{node1.IPv4, 200, 2}, {node1.IPv6, 200, 2}, {node2.IPv4, 503, 0}, {node2.IPv6, 503, 0}} {
+			var last answer
+			var err error
+			deadline := time.Now().Add(npProgramWithin)
+			for {
+				last, err = get(c.addr)
+				if err == nil && last.code == c.code && last.body.LocalEndpoints == c.eps {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("GET %s from %s: %+v, %v; want %d with localEndpoints %d", netip.AddrPortFrom(c.addr, hc), e.host.Name, last, err, c.code, c.eps)
+				}
+				time.Sleep(200 * time.Millisecond)
+			}
+			if last.body.Service.Namespace != ns || last.body.Service.Name != "lb-local" || !last.body.ServiceProxyHealthy {
+				t.Errorf("GET %s: body %+v", netip.AddrPortFrom(c.addr, hc), last.body)
+			}
+		}
+		status, err := e.kprs[0].Run(ctx, "status")
+		if err != nil || !strings.Contains(status, "healthCheckNodePorts served") {
+			t.Errorf("kpr status on node1 does not show the health check port: %v\n%s", err, status)
 		}
 	})
 
