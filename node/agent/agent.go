@@ -98,7 +98,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.status.set(func(s *Status) {
 		s.Version, s.PID, s.Started = Version, os.Getpid(), time.Now()
 	})
-	if err := a.setup(); err != nil {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	if err := a.setup(ctx); err != nil {
 		a.status.set(func(s *Status) { s.Error = err.Error() })
 		return err
 	}
@@ -116,11 +118,10 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.notify.Status("datapath loaded; waiting for the API server")
 	a.log.Info("datapath ready", "pinDir", a.cfg.BPFPinDir, "cgroup", a.status.get().Cgroup, "restoredFrontends", a.status.get().Frontends)
 
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	a.startInformers(ctx)
 	r := newRunner(a.syncOnce, a.cfg.MinSyncPeriod, a.cfg.SyncPeriod)
+	a.tracker.mu.Lock()
 	a.tracker.onChange = r.Run
+	a.tracker.mu.Unlock()
 	a.mu.Lock()
 	a.runner = r
 	a.mu.Unlock()
@@ -140,7 +141,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	return nil
 }
 
-func (a *Agent) setup() error {
+func (a *Agent) setup(ctx context.Context) error {
 	cluster, err := kubeadm.Discover(kubeadm.Options{
 		KubeadmConfig: a.cfg.KubeadmConfig,
 		KubeletConf:   a.cfg.KubeletKubeconfig,
@@ -164,6 +165,20 @@ func (a *Agent) setup() error {
 		}
 	}
 	a.node.Name = strings.ToLower(name)
+
+	// The informers' initial lists (10,000 Services take about a second to arrive and decode)
+	// run while the datapath loads; the first sync waits for both.
+	cfg := rest.CopyConfig(cluster.RESTConfig)
+	cfg.Dial = a.observeDial(cfg.Dial)
+	// Protobuf, as kube-proxy uses: lists of 10,000 Services decode several times faster.
+	cfg.ContentType = "application/vnd.kubernetes.protobuf"
+	cfg.AcceptContentTypes = "application/vnd.kubernetes.protobuf,application/json"
+	client, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return fmt.Errorf("API client: %w", err)
+	}
+	a.client = client
+	a.startInformers(ctx)
 
 	if err := bpf.Probe(); err != nil {
 		return fmt.Errorf("kernel: %w", err)
@@ -242,17 +257,6 @@ func (a *Agent) setup() error {
 		return err
 	}
 	a.log.Info("masquerade", "state", masqStatus)
-	cfg := rest.CopyConfig(cluster.RESTConfig)
-	cfg.Dial = a.observeDial(cfg.Dial)
-	// Protobuf, as kube-proxy uses: lists of 10,000 Services decode several times faster.
-	cfg.ContentType = "application/vnd.kubernetes.protobuf"
-	cfg.AcceptContentTypes = "application/vnd.kubernetes.protobuf,application/json"
-	client, err := kubernetes.NewForConfig(cfg)
-	if err != nil {
-		dp.Close()
-		return fmt.Errorf("API client: %w", err)
-	}
-	a.client = client
 	a.status.set(func(s *Status) {
 		s.Node = a.node.Name
 		s.APIServers = cluster.Endpoints
