@@ -464,10 +464,7 @@ func (a *Agent) syncOnce() error {
 			a.rec.Set(n, a.frontends(n, node))
 		}
 	}
-	if touched == nil {
-		a.rec.Resync()
-	}
-	st, err := a.rec.Sync(touched)
+	st, err := a.rec.Sync(touched) // nil: a full sync
 	a.syncHealthChecks()
 	elapsed := time.Since(start)
 	a.mu.Lock()
@@ -555,7 +552,7 @@ func (a *Agent) setHealthCheck(name string, info lbstate.ServiceInfo) {
 		return
 	}
 	want := healthcheck.Service{Port: info.HealthCheckNodePort, LocalEndpoints: info.LocalReadyEndpoints}
-	if old, ok := a.health[name]; ok == (want.Port != 0) && old == want {
+	if old, ok := a.health[name]; old == want || !ok && want.Port == 0 {
 		return
 	}
 	if want.Port == 0 {

@@ -237,7 +237,7 @@ func NewReconciler(lb LBMap) (*Reconciler, error) {
 // service map and their slots in a second, so no dump of a map is ever held beside the mirror.
 func (r *Reconciler) restore() error {
 	// The old mirror is about to be replaced; letting it go first keeps the peak at one copy.
-	r.programmed, r.backends, r.byID, r.matches, r.tables = nil, nil, nil, nil, nil
+	r.programmed, r.backends, r.byID, r.matches = nil, nil, nil, nil
 	r.tables = map[uint32]bool{}
 	if r.maglev != nil {
 		ids, err := r.maglev.MaglevServices()

@@ -127,19 +127,9 @@ func (f *Fake) DeleteRevNat(id uint32) error {
 	return nil
 }
 
+// Services reassembles the frontends from the slots, as bpf.LBMaps does.
 func (f *Fake) Services() (map[bpf.ServiceKey]bpf.Service, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	out := make(map[bpf.ServiceKey]bpf.Service, len(f.master))
-	for k, m := range f.master {
-		s := m
-		s.Backends = make([]uint32, 0, len(m.Backends))
-		for i := 1; i <= len(m.Backends); i++ {
-			s.Backends = append(s.Backends, f.slots[slotKey{k, i}])
-		}
-		out[k] = s
-	}
-	return out, nil
+	return bpf.AssembleServices(f.WalkServiceSlots)
 }
 
 // WalkServiceSlots calls fn with every slot entry, as the BPF map would (slot 0 and the

@@ -653,18 +653,17 @@ func TestNodePort(t *testing.T) {
 			code, eps int
 		}{{node1.IPv4, 200, 2}, {node1.IPv6, 200, 2}, {node2.IPv4, 503, 0}, {node2.IPv6, 503, 0}} {
 			var last answer
-			var err error
-			deadline := time.Now().Add(npProgramWithin)
-			for {
-				last, err = get(c.addr)
-				if err == nil && last.code == c.code && last.body.LocalEndpoints == c.eps {
-					break
+			what := fmt.Sprintf("GET %s from %s answers %d with localEndpoints %d", netip.AddrPortFrom(c.addr, hc), e.host.Name, c.code, c.eps)
+			eventually(t, npProgramWithin, what, func() error {
+				var err error
+				if last, err = get(c.addr); err != nil {
+					return err
 				}
-				if time.Now().After(deadline) {
-					t.Fatalf("GET %s from %s: %+v, %v; want %d with localEndpoints %d", netip.AddrPortFrom(c.addr, hc), e.host.Name, last, err, c.code, c.eps)
+				if last.code != c.code || last.body.LocalEndpoints != c.eps {
+					return fmt.Errorf("got %+v", last)
 				}
-				time.Sleep(200 * time.Millisecond)
-			}
+				return nil
+			})
 			if last.body.Service.Namespace != ns || last.body.Service.Name != "lb-local" || !last.body.ServiceProxyHealthy {
 				t.Errorf("GET %s: body %+v", netip.AddrPortFrom(c.addr, hc), last.body)
 			}
