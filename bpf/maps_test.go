@@ -350,3 +350,34 @@ func TestServiceCIDRMap(t *testing.T) {
 	must(t, m.SetServiceCIDRs(nil))
 	check("cleared")
 }
+
+// TestBatchWritesStopAtTheFirstFailure fills the backend map (256 entries here) with one
+// batch that does not fit: what was written is reported and readable, the error names the
+// map and the first backend that did not fit, and an invalid backend writes nothing.
+func TestBatchWritesStopAtTheFirstFailure(t *testing.T) {
+	m := newUnpinnedMaps(t)
+	ids := make([]uint32, 300)
+	bs := make([]Backend, 300)
+	for i := range ids {
+		ids[i] = uint32(i + 1)
+		bs[i] = Backend{netip.AddrFrom4([4]byte{10, 244, byte(i >> 8), byte(i)}), 8080, ProtoTCP}
+	}
+	n, err := m.UpsertBackends(ids, bs)
+	if n != 256 || err == nil || !strings.Contains(err.Error(), sockMapKprBackendsV1+"[257]") {
+		t.Fatalf("UpsertBackends of 300 into 256 entries = %d, %v; want 256 and an error naming backend 257", n, err)
+	}
+	got, err := m.Backends()
+	must(t, err)
+	if len(got) != 256 || got[256] != bs[255] || got[1] != bs[0] {
+		t.Fatalf("after the partial batch the map holds %d backends (1: %v, 256: %v)", len(got), got[1], got[256])
+	}
+
+	m = newUnpinnedMaps(t)
+	n, err = m.UpsertBackends([]uint32{1, 2}, []Backend{bs[0], {Port: 1}})
+	if n != 0 || err == nil || !strings.Contains(err.Error(), "backend 2") {
+		t.Fatalf("UpsertBackends with an invalid second backend = %d, %v; want 0 and an error naming backend 2", n, err)
+	}
+	if got, _ := m.Backends(); len(got) != 0 {
+		t.Fatalf("an invalid backend in the batch still wrote %v", got)
+	}
+}

@@ -74,8 +74,10 @@ type Agent struct {
 	healthChanged bool
 	healthErr     string
 
-	// handlersSynced: the event handlers have seen the initial lists (set by startInformers).
+	// handlersSynced: the event handlers have seen the initial lists (set by startInformers);
+	// cachesSynced is closed at that moment.
 	handlersSynced func() bool
+	cachesSynced   chan struct{}
 
 	mu           sync.Mutex
 	lastLoop     time.Time
@@ -127,6 +129,13 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.mu.Unlock()
 	var wg sync.WaitGroup
 	wg.Go(func() { r.Loop(ctx) })
+	wg.Go(func() {
+		select {
+		case <-a.cachesSynced:
+			r.Run()
+		case <-ctx.Done():
+		}
+	})
 	wg.Go(func() { a.notify.Watchdog(ctx, a.Healthy) })
 	if a.ns != nil {
 		wg.Go(func() { a.followAddresses(ctx) })
@@ -351,6 +360,22 @@ func (a *Agent) startInformers(ctx context.Context) {
 	svcReg, _ := a.services.AddEventHandler(h)
 	sliceReg, _ := a.slices.AddEventHandler(h)
 	a.handlersSynced = func() bool { return svcReg != nil && sliceReg != nil && svcReg.HasSynced() && sliceReg.HasSynced() }
+	a.cachesSynced = make(chan struct{})
+	if svcReg != nil && sliceReg != nil {
+		start := time.Now()
+		go func() {
+			for _, c := range []cache.DoneChecker{svcReg.HasSyncedChecker(), sliceReg.HasSyncedChecker()} {
+				select {
+				case <-c.Done():
+				case <-ctx.Done():
+					return
+				}
+			}
+			a.log.Info("API caches synced", "services", len(a.services.GetStore().ListKeys()),
+				"endpointSlices", len(a.slices.GetStore().ListKeys()), "took", time.Since(start))
+			close(a.cachesSynced)
+		}()
+	}
 	nodeChanged := func(obj any) {
 		if n, ok := obj.(*v1.Node); ok {
 			a.mu.Lock()
@@ -411,8 +436,9 @@ func (a *Agent) setAPIDown(down bool, err error) {
 	a.tracker.touchAll()
 }
 
-// errNotSynced makes the runner retry a sync that waits for the informers' initial lists.
-var errNotSynced = errors.New("informer caches not synced yet")
+// errNotSynced: the informers' initial lists are not all in; the runner is run again when
+// they are (cachesSynced).
+var errNotSynced = fmt.Errorf("informer caches not synced yet: %w", errNotReady)
 
 // RequestFullSync makes the next sync, started at once, a full one: every Service recomputed
 // and the BPF maps checked against what kpr programmed (`kill -HUP`, `systemctl reload kpr`).

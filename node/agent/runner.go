@@ -2,8 +2,16 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"time"
 )
+
+// errNotReady from fn means it did nothing because its input is not there yet (the informers'
+// initial lists): the call does not count as one for minInterval or the backoff, and the
+// runner waits for the Run that the input's arrival brings. Without this, requests arriving
+// during the initial lists would each fail and push the first real sync back by a growing
+// backoff, or by minInterval (a second by default), after the lists are in.
+var errNotReady = errors.New("not ready")
 
 // runner calls fn when asked, at most once per minInterval (bursts of requests coalesce into
 // one call), and at least once per maxInterval, like kube-proxy's bounded-frequency runner.
@@ -52,12 +60,16 @@ func (r *runner) Loop(ctx context.Context) {
 			default:
 			}
 		}
-		last = time.Now()
+		started := time.Now()
 		next := r.maxInterval
-		if err := r.fn(); err != nil {
+		switch err := r.fn(); {
+		case errors.Is(err, errNotReady):
+		case err != nil:
+			last = started
 			backoff = min(max(2*backoff, r.minInterval, 100*time.Millisecond), r.maxInterval)
 			next = backoff
-		} else {
+		default:
+			last = started
 			backoff = 0
 		}
 		if !timer.Stop() {

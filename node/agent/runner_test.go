@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -56,6 +57,33 @@ func TestRunnerRetriesFailures(t *testing.T) {
 	defer func() { cancel(); wg.Wait() }()
 	r.Run()
 	waitFor(t, func() bool { return calls.Load() == 3 })
+}
+
+// A call that had nothing to do yet (the initial lists not in) does not hold back the next
+// one: the Run that comes with the lists is served at once, not after minInterval or a
+// backoff.
+func TestRunnerNotReadyDoesNotDelay(t *testing.T) {
+	var calls atomic.Int32
+	r := newRunner(func() error {
+		if calls.Add(1) < 3 {
+			return fmt.Errorf("caches: %w", errNotReady)
+		}
+		return nil
+	}, time.Hour, time.Hour)
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() { r.Loop(ctx) })
+	defer func() { cancel(); wg.Wait() }()
+	for want := int32(1); want <= 3; want++ {
+		r.Run()
+		waitFor(t, func() bool { return calls.Load() == want })
+	}
+	// The one that did the work counts: the next waits for minInterval.
+	r.Run()
+	time.Sleep(100 * time.Millisecond)
+	if n := calls.Load(); n != 3 {
+		t.Fatalf("a request right after a real call was served at once (%d calls); minInterval not kept", n)
+	}
 }
 
 func waitFor(t *testing.T, cond func() bool) {

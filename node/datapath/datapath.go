@@ -21,7 +21,8 @@ import (
 // LBMap is the datapath's load-balancer state: implemented by bpf.LBMaps, by Fake (in memory)
 // and by Faulty (fault injection around another LBMap).
 type LBMap interface {
-	UpsertBackend(id uint32, b bpf.Backend) error
+	// UpsertBackends writes ids[i] = bs[i] and returns how many, from the start, it wrote.
+	UpsertBackends(ids []uint32, bs []bpf.Backend) (int, error)
 	DeleteBackend(id uint32) error
 	UpsertService(k bpf.ServiceKey, s bpf.Service, prevCount int) error
 	DeleteService(k bpf.ServiceKey, count int) error
@@ -676,13 +677,12 @@ func (r *Reconciler) upsert(k bpf.ServiceKey, e entry) (bool, error) {
 		return false, r.dropMatches(pe.id, nil)
 	}
 	// New backends first, so no slot ever names a backend the datapath cannot find.
-	ids := make([]uint32, 0, len(e.backends))
-	for _, bk := range e.backends {
-		id, err := r.ensureBackend(bk)
-		if err != nil {
-			return false, err
-		}
-		ids = append(ids, id)
+	if err := r.ensureBackends(e.backends); err != nil {
+		return false, err
+	}
+	ids := make([]uint32, len(e.backends))
+	for i, bk := range e.backends {
+		ids[i] = r.backends[bk]
 	}
 	id := pe.id
 	if !exists || id == 0 {
@@ -771,21 +771,42 @@ func (r *Reconciler) remove(k bpf.ServiceKey) error {
 	return nil
 }
 
-func (r *Reconciler) ensureBackend(bk backendKey) (uint32, error) {
-	if id, ok := r.backends[bk]; ok {
-		return id, nil
+// ensureBackends gives every backend in bks an ID and writes the new ones, in one batch.
+func (r *Reconciler) ensureBackends(bks []backendKey) error {
+	var ids []uint32
+	var news []backendKey
+	var vals []bpf.Backend
+	undo := func(from int) {
+		for i := from; i < len(ids); i++ {
+			delete(r.backends, news[i])
+			r.backendIDs.release(ids[i])
+		}
 	}
-	id, err := r.backendIDs.alloc()
-	if err != nil {
-		return 0, err
+	for _, bk := range bks {
+		if _, ok := r.backends[bk]; ok {
+			continue
+		}
+		id, err := r.backendIDs.alloc()
+		if err != nil {
+			undo(0)
+			return err
+		}
+		r.backends[bk] = id // also skips a repeat of bk
+		ids = append(ids, id)
+		news = append(news, bk)
+		vals = append(vals, bpf.Backend{Addr: netip.AddrFrom16(bk.addr).Unmap(), Port: bk.port, Proto: bk.proto})
 	}
-	if err := r.lb.UpsertBackend(id, bpf.Backend{Addr: netip.AddrFrom16(bk.addr).Unmap(), Port: bk.port, Proto: bk.proto}); err != nil {
-		r.backendIDs.release(id)
-		return 0, err
+	if len(ids) == 0 {
+		return nil
 	}
-	r.backends[bk] = id
-	r.byID[id] = backendState{key: bk}
-	return id, nil
+	n, err := r.lb.UpsertBackends(ids, vals)
+	// The written ones stay mirrored even if a later one failed: unreferenced, they are
+	// deleted at the end of the sync like any other.
+	for i := range n {
+		r.byID[ids[i]] = backendState{key: news[i]}
+	}
+	undo(n)
+	return err
 }
 
 func (r *Reconciler) addRefs(ids []uint32, delta int32) {

@@ -1,6 +1,7 @@
 package datapath
 
 import (
+	"errors"
 	"fmt"
 	"maps"
 	"slices"
@@ -68,11 +69,20 @@ func (f *Fake) check(op string) {
 }
 
 func (f *Fake) UpsertBackend(id uint32, b bpf.Backend) error {
+	_, err := f.UpsertBackends([]uint32{id}, []bpf.Backend{b})
+	return err
+}
+
+// UpsertBackends writes one backend at a time, checking the readers' view after each, as
+// the kernel's batch update does.
+func (f *Fake) UpsertBackends(ids []uint32, bs []bpf.Backend) (int, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.backends[id] = b
-	f.check("UpsertBackend")
-	return nil
+	for i, id := range ids {
+		f.backends[id] = bs[i]
+		f.check("UpsertBackend")
+	}
+	return len(ids), nil
 }
 
 func (f *Fake) DeleteBackend(id uint32) error {
@@ -238,11 +248,16 @@ func (f *Faulty) fail(op string) error {
 	return f.Fail(op, f.writes)
 }
 
-func (f *Faulty) UpsertBackend(id uint32, b bpf.Backend) error {
-	if err := f.fail("UpsertBackend"); err != nil {
-		return err
+// UpsertBackends counts one write per backend, and fails at the first that Fail selects
+// after writing the ones before it, as a batch update that stops part way does.
+func (f *Faulty) UpsertBackends(ids []uint32, bs []bpf.Backend) (int, error) {
+	for i := range ids {
+		if err := f.fail("UpsertBackend"); err != nil {
+			n, werr := f.LBMap.UpsertBackends(ids[:i], bs[:i])
+			return n, errors.Join(err, werr)
+		}
 	}
-	return f.LBMap.UpsertBackend(id, b)
+	return f.LBMap.UpsertBackends(ids, bs)
 }
 
 func (f *Faulty) DeleteBackend(id uint32) error {
