@@ -34,7 +34,9 @@
 // connections per second (N workers, connect + one 64-byte request/answer + close, fixed
 // duration after a warm-up, successes and failures counted); request latency on a new
 // connection (one worker) and on an established connection (requests back to back); the
-// proxy's VmRSS and VmHWM and the CPU its process uses meanwhile. Rounds interleave the paths
+// proxy's VmRSS and VmHWM and the CPU its process uses meanwhile; for kpr and kube-proxy
+// nftables, the rules in the node namespace's nftables ruleset once the proxy answers (kpr's
+// must not grow with the Services). Rounds interleave the paths
 // (the order rotates every round); the report gives the median and the spread over rounds, and
 // every raw run.
 //

@@ -65,6 +65,7 @@ func (b *bench) runKpr(ctx context.Context, run *PathRun) (err error) {
 		run.Programmed = fmt.Sprintf("%d frontends, %d backends, last sync took %s", st.Frontends, st.Backends, st.LastSyncDuration)
 	}
 	run.MapMemlock = pinnedMapMemlock(ctx, b.kpr.PinDir)
+	b.countNftRules(ctx, run)
 	if !run.Answered {
 		return ctx.Err()
 	}
@@ -166,6 +167,9 @@ func (b *bench) runKubeProxy(ctx context.Context, mode string, run *PathRun) (er
 		run.Notes = append(run.Notes, "kube-proxy's last log lines: "+lastLines(kp.LogTail(4000), 3))
 		return ctx.Err()
 	}
+	if path == KubeProxyNFTables {
+		b.countNftRules(ctx, run)
+	}
 	if err := b.measure(ctx, path, b.plain.FD, []string{target(b.vip, servicePort)}, run); err != nil {
 		return err
 	}
@@ -203,6 +207,28 @@ func (b *bench) flushConntrack(ctx context.Context) error {
 		return fmt.Errorf("conntrack -F in %s: %w: %s", b.node.NS, err, out)
 	}
 	return nil
+}
+
+// countNftRules records how many rules the node namespace's nftables ruleset holds.
+func (b *bench) countNftRules(ctx context.Context, run *PathRun) {
+	out, err := b.nodeCmd(ctx, "nft", "-j", "list", "ruleset")
+	if err != nil {
+		run.Notes = append(run.Notes, fmt.Sprintf("nft -j list ruleset: %v", err))
+		return
+	}
+	var rs struct {
+		Nftables []map[string]json.RawMessage `json:"nftables"`
+	}
+	if err := json.Unmarshal([]byte(out), &rs); err != nil {
+		run.Notes = append(run.Notes, fmt.Sprintf("nft -j list ruleset: %v", err))
+		return
+	}
+	for _, o := range rs.Nftables {
+		if _, ok := o["rule"]; ok {
+			run.NftRules++
+		}
+	}
+	run.HasNftRules = true
 }
 
 // nodeCmd runs a short command in the node namespace.

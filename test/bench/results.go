@@ -110,10 +110,14 @@ type PathRun struct {
 	// Retaken lists the measurements discarded for disturbance (not in any figure).
 	Retaken []Retake `json:"retaken,omitempty"`
 
-	MemAfterSync    Mem    `json:"mem_after_sync"`
-	MemAfterTraffic Mem    `json:"mem_after_traffic"`
-	MapMemlock      int64  `json:"map_memlock,omitempty"`
-	Programmed      string `json:"programmed,omitempty"`
+	MemAfterSync    Mem   `json:"mem_after_sync"`
+	MemAfterTraffic Mem   `json:"mem_after_traffic"`
+	MapMemlock      int64 `json:"map_memlock,omitempty"`
+	// NftRules: the rules in the node namespace's nftables ruleset once the proxy answers
+	// (HasNftRules: counted).
+	NftRules    int    `json:"nft_rules,omitempty"`
+	HasNftRules bool   `json:"has_nft_rules,omitempty"`
+	Programmed  string `json:"programmed,omitempty"`
 	// FullSync: kpr's full sync, forced after the traffic so the memory includes it.
 	FullSync           string `json:"full_sync,omitempty"`
 	ConntrackAfterRate int64  `json:"conntrack_after_rate,omitempty"`
@@ -663,7 +667,44 @@ func (r *Results) Targets() []Target {
 		}
 		break
 	}
-	return append(ts, first, mem)
+	return append(ts, first, mem, r.nftTarget())
+}
+
+// nftTarget: kpr's nftables table holds no rule per Service, so its rule count is the same at
+// every scale (kube-proxy nftables' grows with the Services; shown beside it).
+func (r *Results) nftTarget() Target {
+	t := Target{Name: "kpr's nftables rules do not grow with the Services (no rule per Service)", Measured: "–"}
+	counts := map[int]bool{}
+	var parts []string
+	for _, sr := range r.Scales {
+		for _, pr := range sr.Paths {
+			if pr.Path != Kpr && pr.Path != KubeProxyNFTables {
+				continue
+			}
+			seen := map[int]bool{}
+			var ns []string
+			for _, run := range pr.Runs {
+				if run.HasNftRules && !seen[run.NftRules] {
+					seen[run.NftRules] = true
+					ns = append(ns, fmtCount(run.NftRules))
+					if pr.Path == Kpr {
+						counts[run.NftRules] = true
+					}
+				}
+			}
+			if len(ns) > 0 {
+				parts = append(parts, fmt.Sprintf("%s at %s %s: %s", pr.Path, fmtCount(sr.Services), plural(sr.Services, "Service", "Services"), strings.Join(ns, ", ")))
+			}
+		}
+	}
+	if len(parts) > 0 {
+		t.Measured = strings.Join(parts, "; ")
+	}
+	if len(counts) > 0 && len(r.Scales) > 1 {
+		met := len(counts) == 1
+		t.Met = &met
+	}
+	return t
 }
 
 // Table is the figures per scale and path as Markdown: what the command prints and the
@@ -909,6 +950,9 @@ func (r *Results) raw() string {
 				}
 				if run.MapMemlock > 0 {
 					other = append(other, "map memlock "+fmtMiB(run.MapMemlock))
+				}
+				if run.HasNftRules {
+					other = append(other, fmt.Sprintf("nftables rules in the node namespace %s", fmtCount(run.NftRules)))
 				}
 				if len(run.Retaken) > 0 {
 					var rt []string

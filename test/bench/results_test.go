@@ -326,3 +326,39 @@ func TestDatapathCost(t *testing.T) {
 		t.Fatalf("no statistics: %s", v)
 	}
 }
+
+func TestNftTarget(t *testing.T) {
+	scale := func(n int, kpr, nft []int) *ScaleResult {
+		sr := &ScaleResult{Services: n}
+		for _, p := range []struct {
+			path   Path
+			counts []int
+		}{{Kpr, kpr}, {KubeProxyNFTables, nft}} {
+			pr := &PathResult{Path: p.path}
+			for _, c := range p.counts {
+				pr.Runs = append(pr.Runs, &PathRun{NftRules: c, HasNftRules: true})
+			}
+			sr.Paths = append(sr.Paths, pr)
+		}
+		return sr
+	}
+	for _, tc := range []struct {
+		name   string
+		scales []*ScaleResult
+		want   string
+	}{
+		{"the same at both scales", []*ScaleResult{scale(1, []int{10, 10}, []int{40}), scale(10000, []int{10}, []int{100030})}, "met"},
+		{"grows", []*ScaleResult{scale(1, []int{10}, nil), scale(10000, []int{11}, nil)}, "**MISSED**"},
+		{"one scale proves nothing", []*ScaleResult{scale(1, []int{10}, nil)}, "not measured"},
+	} {
+		r := &Results{Scales: tc.scales}
+		got := r.nftTarget()
+		if got.verdict() != tc.want {
+			t.Errorf("%s: verdict %q (%s), want %q", tc.name, got.verdict(), got.Measured, tc.want)
+		}
+	}
+	r := &Results{Scales: []*ScaleResult{scale(1, []int{10}, []int{40}), scale(10000, []int{10}, []int{100030})}}
+	if m := r.nftTarget().Measured; !strings.Contains(m, "kpr at 10,000 Services: 10") || !strings.Contains(m, "kube-proxy nftables at 10,000 Services: 100,030") {
+		t.Errorf("measured %q names neither count per path and scale", m)
+	}
+}
