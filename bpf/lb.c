@@ -195,6 +195,8 @@ enum lb_stat {
 	STAT_PASS_FRAGMENT,
 	STAT_PASS_MALFORMED,
 	STAT_PASS_FIB,
+	STAT_REJECT,
+	STAT_DROP_SOURCE_RANGE,
 	STAT_MAX,
 };
 
@@ -229,6 +231,28 @@ struct {
 	__uint(max_entries, STAT_MAX);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kpr_lb_stats_v1 SEC(".maps");
+
+/*
+ * loadBalancerSourceRanges: the client prefixes each frontend with
+ * SVC_F_SRC_RANGES serves. prefixlen counts the svc_id's 32 bits, always
+ * matched whole, then the address's (IPv4 IPv4-mapped: 96 more).
+ */
+#define SRC_RANGE_MAP_SIZE 16384
+
+struct src_range_key {
+	__u32 prefixlen;
+	__u32 svc_id;
+	__u8 addr[16];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct src_range_key);
+	__type(value, __u8);
+	__uint(max_entries, SRC_RANGE_MAP_SIZE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kpr_lb_src_ranges_v1 SEC(".maps");
 
 /* A frontend's Maglev table: backend IDs, 0 for "none"; swapped whole by the agent. */
 struct maglev_inner {
@@ -271,6 +295,7 @@ struct pkt {
 	__u8 tcp_flags;
 	__u8 ttl;
 	__u32 l4off;
+	__u32 l4len; /* L4 header and payload, from the IP header's length */
 };
 
 enum {
@@ -303,6 +328,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p, __u32 
 	void *data, *end;
 
 	p->l4off = l4off;
+	p->l4len = l4len;
 	if (p->proto == IPPROTO_TCP) {
 		struct tcp_hdr *th;
 
@@ -816,6 +842,76 @@ static __always_inline void snat_key_of(struct flow_key *rk, const struct ct_val
 	rk->proto = proto;
 }
 
+
+/*
+ * A frontend without endpoints refuses new flows as kube-proxy's reject rule
+ * does, so the client fails at once with ECONNREFUSED instead of timing out:
+ * TCP gets a RST, UDP an ICMP (ICMPv6) port unreachable, from the address
+ * and port the client sent to, back out of the device the packet came in on.
+ *
+ * Both answers are written into the client's packet, and the kernel may hold
+ * that CHECKSUM_PARTIAL (sent by a process on this machine, or by a VM's
+ * host, through veth or virtio): its L4 checksum field then holds only the
+ * pseudo-header sum, and whoever transmits the packet completes the sum over
+ * everything from the L4 header on and writes it at the L4 checksum's offset.
+ * A program cannot change that state, so both answers come out right either
+ * way:
+ * - the RST keeps the TCP header where it was and changes every field
+ *   through bpf_l4_csum_replace, which updates either kind of checksum field
+ *   (bpf_csum_update keeps a CHECKSUM_COMPLETE packet's sum in step);
+ * - the ICMP message starts where the UDP header was, so a completion sums
+ *   exactly the ICMP message and writes where UDP's checksum was: into the
+ *   ICMP header's unused field, which port unreachable leaves free. That
+ *   field is set up so the completion turns it into what makes the ICMP
+ *   checksum right (for ICMPv6 it carries the pseudo-header sum, which
+ *   ICMPv6's checksum covers and a UDP completion does not). Whether the
+ *   packet is CHECKSUM_PARTIAL is not visible to a program: a UDP checksum
+ *   field equal to the pseudo-header sum is taken to mean it is (a complete
+ *   checksum equals it for one packet in 65536).
+ */
+#define IPPROTO_ICMP 1
+#define IPPROTO_ICMPV6 58
+#define ICMP_DEST_UNREACH 3
+#define ICMP_PORT_UNREACH 3
+#define ICMPV6_DEST_UNREACH 1
+#define ICMPV6_PORT_UNREACH 4
+#define REJECT_TTL 64
+
+/* Bytes a RST may drop from the client's segment (options and payload), in chunks. */
+#define REJECT_CHUNK 256
+#define REJECT_CHUNKS 6
+
+struct icmp_hdr {
+	__u8 type;
+	__u8 code;
+	__sum16 check;
+	__be16 unused_hi;
+	__be16 unused_lo; /* at offset 6: UDP's checksum offset */
+};
+
+/*
+ * What reject_udp writes over the packet, from eth on: Ethernet, IP, ICMP,
+ * and the client's IP header and first 8 bytes of UDP. The two bytes before
+ * eth align the IP header, so the layout needs no packing.
+ */
+struct unreach4 {
+	__u8 align[2];
+	struct eth_hdr eth;
+	struct ip4_hdr ip;
+	struct icmp_hdr icmp;
+	struct ip4_hdr quote_ip;
+	struct udp_hdr quote_udp;
+};
+
+struct unreach6 {
+	__u8 align[2];
+	struct eth_hdr eth;
+	struct ip6_hdr ip;
+	struct icmp_hdr icmp;
+	struct ip6_hdr quote_ip;
+	struct udp_hdr quote_udp;
+};
+
 /* What tc_nodeport knows about the packet it translates. */
 struct fwd_state {
 	struct pkt p;
@@ -830,6 +926,11 @@ struct fwd_state {
 	__u32 now;
 	__u16 count;
 	__u8 preserve_src; /* SVC_F_PRESERVE_SRC: no SNAT */
+	union {
+		__u8 chunk[REJECT_CHUNK]; /* reject_tcp: bytes the RST drops */
+		struct unreach4 u4;       /* reject_udp */
+		struct unreach6 u6;
+	} rej;
 };
 
 /*
@@ -922,6 +1023,283 @@ static __noinline int new_flow(const struct lb_config *cfg, struct fwd_state *s)
 	return 0;
 }
 
+
+static __always_inline __u16 csum_fold32(__u32 c)
+{
+	c = (c & 0xffff) + (c >> 16);
+	c = (c & 0xffff) + (c >> 16);
+	return (__u16)c;
+}
+
+/* The client's Ethernet header with both addresses swapped, as the answer's. */
+static __always_inline int answer_eth(struct __sk_buff *skb, struct eth_hdr *out)
+{
+	struct eth_hdr in;
+
+	if (bpf_skb_load_bytes(skb, 0, &in, sizeof(in)))
+		return -1;
+	__builtin_memcpy(out->dst, in.src, ETH_ALEN);
+	__builtin_memcpy(out->src, in.dst, ETH_ALEN);
+	out->proto = in.proto;
+	return 0;
+}
+
+/*
+ * A RST for the client's TCP segment (RFC 9293 3.10.7.1): with ACK, seq is
+ * the segment's ack; else seq 0 and ack the segment's end. Options and
+ * payload go; the IP header keeps its place, the addresses and ports swap
+ * (which changes no checksum).
+ */
+static __noinline int reject_tcp(struct __sk_buff *skb, struct fwd_state *s)
+{
+	const struct pkt *p = &s->p;
+	__u32 l4off = p->l4off, l4len = p->l4len, csum_off = l4off + TCP_CSUM_OFF;
+	struct tcp_hdr in, out;
+	__u32 end, removed = 0;
+	__s64 c;
+
+	if (p->tcp_flags & TCP_RST)
+		return TC_ACT_SHOT;
+	if (p->v4 && l4off != ETH_HLEN + sizeof(struct ip4_hdr))
+		return TC_ACT_SHOT; /* IP options: not echoed; dropped */
+	if (l4len > sizeof(in) + REJECT_CHUNK * REJECT_CHUNKS || l4len < sizeof(in))
+		return TC_ACT_SHOT;
+	if (bpf_skb_load_bytes(skb, l4off, &in, sizeof(in)))
+		return TC_ACT_SHOT;
+
+	__builtin_memset(&out, 0, sizeof(out));
+	out.sport = in.dport;
+	out.dport = in.sport;
+	out.doff_res = 5 << 4;
+	if (in.flags & TCP_ACK) {
+		out.seq = in.ack_seq;
+		out.flags = TCP_RST;
+	} else {
+		end = bpf_ntohl(in.seq) + l4len - (__u32)(in.doff_res >> 4) * 4;
+		if (in.flags & TCP_SYN)
+			end++;
+		if (in.flags & TCP_FIN)
+			end++;
+		out.ack_seq = bpf_htonl(end);
+		out.flags = TCP_RST | TCP_ACK;
+	}
+
+	/* The sum of the bytes after the fixed header, which the RST drops. */
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < REJECT_CHUNKS; i++) {
+		__u32 off = sizeof(in) + i * REJECT_CHUNK, n;
+
+		if (off >= l4len)
+			break;
+		n = l4len - off;
+		if (n > REJECT_CHUNK)
+			n = REJECT_CHUNK;
+		/* Bounds the verifier can follow (the compiler's own are signed). */
+		asm volatile("" : "+r"(n));
+		n &= 2 * REJECT_CHUNK - 1;
+		if (n == 0 || n > REJECT_CHUNK)
+			return TC_ACT_SHOT;
+		/* A short last chunk is summed with zeros after it, which add nothing. */
+		__builtin_memset(s->rej.chunk, 0, REJECT_CHUNK);
+		if (bpf_skb_load_bytes(skb, l4off + off, s->rej.chunk, n))
+			return TC_ACT_SHOT;
+		c = bpf_csum_diff(NULL, 0, (__be32 *)s->rej.chunk, REJECT_CHUNK, removed);
+		if (c < 0)
+			return TC_ACT_SHOT;
+		removed = (__u32)c;
+	}
+
+	if (bpf_skb_change_tail(skb, l4off + sizeof(out), 0))
+		return TC_ACT_SHOT;
+	/* Field by field, so that the checksum follows in either state. */
+	removed = csum_fold32(removed);
+	if ((removed && bpf_l4_csum_replace(skb, csum_off, 0, ~removed & 0xffff, 0)) ||
+	    bpf_l4_csum_replace(skb, csum_off, in.seq, out.seq, 4) ||
+	    bpf_l4_csum_replace(skb, csum_off, in.ack_seq, out.ack_seq, 4) ||
+	    bpf_l4_csum_replace(skb, csum_off, *(__be16 *)&in.doff_res, *(__be16 *)&out.doff_res, 2) ||
+	    bpf_l4_csum_replace(skb, csum_off, in.window, 0, 2) ||
+	    bpf_l4_csum_replace(skb, csum_off, in.urg_ptr, 0, 2) ||
+	    bpf_l4_csum_replace(skb, csum_off, bpf_htons(l4len), bpf_htons(sizeof(out)),
+				BPF_F_PSEUDO_HDR | 2))
+		return TC_ACT_SHOT;
+	/* The dropped bytes left a CHECKSUM_COMPLETE sum (trimmed with them), the checksum
+	 * field's change did not: */
+	if (removed)
+		bpf_csum_update(skb, removed);
+	if (bpf_skb_store_bytes(skb, l4off, &out, TCP_CSUM_OFF, 0) ||
+	    bpf_skb_store_bytes(skb, l4off + TCP_CSUM_OFF + 2, &out.urg_ptr, 2, 0))
+		return TC_ACT_SHOT;
+
+	if (p->v4) {
+		__be32 addrs[2] = {p->daddr.w[3], p->saddr.w[3]};
+		__be16 old_len = bpf_htons(p->l4off - ETH_HLEN + l4len);
+		__be16 new_len = bpf_htons(sizeof(struct ip4_hdr) + sizeof(out));
+		__be16 old_ttl, new_ttl;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + IP4_TTL_OFF, &old_ttl, 2))
+			return TC_ACT_SHOT;
+		new_ttl = old_ttl;
+		*(__u8 *)&new_ttl = REJECT_TTL;
+		if (bpf_l3_csum_replace(skb, ETH_HLEN + IP4_CSUM_OFF, old_len, new_len, 2) ||
+		    bpf_l3_csum_replace(skb, ETH_HLEN + IP4_CSUM_OFF, old_ttl, new_ttl, 2) ||
+		    bpf_skb_store_bytes(skb, ETH_HLEN + 2, &new_len, 2, 0) ||
+		    bpf_skb_store_bytes(skb, ETH_HLEN + IP4_TTL_OFF, &new_ttl, 2, 0) ||
+		    bpf_skb_store_bytes(skb, ETH_HLEN + IP4_ADDRS_OFF, addrs, sizeof(addrs), 0))
+			return TC_ACT_SHOT;
+	} else {
+		__u32 addrs[8];
+		__be16 new_len = bpf_htons(sizeof(out));
+		__u8 hop = REJECT_TTL;
+
+		__builtin_memcpy(addrs, p->daddr.w, 16);
+		__builtin_memcpy(addrs + 4, p->saddr.w, 16);
+		if (bpf_skb_store_bytes(skb, ETH_HLEN + 4, &new_len, 2, BPF_F_RECOMPUTE_CSUM) ||
+		    bpf_skb_store_bytes(skb, ETH_HLEN + IP6_HOP_OFF, &hop, 1, BPF_F_RECOMPUTE_CSUM) ||
+		    bpf_skb_store_bytes(skb, ETH_HLEN + IP6_ADDRS_OFF, addrs, sizeof(addrs),
+					BPF_F_RECOMPUTE_CSUM))
+			return TC_ACT_SHOT;
+	}
+	return 0;
+}
+
+/* ICMP (ICMPv6) port unreachable for the client's UDP datagram. */
+static __noinline int reject_udp(struct __sk_buff *skb, struct fwd_state *s)
+{
+	const struct pkt *p = &s->p;
+	struct udp_hdr uh;
+	__u32 psum, len;
+	__s64 c;
+	int partial;
+
+	if (p->v4 && p->l4off != ETH_HLEN + sizeof(struct ip4_hdr))
+		return TC_ACT_SHOT;
+	if (bpf_skb_load_bytes(skb, p->l4off, &uh, sizeof(uh)))
+		return TC_ACT_SHOT;
+
+	if (p->v4) {
+		struct unreach4 *u = &s->rej.u4;
+		struct {
+			__be32 saddr, daddr;
+			__u8 zero, proto;
+			__be16 len;
+		} ph = {p->saddr.w[3], p->daddr.w[3], 0, IPPROTO_UDP, bpf_htons(p->l4len)};
+
+		c = bpf_csum_diff(NULL, 0, (__be32 *)&ph, sizeof(ph), 0);
+		if (c < 0)
+			return TC_ACT_SHOT;
+		partial = uh.check == csum_fold32((__u32)c);
+		if (answer_eth(skb, &u->eth) ||
+		    bpf_skb_load_bytes(skb, ETH_HLEN, &u->quote_ip, sizeof(u->quote_ip)))
+			return TC_ACT_SHOT;
+		u->quote_udp = uh;
+		u->ip.ver_ihl = 0x45;
+		u->ip.tos = 0;
+		u->ip.tot_len = bpf_htons(sizeof(*u) - 2 - ETH_HLEN);
+		u->ip.id = 0;
+		u->ip.frag_off = 0;
+		u->ip.ttl = REJECT_TTL;
+		u->ip.protocol = IPPROTO_ICMP;
+		u->ip.check = 0;
+		u->ip.saddr = p->daddr.w[3];
+		u->ip.daddr = p->saddr.w[3];
+		c = bpf_csum_diff(NULL, 0, (__be32 *)&u->ip, sizeof(u->ip), 0);
+		if (c < 0)
+			return TC_ACT_SHOT;
+		u->ip.check = ~csum_fold32((__u32)c);
+		u->icmp.type = ICMP_DEST_UNREACH;
+		u->icmp.code = ICMP_PORT_UNREACH;
+		u->icmp.check = 0;
+		u->icmp.unused_hi = 0;
+		u->icmp.unused_lo = 0;
+		if (!partial) {
+			c = bpf_csum_diff(NULL, 0, (__be32 *)&u->icmp,
+					  sizeof(*u) - offsetof(struct unreach4, icmp), 0);
+			if (c < 0)
+				return TC_ACT_SHOT;
+			u->icmp.check = ~csum_fold32((__u32)c);
+		}
+		len = sizeof(*u) - 2;
+	} else {
+		struct unreach6 *u = &s->rej.u6;
+		struct {
+			__u32 saddr[4], daddr[4];
+			__be32 len;
+			__u8 zero[3], nexthdr;
+		} ph;
+		__u32 icmp_len = sizeof(*u) - offsetof(struct unreach6, icmp);
+
+		__builtin_memcpy(ph.saddr, p->saddr.w, 16);
+		__builtin_memcpy(ph.daddr, p->daddr.w, 16);
+		ph.len = bpf_htonl(p->l4len);
+		ph.zero[0] = ph.zero[1] = ph.zero[2] = 0;
+		ph.nexthdr = IPPROTO_UDP;
+		c = bpf_csum_diff(NULL, 0, (__be32 *)&ph, sizeof(ph), 0);
+		if (c < 0)
+			return TC_ACT_SHOT;
+		partial = uh.check == csum_fold32((__u32)c);
+		if (answer_eth(skb, &u->eth) ||
+		    bpf_skb_load_bytes(skb, ETH_HLEN, &u->quote_ip, sizeof(u->quote_ip)))
+			return TC_ACT_SHOT;
+		u->quote_udp = uh;
+		u->ip.ver_tc_flow = bpf_htonl(6 << 28);
+		u->ip.payload_len = bpf_htons(icmp_len);
+		u->ip.nexthdr = IPPROTO_ICMPV6;
+		u->ip.hop_limit = REJECT_TTL;
+		__builtin_memcpy(u->ip.saddr, p->daddr.w, 16);
+		__builtin_memcpy(u->ip.daddr, p->saddr.w, 16);
+		/* The answer's pseudo-header: the same addresses (swapped), its own length and type. */
+		ph.len = bpf_htonl(icmp_len);
+		ph.nexthdr = IPPROTO_ICMPV6;
+		c = bpf_csum_diff(NULL, 0, (__be32 *)&ph, sizeof(ph), 0);
+		if (c < 0)
+			return TC_ACT_SHOT;
+		psum = (__u32)c;
+		u->icmp.type = ICMPV6_DEST_UNREACH;
+		u->icmp.code = ICMPV6_PORT_UNREACH;
+		u->icmp.check = 0;
+		u->icmp.unused_hi = 0;
+		u->icmp.unused_lo = 0;
+		if (partial) {
+			/* The completion writes here the complement of the sum of the ICMP message
+			 * with this field in it: with the pseudo-header sum here, that is the
+			 * value that makes the whole, pseudo-header included, sum right. */
+			u->icmp.unused_lo = csum_fold32(psum);
+		} else {
+			c = bpf_csum_diff(NULL, 0, (__be32 *)&u->icmp, icmp_len, psum);
+			if (c < 0)
+				return TC_ACT_SHOT;
+			u->icmp.check = ~csum_fold32((__u32)c);
+		}
+		len = sizeof(*u) - 2;
+	}
+	if (bpf_skb_change_tail(skb, len, 0) ||
+	    bpf_skb_store_bytes(skb, 0, &s->rej.u4.eth, len, BPF_F_RECOMPUTE_CSUM))
+		return TC_ACT_SHOT;
+	return 0;
+}
+
+/* Sends the client's packet, turned into a refusal, back where it came from. */
+static __always_inline int reject(struct __sk_buff *skb, struct fwd_state *s)
+{
+	int err;
+
+	if (s->p.proto == IPPROTO_TCP) {
+		struct eth_hdr eth;
+
+		err = reject_tcp(skb, s);
+		if (!err && (answer_eth(skb, &eth) || bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0)))
+			err = TC_ACT_SHOT;
+	} else {
+		err = reject_udp(skb, s);
+	}
+	if (err) {
+		count(STAT_DROP_NO_BACKEND);
+		return TC_ACT_SHOT;
+	}
+	count(STAT_REJECT);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
 SEC("tc")
 int tc_nodeport(struct __sk_buff *skb)
 {
@@ -955,11 +1333,24 @@ int tc_nodeport(struct __sk_buff *skb)
 		}
 		return VERDICT_NOT_MINE;
 	}
+	if (sv->flags & SVC_F_SRC_RANGES) {
+		/* Before anything else is done for the packet, as kube-proxy's firewall chain. */
+		struct src_range_key rk = {.prefixlen = 32 + 128, .svc_id = sv->svc_id};
+
+		__builtin_memcpy(rk.addr, s->p.saddr.b, 16);
+		if (!bpf_map_lookup_elem(&kpr_lb_src_ranges_v1, &rk)) {
+			count(STAT_DROP_SOURCE_RANGE);
+			return TC_ACT_SHOT;
+		}
+	}
 	s->count = sv->count;
 	s->svc_id = sv->svc_id;
 	s->preserve_src = (sv->flags & SVC_F_PRESERVE_SRC) != 0;
 	if (s->count == 0) {
-		/* A TCP RST or ICMP unreachable is for a later slice. */
+		/* kube-proxy rejects where no endpoint exists, drops where endpoints exist
+		 * but none is usable here (externalTrafficPolicy Local): SVC_F_UNREACHABLE. */
+		if (!(sv->flags & SVC_F_UNREACHABLE))
+			return reject(skb, s);
 		count(STAT_DROP_NO_BACKEND);
 		return TC_ACT_SHOT;
 	}

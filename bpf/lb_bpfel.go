@@ -63,6 +63,7 @@ type lbFwdState struct {
 		TcpFlags uint8
 		Ttl      uint8
 		L4off    uint32
+		L4len    uint32
 	}
 	Key  lbSvcKey
 	Fk   lbFlowKey
@@ -91,6 +92,10 @@ type lbFwdState struct {
 	Count       uint16
 	PreserveSrc uint8
 	_           [1]byte
+	Rej         struct {
+		_     structs.HostLayout
+		Chunk [256]uint8
+	}
 }
 
 type lbLbConfig struct {
@@ -122,7 +127,9 @@ const (
 	lbLbStatSTAT_PASS_FRAGMENT     lbLbStat = 9
 	lbLbStatSTAT_PASS_MALFORMED    lbLbStat = 10
 	lbLbStatSTAT_PASS_FIB          lbLbStat = 11
-	lbLbStatSTAT_MAX               lbLbStat = 12
+	lbLbStatSTAT_REJECT            lbLbStat = 12
+	lbLbStatSTAT_DROP_SOURCE_RANGE lbLbStat = 13
+	lbLbStatSTAT_MAX               lbLbStat = 14
 )
 
 type lbSnatValue struct {
@@ -134,6 +141,13 @@ type lbSnatValue struct {
 	LastSeen   uint32
 	Flags      uint16
 	Pad        uint16
+}
+
+type lbSrcRangeKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	SvcId     uint32
+	Addr      [16]uint8
 }
 
 type lbSvcKey struct {
@@ -162,6 +176,7 @@ const (
 	lbMapKprLbConfigV1    = "kpr_lb_config_v1"
 	lbMapKprLbCtV1        = "kpr_lb_ct_v1"
 	lbMapKprLbSnatV1      = "kpr_lb_snat_v1"
+	lbMapKprLbSrcRangesV1 = "kpr_lb_src_ranges_v1"
 	lbMapKprLbStatsV1     = "kpr_lb_stats_v1"
 	lbMapKprMaglevV1      = "kpr_maglev_v1"
 	lbMapKprSvcV1         = "kpr_svc_v1"
@@ -220,14 +235,15 @@ type lbProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type lbMapSpecs struct {
-	KprBackendsV1 *ebpf.MapSpec `ebpf:"kpr_backends_v1"`
-	KprLbConfigV1 *ebpf.MapSpec `ebpf:"kpr_lb_config_v1"`
-	KprLbCtV1     *ebpf.MapSpec `ebpf:"kpr_lb_ct_v1"`
-	KprLbSnatV1   *ebpf.MapSpec `ebpf:"kpr_lb_snat_v1"`
-	KprLbStatsV1  *ebpf.MapSpec `ebpf:"kpr_lb_stats_v1"`
-	KprMaglevV1   *ebpf.MapSpec `ebpf:"kpr_maglev_v1"`
-	KprSvcV1      *ebpf.MapSpec `ebpf:"kpr_svc_v1"`
-	LbScratch     *ebpf.MapSpec `ebpf:"lb_scratch"`
+	KprBackendsV1    *ebpf.MapSpec `ebpf:"kpr_backends_v1"`
+	KprLbConfigV1    *ebpf.MapSpec `ebpf:"kpr_lb_config_v1"`
+	KprLbCtV1        *ebpf.MapSpec `ebpf:"kpr_lb_ct_v1"`
+	KprLbSnatV1      *ebpf.MapSpec `ebpf:"kpr_lb_snat_v1"`
+	KprLbSrcRangesV1 *ebpf.MapSpec `ebpf:"kpr_lb_src_ranges_v1"`
+	KprLbStatsV1     *ebpf.MapSpec `ebpf:"kpr_lb_stats_v1"`
+	KprMaglevV1      *ebpf.MapSpec `ebpf:"kpr_maglev_v1"`
+	KprSvcV1         *ebpf.MapSpec `ebpf:"kpr_svc_v1"`
+	LbScratch        *ebpf.MapSpec `ebpf:"lb_scratch"`
 }
 
 // lbVariableSpecs contains global variables before they are loaded into the kernel.
@@ -256,14 +272,15 @@ func (o *lbObjects) Close() error {
 //
 // It can be passed to loadLbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type lbMaps struct {
-	KprBackendsV1 *ebpf.Map `ebpf:"kpr_backends_v1"`
-	KprLbConfigV1 *ebpf.Map `ebpf:"kpr_lb_config_v1"`
-	KprLbCtV1     *ebpf.Map `ebpf:"kpr_lb_ct_v1"`
-	KprLbSnatV1   *ebpf.Map `ebpf:"kpr_lb_snat_v1"`
-	KprLbStatsV1  *ebpf.Map `ebpf:"kpr_lb_stats_v1"`
-	KprMaglevV1   *ebpf.Map `ebpf:"kpr_maglev_v1"`
-	KprSvcV1      *ebpf.Map `ebpf:"kpr_svc_v1"`
-	LbScratch     *ebpf.Map `ebpf:"lb_scratch"`
+	KprBackendsV1    *ebpf.Map `ebpf:"kpr_backends_v1"`
+	KprLbConfigV1    *ebpf.Map `ebpf:"kpr_lb_config_v1"`
+	KprLbCtV1        *ebpf.Map `ebpf:"kpr_lb_ct_v1"`
+	KprLbSnatV1      *ebpf.Map `ebpf:"kpr_lb_snat_v1"`
+	KprLbSrcRangesV1 *ebpf.Map `ebpf:"kpr_lb_src_ranges_v1"`
+	KprLbStatsV1     *ebpf.Map `ebpf:"kpr_lb_stats_v1"`
+	KprMaglevV1      *ebpf.Map `ebpf:"kpr_maglev_v1"`
+	KprSvcV1         *ebpf.Map `ebpf:"kpr_svc_v1"`
+	LbScratch        *ebpf.Map `ebpf:"lb_scratch"`
 }
 
 func (m *lbMaps) Close() error {
@@ -272,6 +289,7 @@ func (m *lbMaps) Close() error {
 		m.KprLbConfigV1,
 		m.KprLbCtV1,
 		m.KprLbSnatV1,
+		m.KprLbSrcRangesV1,
 		m.KprLbStatsV1,
 		m.KprMaglevV1,
 		m.KprSvcV1,

@@ -20,6 +20,11 @@
  * Local, only local backends), so tc_nodeport translates the destination only.
  */
 #define SVC_F_PRESERVE_SRC 2
+/*
+ * External scope: loadBalancerSourceRanges apply; only clients whose address
+ * kpr_lb_src_ranges_v1 holds under the frontend's svc_id are served.
+ */
+#define SVC_F_SRC_RANGES 4
 #define SCOPE_SOCKET 0
 #define SCOPE_EXTERNAL 1
 

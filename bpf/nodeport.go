@@ -101,6 +101,7 @@ var lbMapNames = []string{
 	lbMapKprLbSnatV1,
 	lbMapKprLbStatsV1,
 	lbMapKprMaglevV1,
+	lbMapKprLbSrcRangesV1,
 }
 
 func (c Config) lbMapSizes() ([]mapSize, int, error) {
@@ -134,7 +135,8 @@ func (c Config) lbMapSizes() ([]mapSize, int, error) {
 	// Not configurable: listed so that a pinned map of another layout is reported.
 	sizes = append(sizes,
 		mapSize{lbMapKprLbConfigV1, "", 1},
-		mapSize{lbMapKprLbStatsV1, "", int(lbLbStatSTAT_MAX)})
+		mapSize{lbMapKprLbStatsV1, "", int(lbLbStatSTAT_MAX)},
+		mapSize{lbMapKprLbSrcRangesV1, "", MaxSourceRanges})
 	return sizes, table, nil
 }
 
@@ -150,17 +152,20 @@ type NodePortMaps struct {
 	snat   *ebpf.Map
 	stats  *ebpf.Map
 	maglev *ebpf.Map
+	// srcRanges holds the loadBalancerSourceRanges of frontends with FlagSourceRanges.
+	srcRanges *ebpf.Map
 	// tableSize is the number of entries of every Maglev table.
 	tableSize int
 }
 
 func (m *NodePortMaps) byName() map[string]**ebpf.Map {
 	return map[string]**ebpf.Map{
-		lbMapKprLbConfigV1: &m.config,
-		lbMapKprLbCtV1:     &m.ct,
-		lbMapKprLbSnatV1:   &m.snat,
-		lbMapKprLbStatsV1:  &m.stats,
-		lbMapKprMaglevV1:   &m.maglev,
+		lbMapKprLbConfigV1:    &m.config,
+		lbMapKprLbCtV1:        &m.ct,
+		lbMapKprLbSnatV1:      &m.snat,
+		lbMapKprLbStatsV1:     &m.stats,
+		lbMapKprMaglevV1:      &m.maglev,
+		lbMapKprLbSrcRangesV1: &m.srcRanges,
 	}
 }
 
@@ -195,11 +200,12 @@ func OpenNodePortMaps(pinDir string) (*NodePortMaps, error) {
 
 func checkNodePortLayouts(m *NodePortMaps) error {
 	layouts := map[string][2]int{
-		lbMapKprLbConfigV1: {4, binary.Size(lbLbConfig{})},
-		lbMapKprLbCtV1:     {binary.Size(lbFlowKey{}), binary.Size(lbCtValue{})},
-		lbMapKprLbSnatV1:   {binary.Size(lbFlowKey{}), binary.Size(lbSnatValue{})},
-		lbMapKprLbStatsV1:  {4, 8},
-		lbMapKprMaglevV1:   {4, 4},
+		lbMapKprLbConfigV1:    {4, binary.Size(lbLbConfig{})},
+		lbMapKprLbCtV1:        {binary.Size(lbFlowKey{}), binary.Size(lbCtValue{})},
+		lbMapKprLbSnatV1:      {binary.Size(lbFlowKey{}), binary.Size(lbSnatValue{})},
+		lbMapKprLbStatsV1:     {4, 8},
+		lbMapKprMaglevV1:      {4, 4},
+		lbMapKprLbSrcRangesV1: {binary.Size(lbSrcRangeKey{}), 1},
 	}
 	for name, p := range m.byName() {
 		want := layouts[name]
@@ -391,6 +397,77 @@ func (m *NodePortMaps) MaglevTable(svcID uint32) ([]uint32, error) {
 	return out, nil
 }
 
+// MaxSourceRanges is how many loadBalancerSourceRanges prefixes, over all frontends, the
+// datapath holds (SRC_RANGE_MAP_SIZE in lb.c).
+const MaxSourceRanges = 16384
+
+// SourceRange is one prefix of a frontend's loadBalancerSourceRanges.
+type SourceRange struct {
+	SvcID  uint32
+	Prefix netip.Prefix
+}
+
+func srcRangeKey(r SourceRange) (lbSrcRangeKey, error) {
+	if r.SvcID == 0 {
+		return lbSrcRangeKey{}, fmt.Errorf("source range %s: service ID 0 is reserved", r.Prefix)
+	}
+	p := r.Prefix
+	if !p.IsValid() || p.Addr().Zone() != "" || p.Addr().Is4In6() || p != p.Masked() {
+		return lbSrcRangeKey{}, fmt.Errorf("source range %s of service %d: want a masked IPv4 or IPv6 prefix", p, r.SvcID)
+	}
+	bits := p.Bits()
+	if p.Addr().Is4() {
+		bits += 96
+	}
+	return lbSrcRangeKey{Prefixlen: uint32(32 + bits), SvcId: r.SvcID, Addr: p.Addr().As16()}, nil
+}
+
+// AddSourceRange lets the clients in r.Prefix reach the frontend r.SvcID (when its slot 0
+// has FlagSourceRanges).
+func (m *NodePortMaps) AddSourceRange(r SourceRange) error {
+	k, err := srcRangeKey(r)
+	if err != nil {
+		return err
+	}
+	if err := m.srcRanges.Update(&k, uint8(1), ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("update %s[%d %s]: %w", lbMapKprLbSrcRangesV1, r.SvcID, r.Prefix, err)
+	}
+	return nil
+}
+
+// DeleteSourceRange removes r; removing a missing one is no error.
+func (m *NodePortMaps) DeleteSourceRange(r SourceRange) error {
+	k, err := srcRangeKey(r)
+	if err != nil {
+		return err
+	}
+	if err := deleteIgnoreMissing(m.srcRanges, &k); err != nil {
+		return fmt.Errorf("delete %s[%d %s]: %w", lbMapKprLbSrcRangesV1, r.SvcID, r.Prefix, err)
+	}
+	return nil
+}
+
+// WalkSourceRanges calls fn with each entry until it returns false.
+func (m *NodePortMaps) WalkSourceRanges(fn func(SourceRange) bool) error {
+	var k lbSrcRangeKey
+	var v uint8
+	it := m.srcRanges.Iterate()
+	for it.Next(&k, &v) {
+		bits := int(k.Prefixlen) - 32
+		addr := netip.AddrFrom16(k.Addr)
+		if addr.Is4In6() && bits >= 96 {
+			addr, bits = addr.Unmap(), bits-96
+		}
+		if !fn(SourceRange{SvcID: k.SvcId, Prefix: netip.PrefixFrom(addr, bits)}) {
+			return nil
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("dump %s: %w", lbMapKprLbSrcRangesV1, err)
+	}
+	return nil
+}
+
 // MaglevServices lists the svc_ids that have a Maglev table, sorted.
 func (m *NodePortMaps) MaglevServices() ([]uint32, error) {
 	var ids []uint32
@@ -498,9 +575,14 @@ type NodePortStats struct {
 	NewFlows  uint64 // flows created
 	Forwarded uint64 // client packets translated to a backend
 	Replies   uint64 // backend packets translated back
-	// Dropped packets: frontend without backends, VIP port not served (wildcard entry),
+	// Rejected: packets to a frontend without endpoints answered with a TCP RST or an ICMP
+	// port unreachable (no FlagUnreachable: kube-proxy's REJECT).
+	Rejected uint64
+	// Dropped packets: frontend without backends (or one whose refusal could not be built), VIP port not served (wildcard entry),
 	// no free SNAT port, no SNAT address for the family, TTL exhausted, helper failure.
 	DropNoBackend, DropNotServed, DropNoSNATPort, DropNoNodeAddr, DropTTL, DropError uint64
+	// DropSourceRange: a client outside a frontend's loadBalancerSourceRanges.
+	DropSourceRange uint64
 	// Packets left to the stack: IPv4 fragments, malformed packets, translated packets the
 	// FIB did not let kpr forward (local, unreachable, forwarding disabled).
 	PassFragment, PassMalformed, PassFIB uint64
@@ -522,6 +604,8 @@ func (m *NodePortMaps) Stats() (NodePortStats, error) {
 		lbLbStatSTAT_PASS_FRAGMENT:     &s.PassFragment,
 		lbLbStatSTAT_PASS_MALFORMED:    &s.PassMalformed,
 		lbLbStatSTAT_PASS_FIB:          &s.PassFIB,
+		lbLbStatSTAT_REJECT:            &s.Rejected,
+		lbLbStatSTAT_DROP_SOURCE_RANGE: &s.DropSourceRange,
 	}
 	for stat, field := range fields {
 		var perCPU []uint64

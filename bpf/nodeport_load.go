@@ -76,6 +76,7 @@ func LoadNodePort(cfg Config, np NodePortConfig) (_ *NodePort, err error) {
 		snat:      n.objs.KprLbSnatV1,
 		stats:     n.objs.KprLbStatsV1,
 		maglev:    n.objs.KprMaglevV1,
+		srcRanges: n.objs.KprLbSrcRangesV1,
 		tableSize: tableSize,
 	}
 	defer func() {

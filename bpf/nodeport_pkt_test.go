@@ -43,6 +43,7 @@ type pktSpec struct {
 	src, dst netip.AddrPort
 	proto    Proto
 	tcpFlags uint8
+	tcpOpts  []byte // TCP options, a multiple of 4 bytes
 	payload  []byte
 	ttl      uint8  // 0: 64
 	options  []byte // IPv4 options, a multiple of 4 bytes
@@ -65,14 +66,15 @@ func buildPacket(s pktSpec) []byte {
 	var l4 []byte
 	switch s.proto {
 	case ProtoTCP:
-		l4 = make([]byte, tcpLen, tcpLen+len(s.payload))
+		l4 = make([]byte, tcpLen+len(s.tcpOpts), tcpLen+len(s.tcpOpts)+len(s.payload))
 		binary.BigEndian.PutUint16(l4[0:], s.src.Port())
 		binary.BigEndian.PutUint16(l4[2:], s.dst.Port())
 		binary.BigEndian.PutUint32(l4[4:], 0x01020304) // seq
 		if s.tcpFlags&tcpACK != 0 {
 			binary.BigEndian.PutUint32(l4[8:], 0x0a0b0c0d)
 		}
-		l4[12] = 5 << 4
+		copy(l4[tcpLen:], s.tcpOpts)
+		l4[12] = byte((tcpLen+len(s.tcpOpts))/4) << 4
 		l4[13] = s.tcpFlags
 		binary.BigEndian.PutUint16(l4[14:], 64240)
 	case ProtoUDP:

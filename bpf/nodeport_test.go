@@ -227,7 +227,7 @@ func (e *npEnv) programServices() {
 		{npKeyUDP, Service{ID: npSvcUDP, Backends: []uint32{npBeUDP}}},
 		{npKeyTCP6, Service{ID: npSvcTCP6, Backends: []uint32{npBe6}}},
 		{npKeyUDP6, Service{ID: npSvcUDP6, Backends: []uint32{npBeUDP6}}},
-		{npKeyEmpty, Service{ID: npSvcEmpty}},
+		{npKeyEmpty, Service{ID: npSvcEmpty, Flags: FlagUnreachable}},
 		{npKeyLB, Service{ID: npSvcLB, Backends: []uint32{npBeC}}},
 		{npKeyLBWC, Service{}},
 		{npKeyNN, Service{ID: npSvcNN, Backends: []uint32{npBeNN}}},
@@ -494,7 +494,7 @@ func TestNodePortProgRun(t *testing.T) {
 		})
 	}
 
-	t.Run("a frontend without backends drops", func(t *testing.T) {
+	t.Run("a frontend whose endpoints are none usable here drops", func(t *testing.T) {
 		before := e.stats()
 		in := buildPacket(pktSpec{src: client, dst: netip.AddrPortFrom(npNode4, 30099), proto: ProtoTCP, tcpFlags: tcpSYN})
 		if ret, _ := e.nodeport(in); ret != tcActShot {
@@ -1161,6 +1161,8 @@ func TestLBObjectMatchesSchema(t *testing.T) {
 		lbMapKprLbConfigV1: {4, 60, 1},
 		lbMapKprLbStatsV1:  {4, 8, int(lbLbStatSTAT_MAX)},
 		lbMapKprMaglevV1:   {4, 4, DefaultMaglevMapSize},
+		// {prefixlen, svc_id, address}: the svc_id's 32 bits come first, matched whole.
+		lbMapKprLbSrcRangesV1: {24, 1, MaxSourceRanges},
 	}
 	for name, w := range want {
 		ms := lb.Maps[name]

@@ -27,26 +27,7 @@ import (
 // receiving stack verifies. BPF_PROG_RUN can only produce the second kind, so the first is
 // tested here.
 func TestNodePortTraffic(t *testing.T) {
-	e := newNodePortEnv(t, Config{}, npConfig)
-	e.ifindexes()
-	client := &testEnv{t: t, netns: makeNetns(t)}
-	backend := &testEnv{t: t, netns: makeNetns(t)}
-	nsPath := func(env *testEnv) string { return fmt.Sprintf("/proc/%d/fd/%d", unix.Getpid(), env.netns.Fd()) }
-
-	// A netns path has a slash, so ip(8) opens it instead of looking up a name in /run/netns.
-	e.ip("link", "set", "ext0p", "netns", nsPath(client))
-	e.ip("link", "set", "pod0p", "netns", nsPath(backend))
-	client.ip("link", "set", "lo", "up")
-	client.ip("link", "set", "ext0p", "address", clientMAC.String(), "up")
-	client.ip("addr", "add", npClient4.String()+"/24", "dev", "ext0p")
-	client.ip("-6", "addr", "add", npClient6.String()+"/64", "dev", "ext0p", "nodad")
-	backend.ip("link", "set", "lo", "up")
-	backend.ip("link", "set", "pod0p", "address", podMACs[npPodA].String(), "up")
-	backend.ip("addr", "add", npPodA.String()+"/24", "dev", "pod0p")
-	backend.ip("-6", "addr", "add", npPod6.String()+"/64", "dev", "pod0p", "nodad")
-	backend.ip("route", "add", "default", "via", "10.244.1.1")
-	backend.ip("-6", "route", "add", "default", "via", "fd6b:7072:244:1::1")
-
+	e, client, backend := newTrafficEnv(t)
 	m := e.d.Maps
 	fe := map[string]netip.AddrPort{}
 	for i, s := range []struct {
@@ -65,12 +46,6 @@ func TestNodePortTraffic(t *testing.T) {
 		must(t, m.UpsertService(s.key, Service{ID: id, Backends: []uint32{id}}, 0))
 		fe[s.name] = netip.AddrPortFrom(s.key.Addr, s.key.Port)
 	}
-	must(t, e.do(func() error {
-		if err := e.n.AttachTC(e.ext0, TCNodePort); err != nil {
-			return err
-		}
-		return e.n.AttachTC(e.pod0, TCReply)
-	}))
 
 	backend.startServers(
 		[]netip.AddrPort{netip.AddrPortFrom(npPodA, 8080), netip.AddrPortFrom(npPod6, 8080)},
@@ -144,6 +119,39 @@ func TestNodePortTraffic(t *testing.T) {
 	if s.DropError != 0 || s.Forwarded == 0 || s.Replies == 0 {
 		t.Errorf("stats %+v", s)
 	}
+}
+
+// newTrafficEnv is a node namespace with the tc programs attached (tc_nodeport on ext0,
+// tc_nodeport_reply on pod0), a client namespace behind ext0 and a backend namespace behind
+// pod0, as drawn above TestNodePortTraffic.
+func newTrafficEnv(t *testing.T) (e *npEnv, client, backend *testEnv) {
+	t.Helper()
+	e = newNodePortEnv(t, Config{}, npConfig)
+	e.ifindexes()
+	client = &testEnv{t: t, netns: makeNetns(t)}
+	backend = &testEnv{t: t, netns: makeNetns(t)}
+	nsPath := func(env *testEnv) string { return fmt.Sprintf("/proc/%d/fd/%d", unix.Getpid(), env.netns.Fd()) }
+
+	// A netns path has a slash, so ip(8) opens it instead of looking up a name in /run/netns.
+	e.ip("link", "set", "ext0p", "netns", nsPath(client))
+	e.ip("link", "set", "pod0p", "netns", nsPath(backend))
+	client.ip("link", "set", "lo", "up")
+	client.ip("link", "set", "ext0p", "address", clientMAC.String(), "up")
+	client.ip("addr", "add", npClient4.String()+"/24", "dev", "ext0p")
+	client.ip("-6", "addr", "add", npClient6.String()+"/64", "dev", "ext0p", "nodad")
+	backend.ip("link", "set", "lo", "up")
+	backend.ip("link", "set", "pod0p", "address", podMACs[npPodA].String(), "up")
+	backend.ip("addr", "add", npPodA.String()+"/24", "dev", "pod0p")
+	backend.ip("-6", "addr", "add", npPod6.String()+"/64", "dev", "pod0p", "nodad")
+	backend.ip("route", "add", "default", "via", "10.244.1.1")
+	backend.ip("-6", "route", "add", "default", "via", "fd6b:7072:244:1::1")
+	must(t, e.do(func() error {
+		if err := e.n.AttachTC(e.ext0, TCNodePort); err != nil {
+			return err
+		}
+		return e.n.AttachTC(e.pod0, TCReply)
+	}))
+	return e, client, backend
 }
 
 func checkSNATPeer(t *testing.T, name string, peer netip.AddrPort) {

@@ -55,6 +55,11 @@ const FlagUnreachable ServiceFlags = 1
 // (externalTrafficPolicy Local, where every backend is local). Mirrors SVC_F_PRESERVE_SRC.
 const FlagPreserveClientIP ServiceFlags = 2
 
+// FlagSourceRanges, on an external-scope frontend, makes tc_nodeport serve only clients
+// inside one of the frontend's source ranges (NodePortMaps.AddSourceRange): a LoadBalancer's
+// spec.loadBalancerSourceRanges. Mirrors SVC_F_SRC_RANGES.
+const FlagSourceRanges ServiceFlags = 4
+
 // Bits 8..11 of the flags carry the frontend's Service type for listings (`kpr service
 // list`); the datapath does not read them.
 const (

@@ -252,6 +252,7 @@ func (a *Agent) setup(ctx context.Context) error {
 	} else {
 		a.ns = ns
 		nsStatus = ns.status()
+		rec.UseSourceRanges(ns.np.Maps)
 		if a.cfg.LoadBalancerAlgorithm == "maglev" {
 			rec.UseMaglev(ns.np.Maps, a.maglevSeed)
 		} else if err := dropMaglevTables(ns.np.Maps); err != nil {

@@ -53,6 +53,13 @@ type MaglevMap interface {
 	MaglevServices() ([]uint32, error)
 }
 
+// SourceRangeMap holds the loadBalancerSourceRanges of external frontends (bpf.NodePortMaps).
+type SourceRangeMap interface {
+	AddSourceRange(bpf.SourceRange) error
+	DeleteSourceRange(bpf.SourceRange) error
+	WalkSourceRanges(fn func(bpf.SourceRange) bool) error
+}
+
 // maxID bounds service and backend IDs; 0 is never used so a zero value means "none".
 const maxID = 1<<24 - 1
 
@@ -100,7 +107,10 @@ type entry struct {
 	flags    bpf.ServiceFlags
 	affinity uint32
 	backends []backendKey
-	owner    string // namespace/name of the Service; "" for wildcards
+	// ranges are the client prefixes an external frontend with FlagSourceRanges serves,
+	// sorted. Like backends, nil in the mirror: programmed ranges live in Reconciler.ranges.
+	ranges []netip.Prefix
+	owner  string // namespace/name of the Service; "" for wildcards
 }
 
 // backendState is what the mirror knows about one programmed backend.
@@ -143,6 +153,105 @@ type Reconciler struct {
 	maglev     MaglevMap
 	maglevSeed maglev.Seed
 	tables     map[uint32]bool
+
+	// loadBalancerSourceRanges of external frontends, when the north-south datapath is
+	// loaded (UseSourceRanges): ranges mirrors the map, by svc_id, each sorted.
+	srcRanges SourceRangeMap
+	ranges    map[uint32][]netip.Prefix
+}
+
+// UseSourceRanges makes external frontends with loadBalancerSourceRanges serve only those
+// clients, through m. It takes effect at the next Sync, which re-reads the maps.
+func (r *Reconciler) UseSourceRanges(m SourceRangeMap) {
+	r.srcRanges = m
+	r.full = true
+}
+
+// addRanges writes the prefixes of want that svcID does not have yet.
+func (r *Reconciler) addRanges(svcID uint32, want []netip.Prefix) error {
+	for _, p := range want {
+		if _, ok := slices.BinarySearchFunc(r.ranges[svcID], p, comparePrefixes); ok {
+			continue
+		}
+		if err := r.srcRanges.AddSourceRange(bpf.SourceRange{SvcID: svcID, Prefix: p}); err != nil {
+			return err
+		}
+		r.setRange(svcID, p, true)
+	}
+	return nil
+}
+
+// dropRanges deletes the prefixes of svcID that keep does not have.
+func (r *Reconciler) dropRanges(svcID uint32, keep []netip.Prefix) error {
+	for _, p := range slices.Clone(r.ranges[svcID]) {
+		if _, ok := slices.BinarySearchFunc(keep, p, comparePrefixes); ok {
+			continue
+		}
+		if err := r.srcRanges.DeleteSourceRange(bpf.SourceRange{SvcID: svcID, Prefix: p}); err != nil {
+			return err
+		}
+		r.setRange(svcID, p, false)
+	}
+	return nil
+}
+
+func (r *Reconciler) setRange(svcID uint32, p netip.Prefix, present bool) {
+	have := r.ranges[svcID]
+	i, ok := slices.BinarySearchFunc(have, p, comparePrefixes)
+	switch {
+	case present && !ok:
+		r.ranges[svcID] = slices.Insert(slices.Clone(have), i, p)
+	case !present && ok:
+		if len(have) == 1 {
+			delete(r.ranges, svcID)
+		} else {
+			r.ranges[svcID] = slices.Delete(slices.Clone(have), i, i+1)
+		}
+	}
+}
+
+// pruneRanges deletes the source ranges of svc_ids no programmed frontend has. Only valid
+// right after restore.
+func (r *Reconciler) pruneRanges() error {
+	if len(r.ranges) == 0 {
+		return nil
+	}
+	live := make(map[uint32]bool, len(r.programmed))
+	for _, pe := range r.programmed {
+		live[pe.id] = true
+	}
+	var errs []error
+	for _, id := range slices.Sorted(maps.Keys(r.ranges)) {
+		if !live[id] {
+			errs = append(errs, r.dropRanges(id, nil))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func comparePrefixes(a, b netip.Prefix) int {
+	if c := a.Addr().Compare(b.Addr()); c != 0 {
+		return c
+	}
+	return a.Bits() - b.Bits()
+}
+
+// sourceRanges is fe's source ranges as the datapath holds them: masked, sorted, unique.
+func sourceRanges(fe lbstate.Frontend) []netip.Prefix {
+	out := make([]netip.Prefix, 0, len(fe.LoadBalancerSourceRanges))
+	for _, p := range fe.LoadBalancerSourceRanges {
+		if !p.IsValid() {
+			continue
+		}
+		a := p.Addr().Unmap()
+		bits := p.Bits()
+		if p.Addr().Is4In6() {
+			bits = max(bits-96, 0)
+		}
+		out = append(out, netip.PrefixFrom(a.WithZone(""), bits).Masked())
+	}
+	slices.SortFunc(out, comparePrefixes)
+	return slices.Compact(out)
 }
 
 // UseMaglev makes every external frontend with backends get a Maglev table in m, built with
@@ -238,7 +347,7 @@ func NewReconciler(lb LBMap) (*Reconciler, error) {
 // service map and their slots in a second, so no dump of a map is ever held beside the mirror.
 func (r *Reconciler) restore() error {
 	// The old mirror is about to be replaced; letting it go first keeps the peak at one copy.
-	r.programmed, r.backends, r.byID, r.matches = nil, nil, nil, nil
+	r.programmed, r.backends, r.byID, r.matches, r.ranges = nil, nil, nil, nil, nil
 	r.tables = map[uint32]bool{}
 	if r.maglev != nil {
 		ids, err := r.maglev.MaglevServices()
@@ -247,6 +356,19 @@ func (r *Reconciler) restore() error {
 		}
 		for _, id := range ids {
 			r.tables[id] = true
+		}
+	}
+	r.ranges = map[uint32][]netip.Prefix{}
+	if r.srcRanges != nil {
+		if err := r.srcRanges.WalkSourceRanges(func(sr bpf.SourceRange) bool {
+			r.ranges[sr.SvcID] = append(r.ranges[sr.SvcID], sr.Prefix)
+			return true
+		}); err != nil {
+			return fmt.Errorf("reading source range map: %w", err)
+		}
+		for id, ps := range r.ranges {
+			slices.SortFunc(ps, comparePrefixes)
+			r.ranges[id] = slices.Compact(ps)
 		}
 	}
 	r.matches = map[uint32]map[uint32]bool{}
@@ -362,6 +484,22 @@ func (r *Reconciler) verify() (bool, error) {
 	}
 	if n != total {
 		return false, nil
+	}
+	if r.srcRanges != nil {
+		n, total = 0, 0
+		if err := r.srcRanges.WalkSourceRanges(func(sr bpf.SourceRange) bool {
+			_, same = slices.BinarySearchFunc(r.ranges[sr.SvcID], sr.Prefix, comparePrefixes)
+			n++
+			return same
+		}); err != nil || !same {
+			return false, err
+		}
+		for _, ps := range r.ranges {
+			total += len(ps)
+		}
+		if n != total {
+			return false, nil
+		}
 	}
 	if r.maglev != nil {
 		ids, err := r.maglev.MaglevServices()
@@ -506,6 +644,9 @@ func (r *Reconciler) Sync(touched []string) (Stats, error) {
 		if err := r.pruneTables(); err != nil {
 			errs = append(errs, err)
 		}
+		if err := r.pruneRanges(); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	// Keys to examine: everything on a full sync, else what the touched Services want now or
 	// owned before, and the VIP markers of those addresses.
@@ -628,6 +769,11 @@ func (r *Reconciler) want(k bpf.ServiceKey) (entry, bool) {
 		if fe.PreserveClientIP && k.Scope == bpf.ScopeExternal {
 			e.flags |= bpf.FlagPreserveClientIP
 		}
+		// The socket scope does not enforce them yet (docs/kube-proxy-differences.md).
+		if r.srcRanges != nil && k.Scope == bpf.ScopeExternal && len(fe.LoadBalancerSourceRanges) > 0 {
+			e.ranges = sourceRanges(fe)
+			e.flags |= bpf.FlagSourceRanges
+		}
 		e.backends = make([]backendKey, 0, len(fe.Backends))
 		for _, b := range fe.Backends {
 			e.backends = append(e.backends, newBackendKey(b, k.Proto))
@@ -640,6 +786,9 @@ func (r *Reconciler) want(k bpf.ServiceKey) (entry, bool) {
 // unchanged reports whether the programmed entry already is e.
 func (r *Reconciler) unchanged(pe programmedEntry, e entry) bool {
 	if pe.flags != e.flags || pe.affinity != e.affinity || len(pe.ids) != len(e.backends) {
+		return false
+	}
+	if !slices.Equal(r.ranges[pe.id], e.ranges) {
 		return false
 	}
 	for i, bk := range e.backends {
@@ -721,6 +870,16 @@ func (r *Reconciler) upsert(k bpf.ServiceKey, e entry) (bool, error) {
 	if e.affinity > 0 && !IsWildcard(k) {
 		keep = ids
 	}
+	// New source ranges before slot 0 turns them on or relies on them.
+	if len(e.ranges) > 0 {
+		if err := r.addRanges(id, e.ranges); err != nil {
+			if !exists {
+				r.svcIDs.release(id)
+			}
+			return false, err
+		}
+	}
+	ranges := e.ranges
 	svc := bpf.Service{ID: id, Flags: e.flags, AffinityTimeoutSec: e.affinity, Backends: ids}
 	if err := r.lb.UpsertService(k, svc, pe.count); err != nil {
 		// The slots may be partly written; slot 0 still describes the old, complete state
@@ -729,8 +888,14 @@ func (r *Reconciler) upsert(k bpf.ServiceKey, e entry) (bool, error) {
 	}
 	r.addRefs(pe.ids, -1)
 	r.addRefs(ids, 1)
-	e.backends = nil
+	e.backends, e.ranges = nil, nil
 	r.programmed[k] = programmedEntry{id: id, count: len(ids), ids: ids, entry: e}
+	// Prefixes no longer allowed, only now that slot 0 says what applies.
+	if len(r.ranges[id]) > 0 {
+		if err := r.dropRanges(id, ranges); err != nil {
+			return true, err
+		}
+	}
 	if !r.needsTable(k, ids) {
 		// No backends left (slot 0 refuses new flows without reading the table), or not an
 		// external frontend: the table goes after the slots.
@@ -759,6 +924,11 @@ func (r *Reconciler) remove(k bpf.ServiceKey) error {
 	// Before the ID can be handed to another frontend.
 	if err := r.dropMatches(pe.id, nil); err != nil {
 		return err
+	}
+	if len(r.ranges[pe.id]) > 0 {
+		if err := r.dropRanges(pe.id, nil); err != nil {
+			return err
+		}
 	}
 	if err := r.dropTable(pe.id); err != nil {
 		return err

@@ -802,3 +802,153 @@ func TestPreserveClientIPFlag(t *testing.T) {
 		}
 	}
 }
+
+// memRanges is an in-memory SourceRangeMap.
+type memRanges struct {
+	set    map[bpf.SourceRange]bool
+	writes int
+}
+
+func (m *memRanges) AddSourceRange(r bpf.SourceRange) error {
+	m.set[r] = true
+	m.writes++
+	return nil
+}
+func (m *memRanges) DeleteSourceRange(r bpf.SourceRange) error {
+	delete(m.set, r)
+	m.writes++
+	return nil
+}
+func (m *memRanges) WalkSourceRanges(fn func(bpf.SourceRange) bool) error {
+	for r := range m.set {
+		if !fn(r) {
+			break
+		}
+	}
+	return nil
+}
+
+// of lists the prefixes of svcID, sorted.
+func (m *memRanges) of(svcID uint32) []string {
+	var out []string
+	for r := range m.set {
+		if r.SvcID == svcID {
+			out = append(out, r.Prefix.String())
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// rangeChecker wraps an LBMap and fails a slot-0 write that turns FlagSourceRanges on for a
+// frontend whose prefixes are not all in place yet.
+type rangeChecker struct {
+	LBMap
+	ranges     *memRanges
+	want       func(svcID uint32) []string
+	violations []string
+}
+
+func (c *rangeChecker) UpsertService(k bpf.ServiceKey, s bpf.Service, prev int) error {
+	if s.Flags&bpf.FlagSourceRanges != 0 {
+		have := c.ranges.of(s.ID)
+		for _, p := range c.want(s.ID) {
+			if !slices.Contains(have, p) {
+				c.violations = append(c.violations, fmt.Sprintf("%s written with FlagSourceRanges before prefix %s (has %v)", keyString(k), p, have))
+			}
+		}
+	}
+	return c.LBMap.UpsertService(k, s, prev)
+}
+
+// loadBalancerSourceRanges: an external LoadBalancer frontend with ranges gets
+// FlagSourceRanges and exactly its prefixes under its svc_id, written before slot 0 and
+// removed after it; the socket-scope frontend and one without ranges get neither; a restart
+// writes nothing; a prefix deleted behind kpr's back comes back at the next full sync.
+func TestSourceRanges(t *testing.T) {
+	lb := func(addr string, ranges ...string) lbstate.Frontend {
+		f := fe(addr, 443, v1.ProtocolTCP, "10.244.1.2:8443")
+		f.Scope, f.Type = lbstate.ScopeExternal, lbstate.LoadBalancer
+		for _, s := range ranges {
+			f.LoadBalancerSourceRanges = append(f.LoadBalancerSourceRanges, netip.MustParsePrefix(s))
+		}
+		return f
+	}
+	fake, mr := NewFake(), &memRanges{set: map[bpf.SourceRange]bool{}}
+	var wantNow []string
+	chk := &rangeChecker{LBMap: fake, ranges: mr, want: func(uint32) []string { return wantNow }}
+	r, _ := NewReconciler(chk)
+	r.UseSourceRanges(mr)
+
+	sock := fe("203.0.113.10", 443, v1.ProtocolTCP, "10.244.1.2:8443")
+	sock.Type = lbstate.LoadBalancer
+	sock.LoadBalancerSourceRanges = []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}
+	open := lb("203.0.113.11")
+	steps := []struct {
+		ranges []string
+		want   []string
+	}{
+		{[]string{"192.0.2.0/24", "198.51.100.7/32", "192.0.2.0/24"}, []string{"192.0.2.0/24", "198.51.100.7/32"}},
+		{[]string{"198.51.100.7/32", "198.18.0.0/15"}, []string{"198.18.0.0/15", "198.51.100.7/32"}},
+		{nil, nil},
+		{[]string{"10.0.0.0/8"}, []string{"10.0.0.0/8"}},
+	}
+	var id uint32
+	for i, st := range steps {
+		wantNow = st.want
+		f := lb("203.0.113.10", st.ranges...)
+		r.Set("default/lb", []lbstate.Frontend{f, sock, open})
+		mustSync(t, r, []string{"default/lb"})
+		svcs, _ := fake.Services()
+		s := svcs[Key(f.FrontendKey)]
+		if id == 0 {
+			id = s.ID
+		}
+		if got := mr.of(s.ID); !slices.Equal(got, st.want) {
+			t.Fatalf("step %d: prefixes %v, want %v", i, got, st.want)
+		}
+		if has := s.Flags&bpf.FlagSourceRanges != 0; has != (len(st.want) > 0) {
+			t.Fatalf("step %d: FlagSourceRanges %v with prefixes %v", i, has, st.want)
+		}
+		for _, k := range []lbstate.FrontendKey{sock.FrontendKey, open.FrontendKey} {
+			if svcs[Key(k)].Flags&bpf.FlagSourceRanges != 0 {
+				t.Fatalf("step %d: %s has FlagSourceRanges", i, keyString(Key(k)))
+			}
+		}
+		if len(mr.set) != len(st.want) {
+			t.Fatalf("step %d: the map holds %d prefixes, want %d", i, len(mr.set), len(st.want))
+		}
+	}
+	if len(chk.violations) > 0 {
+		t.Fatalf("order: %v", chk.violations)
+	}
+
+	// A restart adopts the prefixes and writes nothing.
+	writes, fwrites := mr.writes, fake.Writes
+	r2, _ := NewReconciler(fake)
+	r2.UseSourceRanges(mr)
+	r2.Set("default/lb", []lbstate.Frontend{lb("203.0.113.10", "10.0.0.0/8"), sock, open})
+	mustSync(t, r2, nil)
+	if mr.writes != writes || fake.Writes != fwrites {
+		t.Fatalf("a restart wrote %d prefixes and %d service entries", mr.writes-writes, fake.Writes-fwrites)
+	}
+
+	// Drift: a prefix deleted and a stray one added behind kpr's back.
+	delete(mr.set, bpf.SourceRange{SvcID: id, Prefix: netip.MustParsePrefix("10.0.0.0/8")})
+	mr.set[bpf.SourceRange{SvcID: 999, Prefix: netip.MustParsePrefix("0.0.0.0/0")}] = true
+	r2.Resync()
+	st := mustSync(t, r2, []string{})
+	if !st.Drift || !slices.Equal(mr.of(id), []string{"10.0.0.0/8"}) || len(mr.set) != 1 {
+		t.Fatalf("after a full sync: drift %v, prefixes %v (%d in all), want the desired one only", st.Drift, mr.of(id), len(mr.set))
+	}
+
+	// The frontend goes: its prefixes go with it.
+	r2.Set("default/lb", []lbstate.Frontend{sock, open})
+	mustSync(t, r2, []string{"default/lb"})
+	if len(mr.set) != 0 {
+		t.Fatalf("prefixes left after the frontend went: %v", mr.set)
+	}
+	if len(fake.Violations) > 0 {
+		t.Fatal(fake.Violations)
+	}
+}

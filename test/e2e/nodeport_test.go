@@ -22,6 +22,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/utils/ptr"
 
+	"github.com/kpr-dev/kpr/bpf"
 	"github.com/kpr-dev/kpr/test/sandbox"
 )
 
@@ -33,6 +34,8 @@ var (
 	npExternalIP = netip.MustParseAddr("198.51.100.10") // spec.externalIPs of "ext"
 	npLBIP       = netip.MustParseAddr("198.51.100.20") // status.loadBalancer.ingress of "lb"
 	npLBProxyIP  = netip.MustParseAddr("198.51.100.21") // the same with ipMode Proxy ("lb-proxy")
+	npEmptyIP    = netip.MustParseAddr("198.51.100.30") // spec.externalIPs of "empty", no endpoints
+	npRangedIP   = netip.MustParseAddr("198.51.100.40") // ingress of "ranged", with loadBalancerSourceRanges
 )
 
 // npProgramWithin bounds how long kpr may take to serve an API change (it should take ~2s).
@@ -147,6 +150,13 @@ func (e *npEnv) diagnostics() {
 			links = append(links, l.Name())
 		}
 		e.t.Logf("diagnostics: links pinned by kpr on %s: %v %v", k.Node.Name, links, err)
+		if m, err := bpf.OpenNodePortMaps(k.PinDir); err != nil {
+			e.t.Logf("diagnostics: north-south counters on %s: %v", k.Node.Name, err)
+		} else {
+			st, err := m.Stats()
+			m.Close()
+			e.t.Logf("diagnostics: north-south counters on %s: %+v %v", k.Node.Name, st, err)
+		}
 		if k.Proc != nil {
 			e.t.Logf("diagnostics: kpr log on %s (%s), tail:\n%s", k.Node.Name, k.Proc.LogPath, k.Proc.LogTail(3000))
 		}
@@ -522,6 +532,58 @@ func TestNodePort(t *testing.T) {
 		}
 	})
 
+	t.Run("loadBalancerSourceRanges: other clients are dropped, the NodePort is not filtered", func(t *testing.T) {
+		hostRange := netip.PrefixFrom(e.host.IPv4, 32).String()
+		ranged := e.npService(ctx, "ranged", v1.ServiceTypeLoadBalancer, func(s *v1.Service) {
+			s.Spec.LoadBalancerSourceRanges = []string{"203.0.113.0/24", hostRange}
+		}, e.pods...)
+		e.setIngress(ctx, "ranged", v1.LoadBalancerIngress{IP: npRangedIP.String()})
+		e.routeVia(ctx, npRangedIP, node1)
+		dst := netip.AddrPortFrom(npRangedIP, 80)
+		for _, proto := range []string{"tcp", "udp"} {
+			what := e.flow(proto, dst, "load-balancer IP with the host in its source ranges, via node1")
+			if err := e.serveWithin(proto, dst, npProgramWithin); err != nil {
+				t.Fatalf("%s: %v", what, err)
+			}
+			if err := checkServed(e.attempts(t, proto, dst, 10), dst, allPods, node1.IPv4); err != nil {
+				t.Errorf("%s, 10 attempts: %v", what, err)
+			}
+		}
+
+		// The host's range removed: the same frontend drops it (a timeout, not a refusal).
+		svcs := e.cp.Client.CoreV1().Services(ns)
+		svc, err := svcs.Get(ctx, "ranged", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		svc.Spec.LoadBalancerSourceRanges = []string{"203.0.113.0/24"}
+		if _, err := svcs.Update(ctx, svc, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		for _, proto := range []string{"tcp", "udp"} {
+			what := e.flow(proto, dst, "load-balancer IP, the host outside its source ranges, via node1")
+			dropped := func(r result) error {
+				if r.OK || r.Errno != "ETIMEDOUT" {
+					return fmt.Errorf("ok %v (backend %q) errno %q, want the attempt dropped", r.OK, r.Backend, r.Errno)
+				}
+				return nil
+			}
+			eventually(t, npProgramWithin, what+" is dropped", func() error {
+				return dropped(e.attempts(t, proto, dst, 1)[0])
+			})
+			for i, r := range e.attempts(t, proto, dst, 3) {
+				if err := dropped(r); err != nil {
+					t.Errorf("%s, attempt %d: %v", what, i, err)
+				}
+			}
+		}
+		// kube-proxy: a NodePort bypasses loadBalancerSourceRanges.
+		ndst := netip.AddrPortFrom(node1.IPv4, nodePortOf(t, ranged, v1.ProtocolTCP))
+		if err := checkServed(e.attempts(t, "tcp", ndst, 30), ndst, allPods, node1.IPv4); err != nil {
+			t.Errorf("%s: %v", e.flow("tcp", ndst, "NodePort of ranged on node1"), err)
+		}
+	})
+
 	t.Run("a removed endpoint gets no new connections through either node", func(t *testing.T) {
 		const gone = "np-b"
 		slices4 := e.cp.Client.DiscoveryV1().EndpointSlices(ns)
@@ -607,8 +669,12 @@ func TestNodePort(t *testing.T) {
 		}
 		dst2 := netip.AddrPortFrom(node2.IPv4, dst1.Port())
 		rs := e.attempts(t, "tcp", dst2, 3)
-		if b := backends(rs); len(b) > 0 {
-			t.Errorf("%s: %s; want no answer: node2 has no local endpoint of local-node1", e.flow("tcp", dst2, "NodePort (Local) of node2"), summary(rs))
+		for _, r := range rs {
+			// Dropped, as kube-proxy drops it, not refused: the Service has endpoints.
+			if r.OK || r.Errno != "ETIMEDOUT" {
+				t.Errorf("%s: %s; want every attempt dropped: node2 has no local endpoint of local-node1", e.flow("tcp", dst2, "NodePort (Local) of node2"), summary(rs))
+				break
+			}
 		}
 	})
 
@@ -671,6 +737,34 @@ func TestNodePort(t *testing.T) {
 		status, err := e.kprs[0].Run(ctx, "status")
 		if err != nil || !strings.Contains(status, "healthCheckNodePorts served") {
 			t.Errorf("kpr status on node1 does not show the health check port: %v\n%s", err, status)
+		}
+	})
+
+	t.Run("a Service without endpoints is refused at once: TCP RST, ICMP port unreachable", func(t *testing.T) {
+		// An external IP, not a node port: the node itself would refuse a port of its own
+		// address that nothing listens on, but it drops what it would have to forward to
+		// 198.51.100.30, so only kpr's answer can make the connection fail at once.
+		e.npService(ctx, "empty", v1.ServiceTypeClusterIP, func(s *v1.Service) {
+			s.Spec.ExternalIPs = []string{npEmptyIP.String()}
+		})
+		e.routeVia(ctx, npEmptyIP, node1)
+		dst := netip.AddrPortFrom(npEmptyIP, 80)
+		for _, proto := range []string{"tcp", "udp"} {
+			what := e.flow(proto, dst, "ExternalIP without endpoints, via node1")
+			refused := func(r result) error {
+				if r.OK || r.Errno != "ECONNREFUSED" || r.ElapsedMS > 500 {
+					return fmt.Errorf("ok %v errno %q %s after %.0f ms, want ECONNREFUSED at once", r.OK, r.Errno, r.Err, r.ElapsedMS)
+				}
+				return nil
+			}
+			eventually(t, npProgramWithin, what+" is refused", func() error {
+				return refused(e.attempts(t, proto, dst, 1)[0])
+			})
+			for i, r := range e.attempts(t, proto, dst, 5) {
+				if err := refused(r); err != nil {
+					t.Errorf("%s, attempt %d: %v", what, i, err)
+				}
+			}
 		}
 	})
 
