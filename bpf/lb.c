@@ -197,6 +197,7 @@ enum lb_stat {
 	STAT_PASS_FIB,
 	STAT_REJECT,
 	STAT_DROP_SOURCE_RANGE,
+	STAT_ECHO_REPLY,
 	STAT_MAX,
 };
 
@@ -1300,6 +1301,110 @@ static __always_inline int reject(struct __sk_buff *skb, struct fwd_state *s)
 	return bpf_redirect(skb->ifindex, 0);
 }
 
+/*
+ * Ping to a Service address: an ICMP (ICMPv6) echo request to an address
+ * whose echo marker {addr, port 0, proto ICMP / ICMPv6, scope 1} exists (an
+ * external or load-balancer IP with at least one endpoint) is answered here,
+ * from that address, out of the device it came in on. kube-proxy and Cilium
+ * leave it unanswered. The request becomes the reply: addresses and MACs
+ * swapped (which changes no checksum), TTL 64, type 8 -> 0 (128 -> 129).
+ * Echo requests are never CHECKSUM_PARTIAL (ping computes the sum), so the
+ * ICMP checksum is updated as a complete one. Returns VERDICT_NOT_MINE for
+ * everything else, IPv4 with options and fragments included.
+ */
+#define ICMP_ECHO 8
+#define ICMP_ECHOREPLY 0
+#define ICMPV6_ECHO_REQUEST 128
+#define ICMPV6_ECHO_REPLY 129
+
+static __noinline int answer_echo(struct __sk_buff *skb)
+{
+	struct eth_hdr eth, reth;
+	struct svc_key key = {};
+	__u8 hdr[4]; /* type, code, checksum */
+	__u32 l4off;
+	__be16 old_tc, new_tc;
+	int v4;
+
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)))
+		return VERDICT_NOT_MINE;
+	if (eth.proto == bpf_htons(ETH_P_IP)) {
+		struct ip4_hdr ip;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) || ip.ver_ihl != 0x45 ||
+		    ip.protocol != IPPROTO_ICMP || (ip.frag_off & bpf_htons(IP_MF | IP_OFFSET)) ||
+		    bpf_ntohs(ip.tot_len) < sizeof(ip) + 8 || ETH_HLEN + bpf_ntohs(ip.tot_len) > skb->len)
+			return VERDICT_NOT_MINE;
+		l4off = ETH_HLEN + sizeof(ip);
+		v4 = 1;
+		key.addr[10] = 0xff;
+		key.addr[11] = 0xff;
+		__builtin_memcpy(&key.addr[12], &ip.daddr, 4);
+		key.proto = IPPROTO_ICMP;
+	} else if (eth.proto == bpf_htons(ETH_P_IPV6)) {
+		struct ip6_hdr ip;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) ||
+		    (bpf_ntohl(ip.ver_tc_flow) >> 28) != 6 || ip.nexthdr != IPPROTO_ICMPV6 ||
+		    bpf_ntohs(ip.payload_len) < 8 ||
+		    ETH_HLEN + sizeof(ip) + bpf_ntohs(ip.payload_len) > skb->len)
+			return VERDICT_NOT_MINE;
+		l4off = ETH_HLEN + sizeof(ip);
+		v4 = 0;
+		__builtin_memcpy(key.addr, ip.daddr, 16);
+		key.proto = IPPROTO_ICMPV6;
+	} else {
+		return VERDICT_NOT_MINE;
+	}
+	if (bpf_skb_load_bytes(skb, l4off, hdr, sizeof(hdr)) || hdr[1] != 0 ||
+	    hdr[0] != (v4 ? ICMP_ECHO : ICMPV6_ECHO_REQUEST))
+		return VERDICT_NOT_MINE;
+	key.scope = SCOPE_EXTERNAL;
+	if (!bpf_map_lookup_elem(&kpr_svc_v1, &key))
+		return VERDICT_NOT_MINE;
+
+	__builtin_memcpy(reth.dst, eth.src, ETH_ALEN);
+	__builtin_memcpy(reth.src, eth.dst, ETH_ALEN);
+	reth.proto = eth.proto;
+	old_tc = *(__be16 *)hdr;
+	hdr[0] = v4 ? ICMP_ECHOREPLY : ICMPV6_ECHO_REPLY;
+	new_tc = *(__be16 *)hdr;
+	if (bpf_l4_csum_replace(skb, l4off + 2, old_tc, new_tc, 2) ||
+	    bpf_skb_store_bytes(skb, l4off, &new_tc, 2, 0) ||
+	    bpf_skb_store_bytes(skb, 0, &reth, sizeof(reth), 0))
+		goto drop;
+	if (v4) {
+		__be32 addrs[2];
+		__be16 old_ttl, new_ttl;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + IP4_ADDRS_OFF + 4, &addrs[0], 4) ||
+		    bpf_skb_load_bytes(skb, ETH_HLEN + IP4_ADDRS_OFF, &addrs[1], 4) ||
+		    bpf_skb_load_bytes(skb, ETH_HLEN + IP4_TTL_OFF, &old_ttl, 2))
+			goto drop;
+		new_ttl = old_ttl;
+		*(__u8 *)&new_ttl = REJECT_TTL;
+		if (bpf_l3_csum_replace(skb, ETH_HLEN + IP4_CSUM_OFF, old_ttl, new_ttl, 2) ||
+		    bpf_skb_store_bytes(skb, ETH_HLEN + IP4_TTL_OFF, &new_ttl, 2, 0) ||
+		    bpf_skb_store_bytes(skb, ETH_HLEN + IP4_ADDRS_OFF, addrs, sizeof(addrs), 0))
+			goto drop;
+	} else {
+		__u32 addrs[8];
+		__u8 hop = REJECT_TTL;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + IP6_ADDRS_OFF + 16, &addrs[0], 16) ||
+		    bpf_skb_load_bytes(skb, ETH_HLEN + IP6_ADDRS_OFF, &addrs[4], 16) ||
+		    bpf_skb_store_bytes(skb, ETH_HLEN + IP6_HOP_OFF, &hop, 1, BPF_F_RECOMPUTE_CSUM) ||
+		    bpf_skb_store_bytes(skb, ETH_HLEN + IP6_ADDRS_OFF, addrs, sizeof(addrs),
+					BPF_F_RECOMPUTE_CSUM))
+			goto drop;
+	}
+	count(STAT_ECHO_REPLY);
+	return bpf_redirect(skb->ifindex, 0);
+drop:
+	count(STAT_DROP_ERROR);
+	return TC_ACT_SHOT;
+}
+
 SEC("tc")
 int tc_nodeport(struct __sk_buff *skb)
 {
@@ -1315,6 +1420,8 @@ int tc_nodeport(struct __sk_buff *skb)
 		return VERDICT_NOT_MINE;
 	__builtin_memset(s, 0, sizeof(*s));
 	parsed = parse(skb, &s->p);
+	if (parsed == PARSE_NOT_MINE)
+		return answer_echo(skb);
 	if (parsed != PARSE_OK)
 		return not_mine(parsed);
 

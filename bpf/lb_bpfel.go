@@ -129,7 +129,8 @@ const (
 	lbLbStatSTAT_PASS_FIB          lbLbStat = 11
 	lbLbStatSTAT_REJECT            lbLbStat = 12
 	lbLbStatSTAT_DROP_SOURCE_RANGE lbLbStat = 13
-	lbLbStatSTAT_MAX               lbLbStat = 14
+	lbLbStatSTAT_ECHO_REPLY        lbLbStat = 14
+	lbLbStatSTAT_MAX               lbLbStat = 15
 )
 
 type lbSnatValue struct {

@@ -110,6 +110,8 @@ var hooks = []hook{
 	{sockProgSendmsg6, ebpf.AttachCGroupUDP6Sendmsg, func(p *sockPrograms) *ebpf.Program { return p.Sendmsg6 }},
 	{sockProgConnect4, ebpf.AttachCGroupInet4Connect, func(p *sockPrograms) *ebpf.Program { return p.Connect4 }},
 	{sockProgConnect6, ebpf.AttachCGroupInet6Connect, func(p *sockPrograms) *ebpf.Program { return p.Connect6 }},
+	{sockProgBind4, ebpf.AttachCGroupInet4Bind, func(p *sockPrograms) *ebpf.Program { return p.Bind4 }},
+	{sockProgBind6, ebpf.AttachCGroupInet6Bind, func(p *sockPrograms) *ebpf.Program { return p.Bind6 }},
 }
 
 // Datapath is the loaded socket load balancer. Its programs stay attached

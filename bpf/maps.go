@@ -26,6 +26,8 @@ type LBMaps struct {
 	affinityMatch *ebpf.Map
 	// svcCIDRs is the LPM trie of Service CIDRs; see SetServiceCIDRs.
 	svcCIDRs *ebpf.Map
+	// bindGuard holds what the bind() hooks check; see SetBindGuard.
+	bindGuard *ebpf.Map
 }
 
 // mapNames lists the pinned maps in a stable order.
@@ -37,6 +39,7 @@ var mapNames = []string{
 	sockMapKprAffinityV1,
 	sockMapKprAffinityMatchV1,
 	sockMapKprSvcCidrsV1,
+	sockMapKprBindGuardV1,
 }
 
 func newLBMaps(m *sockMaps) *LBMaps {
@@ -48,6 +51,7 @@ func newLBMaps(m *sockMaps) *LBMaps {
 		affinity:      m.KprAffinityV1,
 		affinityMatch: m.KprAffinityMatchV1,
 		svcCIDRs:      m.KprSvcCidrsV1,
+		bindGuard:     m.KprBindGuardV1,
 	}
 }
 
@@ -60,6 +64,7 @@ func (m *LBMaps) byName() map[string]**ebpf.Map {
 		sockMapKprAffinityV1:      &m.affinity,
 		sockMapKprAffinityMatchV1: &m.affinityMatch,
 		sockMapKprSvcCidrsV1:      &m.svcCIDRs,
+		sockMapKprBindGuardV1:     &m.bindGuard,
 	}
 }
 
@@ -74,6 +79,7 @@ var mapLayouts = map[string][2]int{
 	sockMapKprAffinityV1:      {binary.Size(sockAffinityKey{}), binary.Size(sockAffinityValue{})},
 	sockMapKprAffinityMatchV1: {binary.Size(sockAffinityMatchKey{}), binary.Size(uint8(0))},
 	sockMapKprSvcCidrsV1:      {binary.Size(sockSvcCidrKey{}), binary.Size(uint8(0))},
+	sockMapKprBindGuardV1:     {binary.Size(uint32(0)), binary.Size(sockBindGuard{})},
 }
 
 // OpenMaps opens the maps pinned in pinDir without loading any program, for
@@ -207,14 +213,14 @@ func (m *LBMaps) UpsertService(k ServiceKey, s Service, prevCount int) error {
 	if err := k.validate(); err != nil {
 		return err
 	}
-	if s.ID == 0 && !k.Wildcard() {
+	if s.ID == 0 && !k.Marker() {
 		return fmt.Errorf("service %s: service ID 0 is reserved", k)
 	}
 	if len(s.Backends) > maxSlots {
 		return fmt.Errorf("service %s: %d backends, at most %d fit", k, len(s.Backends), maxSlots)
 	}
-	if k.Wildcard() && len(s.Backends) > 0 {
-		return fmt.Errorf("service %s: a wildcard entry has no backends", k)
+	if k.Marker() && len(s.Backends) > 0 {
+		return fmt.Errorf("service %s: a wildcard entry or echo marker has no backends", k)
 	}
 	for i, id := range s.Backends {
 		if id == 0 {
@@ -591,4 +597,29 @@ func prefixFrom(k *sockSvcCidrKey) netip.Prefix {
 		return netip.PrefixFrom(a.Unmap(), int(k.Prefixlen)-96)
 	}
 	return netip.PrefixFrom(a, int(k.Prefixlen))
+}
+
+// MaxBindGuardAddrs is how many NodePort addresses the bind() guard checks a wildcard bind
+// against (BIND_GUARD_ADDRS in sock.c).
+const MaxBindGuardAddrs = 16
+
+// SetBindGuard makes bind() in the network namespace with cookie netnsCookie fail with
+// EADDRINUSE for a TCP or UDP port that an external frontend serves: on the bound address
+// itself, or for a wildcard bind on any of addrs (the node's NodePort addresses). With no
+// addrs the guard is off. Other namespaces (pods) are never checked.
+func (m *LBMaps) SetBindGuard(netnsCookie uint64, addrs []netip.Addr) error {
+	if len(addrs) > MaxBindGuardAddrs {
+		return fmt.Errorf("bind guard: %d NodePort addresses, at most %d are checked", len(addrs), MaxBindGuardAddrs)
+	}
+	v := sockBindGuard{NetnsCookie: netnsCookie, Count: uint32(len(addrs))}
+	for i, a := range addrs {
+		if err := validAddr(a); err != nil {
+			return fmt.Errorf("bind guard: %w", err)
+		}
+		v.Addrs[i].B = a.As16()
+	}
+	if err := m.bindGuard.Update(uint32(0), &v, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("update %s: %w", sockMapKprBindGuardV1, err)
+	}
+	return nil
 }

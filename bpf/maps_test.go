@@ -23,6 +23,7 @@ var schemaSizes = map[string][2]int{
 	sockMapKprAffinityV1:      {16, 8},
 	sockMapKprAffinityMatchV1: {8, 1},
 	sockMapKprSvcCidrsV1:      {20, 1},
+	sockMapKprBindGuardV1:     {4, 8 + 4 + 4 + 16*16},
 }
 
 func TestGeneratedTypesMatchObject(t *testing.T) {

@@ -583,6 +583,8 @@ type NodePortStats struct {
 	DropNoBackend, DropNotServed, DropNoSNATPort, DropNoNodeAddr, DropTTL, DropError uint64
 	// DropSourceRange: a client outside a frontend's loadBalancerSourceRanges.
 	DropSourceRange uint64
+	// EchoReplies: pings to an address with an echo marker answered.
+	EchoReplies uint64
 	// Packets left to the stack: IPv4 fragments, malformed packets, translated packets the
 	// FIB did not let kpr forward (local, unreachable, forwarding disabled).
 	PassFragment, PassMalformed, PassFIB uint64
@@ -606,6 +608,7 @@ func (m *NodePortMaps) Stats() (NodePortStats, error) {
 		lbLbStatSTAT_PASS_FIB:          &s.PassFIB,
 		lbLbStatSTAT_REJECT:            &s.Rejected,
 		lbLbStatSTAT_DROP_SOURCE_RANGE: &s.DropSourceRange,
+		lbLbStatSTAT_ECHO_REPLY:        &s.EchoReplies,
 	}
 	for stat, field := range fields {
 		var perCPU []uint64

@@ -16,6 +16,9 @@
 /* Not taken from errno.h: the build must not use host headers. */
 #define ECONNREFUSED 111
 #define EHOSTUNREACH 113
+#define EADDRINUSE 98
+#define IPPROTO_TCP_ 6
+#define IPPROTO_UDP_ 17
 
 #define NSEC_PER_SEC 1000000000ULL
 
@@ -160,6 +163,80 @@ static __always_inline int refuse(int err)
 {
 	bpf_set_retval(-err);
 	return 0;
+}
+
+/*
+ * bind() guard: a NodePort is served on the node's NodePort addresses by the
+ * tc programs, so a host process bound to that port would never see its
+ * traffic. bind4/bind6 refuse such a bind with EADDRINUSE, in the node's own
+ * network namespace only (pods share the cgroup, not the namespace). The
+ * agent writes entry 0 with the namespace's cookie and the NodePort
+ * addresses; count 0 turns the guard off.
+ */
+#define BIND_GUARD_ADDRS 16
+
+struct bind_guard {
+	__u64 netns_cookie;
+	__u32 count;
+	__u32 pad;
+	union addr16 addrs[BIND_GUARD_ADDRS];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct bind_guard);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kpr_bind_guard_v1 SEC(".maps");
+
+/* Whether an external frontend serves addr:port for proto. */
+static __always_inline int is_frontend(const union addr16 *addr, __be16 port, __u8 proto)
+{
+	struct svc_key k = {};
+
+	__builtin_memcpy(k.addr, addr->b, 16);
+	k.port = port;
+	k.proto = proto;
+	k.scope = SCOPE_EXTERNAL;
+	return bpf_map_lookup_elem(&kpr_svc_v1, &k) != NULL;
+}
+
+static __always_inline int bind_guard(struct bpf_sock_addr *ctx, int v4)
+{
+	__u32 zero = 0;
+	struct bind_guard *g = bpf_map_lookup_elem(&kpr_bind_guard_v1, &zero);
+	__be16 port = (__be16)ctx->user_port;
+	union addr16 a;
+	__u8 proto;
+
+	if (!g || g->count == 0 || port == 0)
+		return 1;
+	if (ctx->protocol == IPPROTO_TCP_)
+		proto = IPPROTO_TCP_;
+	else if (ctx->protocol == IPPROTO_UDP_)
+		proto = IPPROTO_UDP_;
+	else
+		return 1;
+	if (bpf_get_netns_cookie(ctx) != g->netns_cookie)
+		return 1;
+	if (v4)
+		addr_from_v4(&a, ctx->user_ip4);
+	else
+		addr_from_v6(&a, ctx);
+	if (!(a.w[0] | a.w[1] | a.w[3]) && (a.w[2] == 0 || a.w[2] == bpf_htonl(0x0000ffff))) {
+		/* A wildcard (an IPv6 one also takes IPv4): every NodePort address counts. */
+		for (int i = 0; i < BIND_GUARD_ADDRS; i++) {
+			if (i >= g->count)
+				break;
+			if (v4 && !addr_is_v4mapped(&g->addrs[i]))
+				continue;
+			if (is_frontend(&g->addrs[i], port, proto))
+				return refuse(EADDRINUSE);
+		}
+		return 1;
+	}
+	return is_frontend(&a, port, proto) ? refuse(EADDRINUSE) : 1;
 }
 
 /* Whether a is inside a Service CIDR. Only asked when a is no VIP. */
@@ -421,6 +498,18 @@ SEC("cgroup/getpeername6")
 int getpeername6(struct bpf_sock_addr *ctx)
 {
 	return sock_revnat(ctx, 0);
+}
+
+SEC("cgroup/bind4")
+int bind4(struct bpf_sock_addr *ctx)
+{
+	return bind_guard(ctx, 1);
+}
+
+SEC("cgroup/bind6")
+int bind6(struct bpf_sock_addr *ctx)
+{
+	return bind_guard(ctx, 0);
 }
 
 char __license[] SEC("license") = "Dual BSD/GPL";

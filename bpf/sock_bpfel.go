@@ -40,6 +40,17 @@ type sockBackend struct {
 	Flags uint8
 }
 
+type sockBindGuard struct {
+	_           structs.HostLayout
+	NetnsCookie uint64
+	Count       uint32
+	Pad         uint32
+	Addrs       [16]struct {
+		_ structs.HostLayout
+		B [16]uint8
+	}
+}
+
 type sockRevnat struct {
 	_    structs.HostLayout
 	Addr [16]uint8
@@ -94,10 +105,13 @@ const (
 	sockMapKprAffinityMatchV1 = "kpr_affinity_match_v1"
 	sockMapKprAffinityV1      = "kpr_affinity_v1"
 	sockMapKprBackendsV1      = "kpr_backends_v1"
+	sockMapKprBindGuardV1     = "kpr_bind_guard_v1"
 	sockMapKprRevnatV1        = "kpr_revnat_v1"
 	sockMapKprSkRevnatV1      = "kpr_sk_revnat_v1"
 	sockMapKprSvcCidrsV1      = "kpr_svc_cidrs_v1"
 	sockMapKprSvcV1           = "kpr_svc_v1"
+	sockProgBind4             = "bind4"
+	sockProgBind6             = "bind6"
 	sockProgConnect4          = "connect4"
 	sockProgConnect6          = "connect6"
 	sockProgGetpeername4      = "getpeername4"
@@ -150,6 +164,8 @@ type sockSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockProgramSpecs struct {
+	Bind4        *ebpf.ProgramSpec `ebpf:"bind4"`
+	Bind6        *ebpf.ProgramSpec `ebpf:"bind6"`
 	Connect4     *ebpf.ProgramSpec `ebpf:"connect4"`
 	Connect6     *ebpf.ProgramSpec `ebpf:"connect6"`
 	Getpeername4 *ebpf.ProgramSpec `ebpf:"getpeername4"`
@@ -167,6 +183,7 @@ type sockMapSpecs struct {
 	KprAffinityMatchV1 *ebpf.MapSpec `ebpf:"kpr_affinity_match_v1"`
 	KprAffinityV1      *ebpf.MapSpec `ebpf:"kpr_affinity_v1"`
 	KprBackendsV1      *ebpf.MapSpec `ebpf:"kpr_backends_v1"`
+	KprBindGuardV1     *ebpf.MapSpec `ebpf:"kpr_bind_guard_v1"`
 	KprRevnatV1        *ebpf.MapSpec `ebpf:"kpr_revnat_v1"`
 	KprSkRevnatV1      *ebpf.MapSpec `ebpf:"kpr_sk_revnat_v1"`
 	KprSvcCidrsV1      *ebpf.MapSpec `ebpf:"kpr_svc_cidrs_v1"`
@@ -202,6 +219,7 @@ type sockMaps struct {
 	KprAffinityMatchV1 *ebpf.Map `ebpf:"kpr_affinity_match_v1"`
 	KprAffinityV1      *ebpf.Map `ebpf:"kpr_affinity_v1"`
 	KprBackendsV1      *ebpf.Map `ebpf:"kpr_backends_v1"`
+	KprBindGuardV1     *ebpf.Map `ebpf:"kpr_bind_guard_v1"`
 	KprRevnatV1        *ebpf.Map `ebpf:"kpr_revnat_v1"`
 	KprSkRevnatV1      *ebpf.Map `ebpf:"kpr_sk_revnat_v1"`
 	KprSvcCidrsV1      *ebpf.Map `ebpf:"kpr_svc_cidrs_v1"`
@@ -213,6 +231,7 @@ func (m *sockMaps) Close() error {
 		m.KprAffinityMatchV1,
 		m.KprAffinityV1,
 		m.KprBackendsV1,
+		m.KprBindGuardV1,
 		m.KprRevnatV1,
 		m.KprSkRevnatV1,
 		m.KprSvcCidrsV1,
@@ -230,6 +249,8 @@ type sockVariables struct {
 //
 // It can be passed to loadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockPrograms struct {
+	Bind4        *ebpf.Program `ebpf:"bind4"`
+	Bind6        *ebpf.Program `ebpf:"bind6"`
 	Connect4     *ebpf.Program `ebpf:"connect4"`
 	Connect6     *ebpf.Program `ebpf:"connect6"`
 	Getpeername4 *ebpf.Program `ebpf:"getpeername4"`
@@ -242,6 +263,8 @@ type sockPrograms struct {
 
 func (p *sockPrograms) Close() error {
 	return _SockClose(
+		p.Bind4,
+		p.Bind6,
 		p.Connect4,
 		p.Connect6,
 		p.Getpeername4,

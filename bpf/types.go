@@ -14,6 +14,9 @@ const (
 	ProtoTCP  Proto = 6
 	ProtoUDP  Proto = 17
 	ProtoSCTP Proto = 132
+	// ICMP and ICMPv6 appear only in echo markers (EchoMarker).
+	ProtoICMP   Proto = 1
+	ProtoICMPv6 Proto = 58
 )
 
 func (p Proto) String() string {
@@ -26,6 +29,10 @@ func (p Proto) String() string {
 		return "UDP"
 	case ProtoSCTP:
 		return "SCTP"
+	case ProtoICMP:
+		return "ICMP"
+	case ProtoICMPv6:
+		return "ICMPv6"
 	}
 	return fmt.Sprintf("proto(%d)", uint8(p))
 }
@@ -89,9 +96,26 @@ type ServiceKey struct {
 // Wildcard reports whether k is the wildcard entry of its address.
 func (k ServiceKey) Wildcard() bool { return k.Port == 0 && k.Proto == 0 }
 
+// Marker reports whether k marks its address rather than being a frontend: the wildcard
+// entry, or an echo marker. A marker has no backends and no reverse NAT entry.
+func (k ServiceKey) Marker() bool { return k.Port == 0 }
+
+// EchoMarker is the entry that makes tc_nodeport answer ping to addr (external scope): an
+// external or load-balancer IP with at least one endpoint.
+func EchoMarker(addr netip.Addr) ServiceKey {
+	p := ProtoICMPv6
+	if addr.Is4() {
+		p = ProtoICMP
+	}
+	return ServiceKey{Addr: addr, Proto: p, Scope: ScopeExternal}
+}
+
 func (k ServiceKey) String() string {
 	if k.Wildcard() {
 		return fmt.Sprintf("%s/* scope %d", k.Addr, k.Scope)
+	}
+	if k.Marker() {
+		return fmt.Sprintf("%s/%s scope %d", k.Addr, k.Proto, k.Scope)
 	}
 	return fmt.Sprintf("%s/%s scope %d", netip.AddrPortFrom(k.Addr, k.Port), k.Proto, k.Scope)
 }
@@ -135,8 +159,10 @@ func (k ServiceKey) validate() error {
 	if k.Scope > ScopeExternal {
 		return fmt.Errorf("service %s: unknown scope %d", k, k.Scope)
 	}
-	if (k.Port == 0) != (k.Proto == 0) {
-		return fmt.Errorf("service %s: port and protocol must both be set, or both be 0 for the wildcard entry", k)
+	echo := k.Port == 0 && k.Scope == ScopeExternal &&
+		(k.Proto == ProtoICMP && k.Addr.Is4() || k.Proto == ProtoICMPv6 && k.Addr.Is6())
+	if (k.Port == 0) != (k.Proto == 0) && !echo {
+		return fmt.Errorf("service %s: port and protocol must both be set, or both be 0 for the wildcard entry (or ICMP/ICMPv6 of the address's family for an external echo marker)", k)
 	}
 	return nil
 }

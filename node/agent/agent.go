@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"maps"
 	"net"
+	"net/netip"
 	"os"
 	"slices"
 	"strings"
@@ -27,6 +28,8 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/kpr-dev/kpr/bpf"
 	"github.com/kpr-dev/kpr/kubeadm"
@@ -260,6 +263,12 @@ func (a *Agent) setup(ctx context.Context) error {
 		}
 		a.log.Info("north-south datapath ready", "devices", ns.devices, "nodePortAddresses", ns.nodePort, "snat4", ns.snat4, "snat6", ns.snat6, "algorithm", a.cfg.LoadBalancerAlgorithm)
 	}
+	// Also without the north-south datapath: a guard left in the pins by an earlier run goes.
+	var nodePort []netip.Addr
+	if a.ns != nil {
+		nodePort = a.ns.nodePort
+	}
+	a.guardBinds(nodePort)
 	masqStatus, err := applyMasquerade(a.cfg, nw)
 	if err != nil {
 		a.closeNorthSouth()
@@ -690,6 +699,9 @@ func (a *Agent) followAddresses(ctx context.Context) {
 				a.log.Warn("health check node ports on the new addresses", "err", err)
 			}
 		}
+		if !slices.Equal(found.nodePort, cur.nodePort) {
+			a.guardBinds(found.nodePort)
+		}
 		a.tracker.touchAll()
 	}
 }
@@ -764,4 +776,37 @@ func (t *tracker) take() ([]string, bool) {
 	all := t.all
 	t.dirty, t.all = nil, false
 	return out, all
+}
+
+// guardBinds makes bind() in the node's network namespace refuse, with EADDRINUSE, a port a
+// NodePort uses on addrs (none: the guard is off). A host process bound there would be
+// shadowed by the tc programs without knowing it.
+func (a *Agent) guardBinds(addrs []netip.Addr) {
+	if len(addrs) > bpf.MaxBindGuardAddrs {
+		a.log.Warn("bind() guard: only the first NodePort addresses are checked for wildcard binds",
+			"addresses", len(addrs), "checked", bpf.MaxBindGuardAddrs)
+		addrs = addrs[:bpf.MaxBindGuardAddrs]
+	}
+	cookie, err := netnsCookie()
+	if err == nil {
+		err = a.dp.Maps.SetBindGuard(cookie, addrs)
+	}
+	if err != nil {
+		a.log.Warn("bind() guard for NodePorts not set: host processes may bind a NodePort's port and never see its traffic", "err", err)
+	}
+}
+
+// netnsCookie is the cookie of the calling process's network namespace (SO_NETNS_COOKIE,
+// Linux 5.14), which bpf_get_netns_cookie gives the BPF programs.
+func netnsCookie() (uint64, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return 0, err
+	}
+	defer unix.Close(fd)
+	c, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+	if err != nil {
+		return 0, fmt.Errorf("SO_NETNS_COOKIE: %w", err)
+	}
+	return c, nil
 }

@@ -85,8 +85,18 @@ func wildcard(addr netip.Addr, scope bpf.Scope) bpf.ServiceKey {
 	return bpf.ServiceKey{Addr: addr, Scope: scope}
 }
 
-// IsWildcard reports whether k is a VIP marker rather than a frontend.
-func IsWildcard(k bpf.ServiceKey) bool { return k.Port == 0 && k.Proto == 0 }
+// IsWildcard reports whether k is a marker rather than a frontend: a VIP's wildcard entry or
+// an echo marker (bpf.ServiceKey.Marker).
+func IsWildcard(k bpf.ServiceKey) bool { return k.Marker() }
+
+// echoMarker is the marker that makes the tc program answer ping to fe's address, if fe
+// earns one: an external-scope ExternalIP or LoadBalancer frontend with backends.
+func echoMarker(fe lbstate.Frontend) (bpf.ServiceKey, bool) {
+	if fe.Scope != lbstate.ScopeExternal || (fe.Type != lbstate.ExternalIP && fe.Type != lbstate.LoadBalancer) || len(fe.Backends) == 0 {
+		return bpf.ServiceKey{}, false
+	}
+	return bpf.EchoMarker(fe.Addr), true
+}
 
 // backendKey identifies a backend. It holds no pointer (netip.Addr does), so the maps keyed
 // by it, 100,000 entries at scale, cost the garbage collector nothing to scan.
@@ -573,6 +583,11 @@ func (r *Reconciler) Set(service string, fes []lbstate.Frontend) {
 				delete(r.wildcards, w)
 			}
 		}
+		if m, ok := echoMarker(fe); ok {
+			if r.wildcards[m]--; r.wildcards[m] <= 0 {
+				delete(r.wildcards, m)
+			}
+		}
 	}
 	if len(fes) == 0 {
 		delete(r.desired, service)
@@ -591,6 +606,9 @@ func (r *Reconciler) Set(service string, fes []lbstate.Frontend) {
 		// keep working.
 		if fe.Type.OwnsAddress() {
 			r.wildcards[wildcard(k.Addr, k.Scope)]++
+		}
+		if m, ok := echoMarker(fe); ok {
+			r.wildcards[m]++
 		}
 	}
 }
@@ -675,6 +693,12 @@ func (r *Reconciler) Sync(touched []string) (Stats, error) {
 				if w := wildcard(k.Addr, k.Scope); !seen[w] {
 					seen[w] = true
 					keys = append(keys, w)
+				}
+				if k.Scope == bpf.ScopeExternal {
+					if m := bpf.EchoMarker(k.Addr); !seen[m] {
+						seen[m] = true
+						keys = append(keys, m)
+					}
 				}
 			}
 		}
@@ -1108,6 +1132,10 @@ func ProtoName(p bpf.Proto) string {
 		return "udp"
 	case bpf.ProtoSCTP:
 		return "sctp"
+	case bpf.ProtoICMP:
+		return "icmp"
+	case bpf.ProtoICMPv6:
+		return "icmpv6"
 	case 0:
 		return "any"
 	}

@@ -952,3 +952,64 @@ func TestSourceRanges(t *testing.T) {
 		t.Fatal(fake.Violations)
 	}
 }
+
+// Echo markers: an external-scope ExternalIP or LoadBalancer frontend with backends gets its
+// address an ICMP (ICMPv6) echo marker, so the node answers ping there; the marker goes when
+// no such frontend with backends is left at the address, and a NodePort, a socket-scope
+// frontend or one without backends never makes one.
+func TestEchoMarkers(t *testing.T) {
+	ext := func(f lbstate.Frontend, typ lbstate.Type) lbstate.Frontend {
+		f.Scope, f.Type = lbstate.ScopeExternal, typ
+		return f
+	}
+	m := NewFake()
+	r, _ := NewReconciler(m)
+	ip4 := ext(fe("198.51.100.10", 80, v1.ProtocolTCP, "10.244.1.2:8080"), lbstate.ExternalIP)
+	ip4udp := ext(fe("198.51.100.10", 53, v1.ProtocolUDP, "10.244.1.2:53"), lbstate.ExternalIP)
+	lb6 := ext(fe("fd6b:7072:51::20", 80, v1.ProtocolTCP, "[fd6b:7072:244::2]:8080"), lbstate.LoadBalancer)
+	np := ext(fe("198.18.0.11", 30080, v1.ProtocolTCP, "10.244.1.2:8080"), lbstate.NodePort)
+	sockIP := fe("198.51.100.30", 80, v1.ProtocolTCP, "10.244.1.2:8080")
+	sockIP.Type = lbstate.ExternalIP
+	empty := ext(fe("198.51.100.40", 80, v1.ProtocolTCP), lbstate.ExternalIP)
+	markers := func() []string {
+		svcs, _ := m.Services()
+		var out []string
+		for k := range svcs {
+			if k.Marker() && !k.Wildcard() {
+				out = append(out, k.String())
+			}
+		}
+		slices.Sort(out)
+		return out
+	}
+	r.Set("default/a", []lbstate.Frontend{ip4, lb6, np, sockIP, empty})
+	r.Set("default/b", []lbstate.Frontend{ip4udp})
+	mustSync(t, r, nil)
+	want := []string{"198.51.100.10/ICMP scope 1", "fd6b:7072:51::20/ICMPv6 scope 1"}
+	if got := markers(); !slices.Equal(got, want) {
+		t.Fatalf("markers %v, want %v", got, want)
+	}
+	// a loses its backends; b still serves 198.51.100.10.
+	ip4.Backends, lb6.Backends = nil, nil
+	r.Set("default/a", []lbstate.Frontend{ip4, lb6, np, sockIP, empty})
+	mustSync(t, r, []string{"default/a"})
+	if got := markers(); !slices.Equal(got, want[:1]) {
+		t.Fatalf("after a lost its backends: markers %v, want %v", got, want[:1])
+	}
+	r.Set("default/b", nil)
+	mustSync(t, r, []string{"default/b"})
+	if got := markers(); len(got) != 0 {
+		t.Fatalf("after b went: markers %v, want none", got)
+	}
+	// A restart adopts markers without writing.
+	r.Set("default/b", []lbstate.Frontend{ip4udp})
+	mustSync(t, r, []string{"default/b"})
+	writes := m.Writes
+	r2, _ := NewReconciler(m)
+	r2.Set("default/a", []lbstate.Frontend{ip4, lb6, np, sockIP, empty})
+	r2.Set("default/b", []lbstate.Frontend{ip4udp})
+	mustSync(t, r2, nil)
+	if m.Writes != writes || !slices.Equal(markers(), want[:1]) {
+		t.Fatalf("restart: %d writes, markers %v", m.Writes-writes, markers())
+	}
+}

@@ -768,6 +768,25 @@ func TestNodePort(t *testing.T) {
 		}
 	})
 
+	t.Run("ping to an external or load-balancer IP with endpoints is answered, without endpoints not", func(t *testing.T) {
+		for _, ip := range []netip.Addr{npExternalIP, npLBIP} {
+			e.routeVia(ctx, ip, node1)
+			dst := netip.AddrPortFrom(ip, 0)
+			for i, r := range e.attempts(t, "icmp", dst, 3) {
+				if !r.OK || r.Peer != ip.String() {
+					t.Errorf("ping %s via node1, attempt %d: ok %v from %q (%s %s), want a reply from %s", ip, i, r.OK, r.Peer, r.Errno, r.Err, ip)
+				}
+			}
+		}
+		// "empty" has no endpoints: its address is not answered (a timeout).
+		e.routeVia(ctx, npEmptyIP, node1)
+		for i, r := range e.attempts(t, "icmp", netip.AddrPortFrom(npEmptyIP, 0), 2) {
+			if r.OK {
+				t.Errorf("ping %s (no endpoints) via node1, attempt %d: answered by %s, want no reply", npEmptyIP, i, r.Peer)
+			}
+		}
+	})
+
 	t.Run("IPv6 NodePort on each node's IPv6 address", func(t *testing.T) {
 		// np is dual-stack; its IPv6 slice still has all three pods.
 		for _, n := range e.nodes {

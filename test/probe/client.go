@@ -14,6 +14,9 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/net/icmp"
+	"golang.org/x/net/ipv4"
+	"golang.org/x/net/ipv6"
 	"golang.org/x/sys/unix"
 )
 
@@ -57,7 +60,7 @@ type clientFlags struct {
 
 func (f *clientFlags) register(fs *flag.FlagSet, timeout time.Duration) {
 	fs.StringVar(&f.target, "target", "", "HOST:PORT to reach")
-	fs.StringVar(&f.proto, "proto", "tcp", "tcp or udp")
+	fs.StringVar(&f.proto, "proto", "tcp", "tcp, udp, or icmp (an echo request to the target's address, port 0)")
 	fs.StringVar(&f.udpMode, "udp-mode", "connected", "connected (connect+send+recv) or unconnected (sendto+recvfrom)")
 	fs.DurationVar(&f.timeout, "timeout", timeout, "per attempt (client) or overall (ready)")
 }
@@ -66,8 +69,8 @@ func (f *clientFlags) check() error {
 	if _, _, err := net.SplitHostPort(f.target); err != nil {
 		return fmt.Errorf("--target %q: %w", f.target, err)
 	}
-	if f.proto != "tcp" && f.proto != "udp" {
-		return fmt.Errorf("--proto %q: want tcp or udp", f.proto)
+	if f.proto != "tcp" && f.proto != "udp" && f.proto != "icmp" {
+		return fmt.Errorf("--proto %q: want tcp, udp or icmp", f.proto)
 	}
 	if f.udpMode != "connected" && f.udpMode != "unconnected" {
 		return fmt.Errorf("--udp-mode %q: want connected or unconnected", f.udpMode)
@@ -200,6 +203,8 @@ func attempt(f clientFlags, timeout time.Duration) Result {
 	var r Result
 	var err error
 	switch {
+	case f.proto == "icmp":
+		err = echoAttempt(&r, f, start.Add(timeout))
 	case f.proto == "tcp":
 		err = tcpAttempt(&r, f, start.Add(timeout))
 	case f.udpMode == "connected":
@@ -393,4 +398,51 @@ func parseAnswer(r *Result, line string) error {
 	}
 	r.Backend, r.SeenAs = name, seen
 	return nil
+}
+
+// echoAttempt sends one ICMP (ICMPv6) echo request to the target's address from a raw socket
+// and waits for the matching reply; Peer is the reply's source.
+func echoAttempt(r *Result, f clientFlags, deadline time.Time) error {
+	ap, err := netip.ParseAddrPort(f.target)
+	if err != nil {
+		return err
+	}
+	dst := ap.Addr().Unmap()
+	network, listen, reqType, replyType := "ip4:icmp", "0.0.0.0", icmp.Type(ipv4.ICMPTypeEcho), icmp.Type(ipv4.ICMPTypeEchoReply)
+	proto := 1
+	if dst.Is6() {
+		network, listen, reqType, replyType = "ip6:ipv6-icmp", "::", ipv6.ICMPTypeEchoRequest, ipv6.ICMPTypeEchoReply
+		proto = 58
+	}
+	c, err := icmp.ListenPacket(network, listen)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	id, seq := os.Getpid()&0xffff, int(time.Now().UnixNano()&0xffff)
+	msg := icmp.Message{Type: reqType, Body: &icmp.Echo{ID: id, Seq: seq, Data: []byte(hello)}}
+	b, err := msg.Marshal(nil) // ICMPv6: the kernel fills in the checksum of a raw socket
+	if err != nil {
+		return err
+	}
+	c.SetDeadline(deadline)
+	if _, err := c.WriteTo(b, &net.IPAddr{IP: dst.AsSlice()}); err != nil {
+		return err
+	}
+	buf := make([]byte, 1500)
+	for {
+		n, from, err := c.ReadFrom(buf)
+		if err != nil {
+			return err
+		}
+		m, err := icmp.ParseMessage(proto, buf[:n])
+		if err != nil || m.Type != replyType {
+			continue
+		}
+		if e, ok := m.Body.(*icmp.Echo); ok && e.ID == id && e.Seq == seq {
+			r.Peer = from.String()
+			r.Backend = "echo"
+			return nil
+		}
+	}
 }
