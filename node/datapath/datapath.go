@@ -223,7 +223,12 @@ func (r *Reconciler) setRange(svcID uint32, p netip.Prefix, present bool) {
 // pruneRanges deletes the source ranges of svc_ids no programmed frontend has. Only valid
 // right after restore.
 func (r *Reconciler) pruneRanges() error {
-	if len(r.ranges) == 0 {
+	return r.pruneIDs(slices.Collect(maps.Keys(r.ranges)), func(id uint32) error { return r.dropRanges(id, nil) })
+}
+
+// pruneIDs calls drop, in ID order, for each of ids that no programmed frontend has.
+func (r *Reconciler) pruneIDs(ids []uint32, drop func(uint32) error) error {
+	if len(ids) == 0 {
 		return nil
 	}
 	live := make(map[uint32]bool, len(r.programmed))
@@ -231,9 +236,10 @@ func (r *Reconciler) pruneRanges() error {
 		live[pe.id] = true
 	}
 	var errs []error
-	for _, id := range slices.Sorted(maps.Keys(r.ranges)) {
+	slices.Sort(ids)
+	for _, id := range ids {
 		if !live[id] {
-			errs = append(errs, r.dropRanges(id, nil))
+			errs = append(errs, drop(id))
 		}
 	}
 	return errors.Join(errs...)
@@ -303,20 +309,7 @@ func (r *Reconciler) writeTable(svcID uint32, bks []backendKey, ids []uint32) er
 // between writes, or by a frontend removed while kpr was not running). Only valid right after
 // restore.
 func (r *Reconciler) pruneTables() error {
-	if len(r.tables) == 0 {
-		return nil
-	}
-	live := make(map[uint32]bool, len(r.programmed))
-	for _, pe := range r.programmed {
-		live[pe.id] = true
-	}
-	var errs []error
-	for _, id := range slices.Sorted(maps.Keys(r.tables)) {
-		if !live[id] {
-			errs = append(errs, r.dropTable(id))
-		}
-	}
-	return errors.Join(errs...)
+	return r.pruneIDs(slices.Collect(maps.Keys(r.tables)), r.dropTable)
 }
 
 func (r *Reconciler) dropTable(svcID uint32) error {
