@@ -577,7 +577,7 @@ func (a *Agent) frontends(name string, node lbstate.Node) []lbstate.Frontend {
 	if ns == nil {
 		return lbstate.Frontends(svc, endpoints, node)
 	}
-	info, fes, problems := lbstate.AllFrontends(svc, endpoints, node, ns.nodePort, lbstate.Options{ExternalClusterIP: a.cfg.ExternalClusterIP})
+	info, fes, problems := lbstate.AllFrontends(svc, endpoints, node, ns.nodePort, lbstate.Options{ExternalClusterIP: a.cfg.ExternalClusterIP, NodePortSourceRanges: a.cfg.NodePortSourceRanges})
 	a.report(name, problems)
 	return fes
 }

@@ -57,6 +57,8 @@ type Config struct {
 	Devices           []string `mapstructure:"devices"`
 	NodePortAddresses []string `mapstructure:"nodePortAddresses"`
 	ExternalClusterIP bool     `mapstructure:"externalClusterIP"`
+	// NodePortSourceRanges: lbstate.Options.NodePortSourceRanges.
+	NodePortSourceRanges bool `mapstructure:"nodePortSourceRanges"`
 	// LoadBalancerAlgorithm picks a backend for a new north-south flow: maglev or random.
 	LoadBalancerAlgorithm string `mapstructure:"loadBalancerAlgorithm"`
 	MaglevTableSize       int    `mapstructure:"maglevTableSize"`
@@ -99,6 +101,7 @@ var settings = []setting{
 	{"devices", "devices", "network devices whose incoming NodePort, ExternalIP and LoadBalancer traffic kpr serves (default: the devices of the default routes)", []string{}},
 	{"nodePortAddresses", "node-port-addresses", "addresses NodePorts are served on, as kube-proxy's nodePortAddresses: CIDRs, \"primary\" (each family's first address on the devices) or \"all\" (every address on the devices)", []string{"primary"}},
 	{"externalClusterIP", "external-cluster-ip", "also serve ClusterIPs to traffic arriving from outside the node on the devices", false},
+	{"nodePortSourceRanges", "nodeport-source-ranges", "also apply a LoadBalancer Service's loadBalancerSourceRanges to its NodePorts (kube-proxy lets NodePorts bypass them)", false},
 	{"loadBalancerAlgorithm", "load-balancer-algorithm", "backend selection for north-south flows: maglev (the same backend for a flow on every node) or random", "maglev"},
 	{"maglevTableSize", "maglev-table-size", "entries of each Maglev table: a prime from 251 to 131071", maglev.DefaultTableSize},
 	{"maglevHashSeed", "maglev-hash-seed", "seed of the Maglev hashes, 12 bytes in base64 (head -c 12 /dev/urandom | base64); must be the same on every node (default: a fixed seed, the same everywhere)", DefaultMaglevSeed},

@@ -140,8 +140,9 @@ type Frontend struct {
 	// DROP). They are spec.loadBalancerSourceRanges of the frontend's family (a /0 among them
 	// allows all), plus every LoadBalancer IP of that family as a single address when one of the
 	// node's NodePort addresses is allowed: a connection from the node to a load-balancer IP
-	// bound on the node loops back with that IP as its source. NodePort and ExternalIP
-	// frontends never carry source ranges (kube-proxy: "nodePort bypasses
+	// bound on the node loops back with that IP as its source. ExternalIP frontends never
+	// carry source ranges, NodePort frontends only in the external scope of a LoadBalancer
+	// Service with Options.NodePortSourceRanges (kube-proxy: "nodePort bypasses
 	// LoadBalancerSourceRanges").
 	LoadBalancerSourceRanges []netip.Prefix
 }
@@ -168,6 +169,11 @@ type Options struct {
 	// for clients in the cluster, all of which the socket LB of their own node serves, and
 	// routing a Service CIDR to a node is rare. See docs/kube-proxy-differences.md.
 	ExternalClusterIP bool
+	// NodePortSourceRanges also applies a LoadBalancer Service's loadBalancerSourceRanges to
+	// its NodePorts in the external scope. Off by default, as in kube-proxy, where a NodePort
+	// bypasses them: a client that may not use the load-balancer IP can still reach the
+	// Service through any node's NodePort unless this is on.
+	NodePortSourceRanges bool
 }
 
 // ServiceInfo is what kpr needs of one Service beyond its frontends.
@@ -474,6 +480,10 @@ func AllFrontends(svc *v1.Service, endpoints map[ServicePortName][]Endpoint, nod
 		famExt := filterAddrs(externalIPs, fam)
 		famNode := slices.DeleteFunc(slices.Clone(nodeAddrs), func(a netip.Addr) bool { return !fam(a) })
 		famRanges := ranges.of(is4, famLB, famNode)
+		var npRanges []netip.Prefix
+		if opts.NodePortSourceRanges && svc.Spec.Type == v1.ServiceTypeLoadBalancer {
+			npRanges = ranges.nodePort(is4)
+		}
 
 		for i, p := range svc.Spec.Ports {
 			portField := fmt.Sprintf("spec.ports[%d]", i)
@@ -517,6 +527,9 @@ func AllFrontends(svc *v1.Service, endpoints map[ServicePortName][]Endpoint, nod
 				}
 				sock, ext := fe, fe
 				ext.Scope = ScopeExternal
+				if typ == NodePort {
+					ext.LoadBalancerSourceRanges = npRanges
+				}
 				if typ == ClusterIP {
 					sock.Backends, ext.Backends = internalBE, internalBE
 					ext.PreserveClientIP = false
@@ -715,6 +728,19 @@ func sourceRanges(svc *v1.Service, report func(field, format string, args ...any
 
 // of returns the source ranges of one family's LoadBalancer frontends (see
 // Frontend.LoadBalancerSourceRanges), shared by all of them.
+// nodePort is the family's ranges as a NodePort applies them (Options.NodePortSourceRanges):
+// the Service's own, whether or not it has a load-balancer IP of that family yet.
+func (r parsedRanges) nodePort(is4 bool) []netip.Prefix {
+	ranges, all := r.v6, r.allowAll6
+	if is4 {
+		ranges, all = r.v4, r.allowAll4
+	}
+	if all || len(ranges) == 0 {
+		return nil
+	}
+	return slices.Clip(slices.Clone(ranges))
+}
+
 func (r parsedRanges) of(is4 bool, lbIPs []fieldAddr, nodeAddrs []netip.Addr) []netip.Prefix {
 	ranges, all := r.v6, r.allowAll6
 	if is4 {

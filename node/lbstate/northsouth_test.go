@@ -140,7 +140,7 @@ func (tc nsCase) run(t *testing.T) (ServiceInfo, []Frontend) {
 		if f.Scope == ScopeSocket && !f.PreserveClientIP {
 			t.Errorf("socket-scope frontend %s without PreserveClientIP", f.FrontendKey)
 		}
-		if f.Type != LoadBalancer && len(f.LoadBalancerSourceRanges) > 0 {
+		if f.Type != LoadBalancer && len(f.LoadBalancerSourceRanges) > 0 && !(tc.opts.NodePortSourceRanges && f.Type == NodePort) {
 			t.Errorf("%s frontend %s with source ranges %v", f.Type, f.FrontendKey, f.LoadBalancerSourceRanges)
 		}
 	}
@@ -553,6 +553,55 @@ func TestAllFrontendsSourceRanges(t *testing.T) {
 				t.Errorf("%d LoadBalancer frontends, want 6:%s", nLB, fmtFrontends(fes))
 			}
 		})
+	}
+}
+
+// With Options.NodePortSourceRanges a LoadBalancer Service's NodePorts, in the external scope
+// only, carry the same ranges as its load-balancer IPs; without it (kube-proxy's behaviour) and
+// for a NodePort Service they carry none.
+func TestAllFrontendsNodePortSourceRanges(t *testing.T) {
+	lb := lbWeb(func(s *v1.Service) {
+		dualStack(s)
+		s.Spec.LoadBalancerSourceRanges = []string{"203.0.113.0/25", "2001:db8:f::/48"}
+	})
+	np := lb.DeepCopy()
+	np.Spec.Type = v1.ServiceTypeNodePort
+	addrs := []netip.Addr{netip.MustParseAddr(nodeAddr4), netip.MustParseAddr(nodeAddr6)}
+	for _, tc := range []struct {
+		name string
+		svc  *v1.Service
+		on   bool
+		want bool
+	}{
+		{"LoadBalancer Service, setting on", lb, true, true},
+		{"LoadBalancer Service, setting off", lb, false, false},
+		{"NodePort Service, setting on", np, true, false},
+	} {
+		_, fes, _ := AllFrontends(tc.svc, nil, nodeA, addrs, Options{NodePortSourceRanges: tc.on})
+		nNP := 0
+		for _, f := range fes {
+			if f.Type != NodePort {
+				continue
+			}
+			nNP++
+			want := ""
+			if tc.want && f.Scope == ScopeExternal {
+				want = "203.0.113.0/25"
+				if f.Addr.Is6() {
+					want = "2001:db8:f::/48"
+				}
+			}
+			var ss []string
+			for _, p := range f.LoadBalancerSourceRanges {
+				ss = append(ss, p.String())
+			}
+			if got := strings.Join(ss, ","); got != want {
+				t.Errorf("%s: %s NodePort %s: source ranges %q, want %q", tc.name, f.Scope, f.FrontendKey, got, want)
+			}
+		}
+		if nNP == 0 {
+			t.Errorf("%s: no NodePort frontends:%s", tc.name, fmtFrontends(fes))
+		}
 	}
 }
 
