@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"maps"
@@ -785,6 +786,73 @@ func TestNodePort(t *testing.T) {
 				t.Errorf("ping %s (no endpoints) via node1, attempt %d: answered by %s, want no reply", npEmptyIP, i, r.Peer)
 			}
 		}
+	})
+
+	t.Run("a long-lived connection keeps its pod while an unrelated endpoint is removed", func(t *testing.T) {
+		stream := e.npService(ctx, "stream", v1.ServiceTypeNodePort, nil, e.pods...)
+		dst := netip.AddrPortFrom(node1.IPv4, nodePortOf(t, stream, v1.ProtocolTCP))
+		if err := e.serveWithin("tcp", dst, npProgramWithin); err != nil {
+			t.Fatalf("%s: %v", e.flow("tcp", dst, "NodePort of stream on node1"), err)
+		}
+		// Which pod the connection lands on: the one whose server logs a new TCP connection.
+		accepted := func() []int {
+			n := make([]int, len(e.servers))
+			for i, p := range e.servers {
+				data, _ := os.ReadFile(p.LogPath)
+				n[i] = strings.Count(string(data), " -> ") // "tcp <peer> -> <local>" per connection
+			}
+			return n
+		}
+		before := accepted()
+		type out struct {
+			rs  []result
+			err error
+		}
+		done := make(chan out, 1)
+		const requests = 80 // 50 ms apart: about 4 s on one connection
+		go func() {
+			rs, err := e.hostProbe("--target", dst.String(), "--proto", "tcp", "--reuse",
+				"--count", strconv.Itoa(requests), "--interval", "50ms", "--timeout", "2s")
+			done <- out{rs, err}
+		}()
+		holder := -1
+		eventually(t, 5*time.Second, "the long-lived connection reaches a pod", func() error {
+			for i, n := range accepted() {
+				if n > before[i] {
+					holder = i
+					return nil
+				}
+			}
+			return errors.New("no pod logged a new connection")
+		})
+		gone := e.pods[(holder+1)%len(e.pods)].Name
+		slices4 := e.cp.Client.DiscoveryV1().EndpointSlices(ns)
+		sl, err := slices4.Get(ctx, "stream-v4", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sl.Endpoints = slices.DeleteFunc(sl.Endpoints, func(ep discovery.Endpoint) bool { return ep.TargetRef.Name == gone })
+		if _, err := slices4.Update(ctx, sl, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		res := <-done
+		if res.err != nil {
+			t.Fatal(res.err)
+		}
+		if len(res.rs) != requests {
+			t.Fatalf("%d results on the long-lived connection, want %d: %s", len(res.rs), requests, summary(res.rs))
+		}
+		for i, r := range res.rs {
+			if !r.OK || r.Backend != e.pods[holder].Name {
+				t.Fatalf("request %d on the long-lived connection (held by %s; %s removed meanwhile): ok %v backend %q %s",
+					i, e.pods[holder].Name, gone, r.OK, r.Backend, r.Err)
+			}
+		}
+		// New connections stop reaching the removed pod.
+		left := slices.DeleteFunc(slices.Clone(allPods), func(p string) bool { return p == gone })
+		eventually(t, npProgramWithin, "new connections avoid "+gone, func() error {
+			return checkServed(e.attempts(t, "tcp", dst, 20), dst, left, node1.IPv4)
+		})
 	})
 
 	t.Run("IPv6 NodePort on each node's IPv6 address", func(t *testing.T) {
