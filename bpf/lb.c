@@ -198,6 +198,7 @@ enum lb_stat {
 	STAT_REJECT,
 	STAT_DROP_SOURCE_RANGE,
 	STAT_ECHO_REPLY,
+	STAT_ICMP_ERROR,
 	STAT_MAX,
 };
 
@@ -777,6 +778,9 @@ static __always_inline int fib_params(struct __sk_buff *skb, const struct pkt *p
 	return bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
 }
 
+static __always_inline int send_fib(struct __sk_buff *skb, const struct pkt *p, int rc,
+				    const struct bpf_fib_lookup *fib_res);
+
 static __noinline int translate_and_send(struct __sk_buff *skb, const struct pkt *p,
 					 const struct nat_target *t)
 {
@@ -793,6 +797,15 @@ static __noinline int translate_and_send(struct __sk_buff *skb, const struct pkt
 		count(STAT_DROP_ERROR);
 		return TC_ACT_SHOT;
 	}
+	return send_fib(skb, p, rc, &fib);
+}
+
+/* Sends a rewritten packet where the FIB said (fib_params' rc and result). */
+static __always_inline int send_fib(struct __sk_buff *skb, const struct pkt *p, int rc,
+				    const struct bpf_fib_lookup *fib_res)
+{
+	struct bpf_fib_lookup fib = *fib_res;
+
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
 		if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) ||
 		    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0)) {
@@ -877,6 +890,14 @@ static __always_inline void snat_key_of(struct flow_key *rk, const struct ct_val
 #define ICMPV6_DEST_UNREACH 1
 #define ICMPV6_PORT_UNREACH 4
 #define REJECT_TTL 64
+
+static __always_inline void addr_from_be32(union addr16 *a, __be32 v4)
+{
+	a->w[0] = 0;
+	a->w[1] = 0;
+	a->w[2] = bpf_htonl(0x0000ffff);
+	a->w[3] = v4;
+}
 
 /* Bytes a RST may drop from the client's segment (options and payload), in chunks. */
 #define REJECT_CHUNK 256
@@ -1405,6 +1426,279 @@ drop:
 	return TC_ACT_SHOT;
 }
 
+/*
+ * ICMP errors about translated flows, so that path MTU discovery (and a
+ * port unreachable from a backend's host) works through a frontend:
+ * - an error addressed to this node about a packet it sent to a backend
+ *   (inner: SNAT address -> backend, or client -> backend without SNAT) goes
+ *   to the client, as if about the client's own packet to the frontend
+ *   (tc_nodeport_reply, found by the reverse entry);
+ * - an error addressed to a frontend about a reply it sent to a client
+ *   (inner: frontend -> client) goes to the backend, as if about the
+ *   backend's packet to the SNAT address (tc_nodeport, by the forward entry).
+ * The outer source becomes the frontend, or the SNAT address. Inner
+ * addresses, ports and the inner IPv4 header checksum are rewritten, the
+ * ICMP checksum follows every change; the inner TCP/UDP checksum, which no
+ * receiver checks in a quote, is left as it is. ICMP is never
+ * CHECKSUM_PARTIAL, so its checksum is updated as a complete one.
+ * IPv4: destination unreachable and time exceeded; IPv6: destination
+ * unreachable, packet too big, time exceeded. Quotes with IPv4 options or
+ * IPv6 extension headers, or of other protocols, are left alone.
+ */
+#define ICMP_TIME_EXCEEDED 11
+#define ICMPV6_PKT_TOOBIG 2
+#define ICMPV6_TIME_EXCEED 3
+
+struct icmp_err {
+	union addr16 osrc, odst; /* outer */
+	union addr16 isrc, idst; /* quoted */
+	__be16 isport, idport;
+	__u32 icmp_off, inner_off, inner_l4;
+	__u8 v4, proto, ttl;
+};
+
+struct icmp_nat {
+	union addr16 osrc, odst, isrc, idst;
+	__be16 isport, idport;
+};
+
+/* Off the stack, which the call chain below would overflow; per CPU, as lb_scratch. */
+struct icmp_scratch {
+	struct icmp_err e;
+	struct icmp_nat n;
+	__u32 old_addrs[8], new_addrs[8];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct icmp_scratch);
+	__uint(max_entries, 1);
+} lb_icmp_scratch SEC(".maps");
+
+/* 0 with e filled in if skb is an ICMP error quoting a TCP or UDP packet. */
+static __noinline int parse_icmp_err(struct __sk_buff *skb, struct icmp_err *e)
+{
+	struct eth_hdr eth;
+	__u8 ih[4];
+	__be16 ports[2];
+
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)))
+		return -1;
+	if (eth.proto == bpf_htons(ETH_P_IP)) {
+		struct ip4_hdr o, i;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &o, sizeof(o)) || o.ver_ihl != 0x45 ||
+		    o.protocol != IPPROTO_ICMP || (o.frag_off & bpf_htons(IP_MF | IP_OFFSET)))
+			return -1;
+		e->icmp_off = ETH_HLEN + sizeof(o);
+		if (bpf_skb_load_bytes(skb, e->icmp_off, ih, sizeof(ih)) ||
+		    (ih[0] != ICMP_DEST_UNREACH && ih[0] != ICMP_TIME_EXCEEDED))
+			return -1;
+		e->inner_off = e->icmp_off + 8;
+		if (bpf_skb_load_bytes(skb, e->inner_off, &i, sizeof(i)) || i.ver_ihl != 0x45 ||
+		    (i.protocol != IPPROTO_TCP && i.protocol != IPPROTO_UDP))
+			return -1;
+		e->v4 = 1;
+		e->ttl = o.ttl;
+		e->proto = i.protocol;
+		e->inner_l4 = e->inner_off + sizeof(i);
+		addr_from_be32(&e->osrc, o.saddr);
+		addr_from_be32(&e->odst, o.daddr);
+		addr_from_be32(&e->isrc, i.saddr);
+		addr_from_be32(&e->idst, i.daddr);
+	} else if (eth.proto == bpf_htons(ETH_P_IPV6)) {
+		struct ip6_hdr o, i;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &o, sizeof(o)) ||
+		    (bpf_ntohl(o.ver_tc_flow) >> 28) != 6 || o.nexthdr != IPPROTO_ICMPV6)
+			return -1;
+		e->icmp_off = ETH_HLEN + sizeof(o);
+		if (bpf_skb_load_bytes(skb, e->icmp_off, ih, sizeof(ih)) ||
+		    (ih[0] != ICMPV6_DEST_UNREACH && ih[0] != ICMPV6_PKT_TOOBIG &&
+		     ih[0] != ICMPV6_TIME_EXCEED))
+			return -1;
+		e->inner_off = e->icmp_off + 8;
+		if (bpf_skb_load_bytes(skb, e->inner_off, &i, sizeof(i)) ||
+		    (bpf_ntohl(i.ver_tc_flow) >> 28) != 6 ||
+		    (i.nexthdr != IPPROTO_TCP && i.nexthdr != IPPROTO_UDP))
+			return -1;
+		e->v4 = 0;
+		e->ttl = o.hop_limit;
+		e->proto = i.nexthdr;
+		e->inner_l4 = e->inner_off + sizeof(i);
+		__builtin_memcpy(e->osrc.w, o.saddr, 16);
+		__builtin_memcpy(e->odst.w, o.daddr, 16);
+		__builtin_memcpy(e->isrc.w, i.saddr, 16);
+		__builtin_memcpy(e->idst.w, i.daddr, 16);
+	} else {
+		return -1;
+	}
+	if (bpf_skb_load_bytes(skb, e->inner_l4, ports, sizeof(ports)))
+		return -1;
+	e->isport = ports[0];
+	e->idport = ports[1];
+	return 0;
+}
+
+/* The complement-sum c (from bpf_csum_diff) applied to the checksum field value check. */
+static __always_inline __u16 csum_apply(__u16 check, __u32 c)
+{
+	__u64 s = (__u64)(__u16)~check + c;
+
+	s = (s & 0xffffffff) + (s >> 32);
+	return ~csum_fold32((__u32)s);
+}
+
+static __noinline int icmp_err_rewrite(struct __sk_buff *skb, struct icmp_scratch *sc)
+{
+	const struct icmp_err *e = &sc->e;
+	const struct icmp_nat *n = &sc->n;
+	__u32 csum_off = e->icmp_off + 2;
+	union {
+		__be16 p[2];
+		__u32 w;
+	} oldports = {.p = {e->isport, e->idport}}, newports = {.p = {n->isport, n->idport}};
+	__s64 d;
+
+	if (e->v4) {
+		__be32 oo[2] = {e->osrc.w[3], e->odst.w[3]}, on[2] = {n->osrc.w[3], n->odst.w[3]};
+		__be32 io[2] = {e->isrc.w[3], e->idst.w[3]}, in[2] = {n->isrc.w[3], n->idst.w[3]};
+		__u16 ocheck, ncheck;
+
+		d = bpf_csum_diff(oo, sizeof(oo), on, sizeof(on), 0);
+		if (d < 0 || bpf_skb_store_bytes(skb, ETH_HLEN + IP4_ADDRS_OFF, on, sizeof(on), 0) ||
+		    bpf_l3_csum_replace(skb, ETH_HLEN + IP4_CSUM_OFF, 0, d, 0))
+			return -1;
+		d = bpf_csum_diff(io, sizeof(io), in, sizeof(in), 0);
+		if (d < 0 || bpf_skb_load_bytes(skb, e->inner_off + IP4_CSUM_OFF, &ocheck, 2))
+			return -1;
+		ncheck = csum_apply(ocheck, (__u32)d);
+		if (bpf_skb_store_bytes(skb, e->inner_off + IP4_ADDRS_OFF, in, sizeof(in), 0) ||
+		    bpf_skb_store_bytes(skb, e->inner_off + IP4_CSUM_OFF, &ncheck, 2, 0) ||
+		    bpf_l4_csum_replace(skb, csum_off, 0, d, 0) ||
+		    bpf_l4_csum_replace(skb, csum_off, ocheck, ncheck, 2))
+			return -1;
+	} else {
+		__u32 *o = sc->old_addrs, *w = sc->new_addrs;
+
+		__builtin_memcpy(o, e->osrc.w, 16);
+		__builtin_memcpy(o + 4, e->odst.w, 16);
+		__builtin_memcpy(w, n->osrc.w, 16);
+		__builtin_memcpy(w + 4, n->odst.w, 16);
+		/* The outer addresses are in ICMPv6's pseudo-header. */
+		d = bpf_csum_diff(o, 32, w, 32, 0);
+		if (d < 0 || bpf_skb_store_bytes(skb, ETH_HLEN + IP6_ADDRS_OFF, w, 32, BPF_F_RECOMPUTE_CSUM) ||
+		    bpf_l4_csum_replace(skb, csum_off, 0, d, BPF_F_PSEUDO_HDR))
+			return -1;
+		__builtin_memcpy(o, e->isrc.w, 16);
+		__builtin_memcpy(o + 4, e->idst.w, 16);
+		__builtin_memcpy(w, n->isrc.w, 16);
+		__builtin_memcpy(w + 4, n->idst.w, 16);
+		d = bpf_csum_diff(o, 32, w, 32, 0);
+		if (d < 0 || bpf_skb_store_bytes(skb, e->inner_off + IP6_ADDRS_OFF, w, 32, 0) ||
+		    bpf_l4_csum_replace(skb, csum_off, 0, d, 0))
+			return -1;
+	}
+	if (bpf_l4_csum_replace(skb, csum_off, oldports.w, newports.w, sizeof(__u32)) ||
+	    bpf_skb_store_bytes(skb, e->inner_l4, &newports, sizeof(newports), 0))
+		return -1;
+	return 0;
+}
+
+/* Rewrites the error as n says and sends it on, as translate_and_send does a flow's packet. */
+static __noinline int icmp_err_send(struct __sk_buff *skb, struct icmp_scratch *sc)
+{
+	const struct icmp_err *e = &sc->e;
+	const struct icmp_nat *n = &sc->n;
+	struct pkt p = {};
+	struct bpf_fib_lookup fib;
+	int rc, fwd;
+
+	p.v4 = e->v4;
+	p.proto = e->v4 ? IPPROTO_ICMP : IPPROTO_ICMPV6;
+	p.ttl = e->ttl;
+	rc = fib_params(skb, &p, &n->osrc, &n->odst, &fib);
+	fwd = rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH;
+	if (fwd && p.ttl <= 1) {
+		count(STAT_DROP_TTL);
+		return TC_ACT_SHOT;
+	}
+	if (icmp_err_rewrite(skb, sc) || (fwd && dec_ttl(skb, &p))) {
+		count(STAT_DROP_ERROR);
+		return TC_ACT_SHOT;
+	}
+	count(STAT_ICMP_ERROR);
+	return send_fib(skb, &p, rc, &fib);
+}
+
+/* tc_nodeport: an error about a reply a frontend sent goes to the flow's backend. */
+static __noinline int icmp_err_to_backend(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct icmp_scratch *sc = bpf_map_lookup_elem(&lb_icmp_scratch, &zero);
+	struct flow_key fk = {};
+	struct ct_value *ct;
+
+	if (!sc)
+		return VERDICT_NOT_MINE;
+	__builtin_memset(&sc->e, 0, sizeof(sc->e));
+	__builtin_memset(&sc->n, 0, sizeof(sc->n));
+	if (parse_icmp_err(skb, &sc->e))
+		return VERDICT_NOT_MINE;
+	/* The quoted reply went frontend -> client: the flow is client -> frontend. */
+	__builtin_memcpy(fk.saddr, sc->e.idst.b, 16);
+	__builtin_memcpy(fk.daddr, sc->e.isrc.b, 16);
+	fk.sport = sc->e.idport;
+	fk.dport = sc->e.isport;
+	fk.proto = sc->e.proto;
+	ct = bpf_map_lookup_elem(&kpr_lb_ct_v1, &fk);
+	if (!ct)
+		return VERDICT_NOT_MINE;
+	__builtin_memcpy(sc->n.osrc.b, ct->snat_addr, 16);
+	__builtin_memcpy(sc->n.odst.b, ct->backend_addr, 16);
+	/* As the backend sent it: backend -> SNAT address (the client, without SNAT). */
+	__builtin_memcpy(sc->n.isrc.b, ct->backend_addr, 16);
+	__builtin_memcpy(sc->n.idst.b, ct->snat_addr, 16);
+	sc->n.isport = ct->backend_port;
+	sc->n.idport = ct->snat_port;
+	return icmp_err_send(skb, sc);
+}
+
+/* tc_nodeport_reply: an error about a packet sent to a backend goes to the client. */
+static __noinline int icmp_err_to_client(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct icmp_scratch *sc = bpf_map_lookup_elem(&lb_icmp_scratch, &zero);
+	struct flow_key rk = {};
+	struct snat_value *rv;
+
+	if (!sc)
+		return VERDICT_NOT_MINE;
+	__builtin_memset(&sc->e, 0, sizeof(sc->e));
+	__builtin_memset(&sc->n, 0, sizeof(sc->n));
+	if (parse_icmp_err(skb, &sc->e))
+		return VERDICT_NOT_MINE;
+	/* The quoted packet went SNAT address -> backend: the reverse entry is keyed by the
+	 * backend's reply to it. */
+	__builtin_memcpy(rk.saddr, sc->e.idst.b, 16);
+	__builtin_memcpy(rk.daddr, sc->e.isrc.b, 16);
+	rk.sport = sc->e.idport;
+	rk.dport = sc->e.isport;
+	rk.proto = sc->e.proto;
+	rv = bpf_map_lookup_elem(&kpr_lb_snat_v1, &rk);
+	if (!rv)
+		return VERDICT_NOT_MINE;
+	__builtin_memcpy(sc->n.osrc.b, rv->vip_addr, 16);
+	__builtin_memcpy(sc->n.odst.b, rv->client_addr, 16);
+	/* As the client sent it: client -> frontend. */
+	__builtin_memcpy(sc->n.isrc.b, rv->client_addr, 16);
+	__builtin_memcpy(sc->n.idst.b, rv->vip_addr, 16);
+	sc->n.isport = rv->client_port;
+	sc->n.idport = rv->vip_port;
+	return icmp_err_send(skb, sc);
+}
+
 SEC("tc")
 int tc_nodeport(struct __sk_buff *skb)
 {
@@ -1420,8 +1714,10 @@ int tc_nodeport(struct __sk_buff *skb)
 		return VERDICT_NOT_MINE;
 	__builtin_memset(s, 0, sizeof(*s));
 	parsed = parse(skb, &s->p);
-	if (parsed == PARSE_NOT_MINE)
-		return answer_echo(skb);
+	if (parsed == PARSE_NOT_MINE) {
+		verdict = answer_echo(skb);
+		return verdict == VERDICT_NOT_MINE ? icmp_err_to_backend(skb) : verdict;
+	}
 	if (parsed != PARSE_OK)
 		return not_mine(parsed);
 
@@ -1531,6 +1827,8 @@ int tc_nodeport_reply(struct __sk_buff *skb)
 	int parsed;
 
 	parsed = parse(skb, &p);
+	if (parsed == PARSE_NOT_MINE)
+		return icmp_err_to_client(skb);
 	if (parsed != PARSE_OK)
 		return not_mine(parsed);
 

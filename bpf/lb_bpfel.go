@@ -98,6 +98,61 @@ type lbFwdState struct {
 	}
 }
 
+type lbIcmpScratch struct {
+	_ structs.HostLayout
+	E struct {
+		_    structs.HostLayout
+		Osrc struct {
+			_ structs.HostLayout
+			B [16]uint8
+		}
+		Odst struct {
+			_ structs.HostLayout
+			B [16]uint8
+		}
+		Isrc struct {
+			_ structs.HostLayout
+			B [16]uint8
+		}
+		Idst struct {
+			_ structs.HostLayout
+			B [16]uint8
+		}
+		Isport   uint16
+		Idport   uint16
+		IcmpOff  uint32
+		InnerOff uint32
+		InnerL4  uint32
+		V4       uint8
+		Proto    uint8
+		Ttl      uint8
+		_        [1]byte
+	}
+	N struct {
+		_    structs.HostLayout
+		Osrc struct {
+			_ structs.HostLayout
+			B [16]uint8
+		}
+		Odst struct {
+			_ structs.HostLayout
+			B [16]uint8
+		}
+		Isrc struct {
+			_ structs.HostLayout
+			B [16]uint8
+		}
+		Idst struct {
+			_ structs.HostLayout
+			B [16]uint8
+		}
+		Isport uint16
+		Idport uint16
+	}
+	OldAddrs [8]uint32
+	NewAddrs [8]uint32
+}
+
 type lbLbConfig struct {
 	_                  structs.HostLayout
 	Addr4              [16]uint8
@@ -130,7 +185,8 @@ const (
 	lbLbStatSTAT_REJECT            lbLbStat = 12
 	lbLbStatSTAT_DROP_SOURCE_RANGE lbLbStat = 13
 	lbLbStatSTAT_ECHO_REPLY        lbLbStat = 14
-	lbLbStatSTAT_MAX               lbLbStat = 15
+	lbLbStatSTAT_ICMP_ERROR        lbLbStat = 15
+	lbLbStatSTAT_MAX               lbLbStat = 16
 )
 
 type lbSnatValue struct {
@@ -181,6 +237,7 @@ const (
 	lbMapKprLbStatsV1     = "kpr_lb_stats_v1"
 	lbMapKprMaglevV1      = "kpr_maglev_v1"
 	lbMapKprSvcV1         = "kpr_svc_v1"
+	lbMapLbIcmpScratch    = "lb_icmp_scratch"
 	lbMapLbScratch        = "lb_scratch"
 	lbProgTcNodeport      = "tc_nodeport"
 	lbProgTcNodeportReply = "tc_nodeport_reply"
@@ -244,6 +301,7 @@ type lbMapSpecs struct {
 	KprLbStatsV1     *ebpf.MapSpec `ebpf:"kpr_lb_stats_v1"`
 	KprMaglevV1      *ebpf.MapSpec `ebpf:"kpr_maglev_v1"`
 	KprSvcV1         *ebpf.MapSpec `ebpf:"kpr_svc_v1"`
+	LbIcmpScratch    *ebpf.MapSpec `ebpf:"lb_icmp_scratch"`
 	LbScratch        *ebpf.MapSpec `ebpf:"lb_scratch"`
 }
 
@@ -281,6 +339,7 @@ type lbMaps struct {
 	KprLbStatsV1     *ebpf.Map `ebpf:"kpr_lb_stats_v1"`
 	KprMaglevV1      *ebpf.Map `ebpf:"kpr_maglev_v1"`
 	KprSvcV1         *ebpf.Map `ebpf:"kpr_svc_v1"`
+	LbIcmpScratch    *ebpf.Map `ebpf:"lb_icmp_scratch"`
 	LbScratch        *ebpf.Map `ebpf:"lb_scratch"`
 }
 
@@ -294,6 +353,7 @@ func (m *lbMaps) Close() error {
 		m.KprLbStatsV1,
 		m.KprMaglevV1,
 		m.KprSvcV1,
+		m.LbIcmpScratch,
 		m.LbScratch,
 	)
 }

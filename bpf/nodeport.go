@@ -585,6 +585,8 @@ type NodePortStats struct {
 	DropSourceRange uint64
 	// EchoReplies: pings to an address with an echo marker answered.
 	EchoReplies uint64
+	// ICMPErrors: ICMP errors about translated flows passed on, translated, to the other end.
+	ICMPErrors uint64
 	// Packets left to the stack: IPv4 fragments, malformed packets, translated packets the
 	// FIB did not let kpr forward (local, unreachable, forwarding disabled).
 	PassFragment, PassMalformed, PassFIB uint64
@@ -609,6 +611,7 @@ func (m *NodePortMaps) Stats() (NodePortStats, error) {
 		lbLbStatSTAT_REJECT:            &s.Rejected,
 		lbLbStatSTAT_DROP_SOURCE_RANGE: &s.DropSourceRange,
 		lbLbStatSTAT_ECHO_REPLY:        &s.EchoReplies,
+		lbLbStatSTAT_ICMP_ERROR:        &s.ICMPErrors,
 	}
 	for stat, field := range fields {
 		var perCPU []uint64
