@@ -804,27 +804,25 @@ static __noinline int translate_and_send(struct __sk_buff *skb, const struct pkt
 static __always_inline int send_fib(struct __sk_buff *skb, const struct pkt *p, int rc,
 				    const struct bpf_fib_lookup *fib_res)
 {
-	struct bpf_fib_lookup fib = *fib_res;
-
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) ||
-		    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0)) {
+		if (bpf_skb_store_bytes(skb, 0, fib_res->dmac, ETH_ALEN, 0) ||
+		    bpf_skb_store_bytes(skb, ETH_ALEN, fib_res->smac, ETH_ALEN, 0)) {
 			count(STAT_DROP_ERROR);
 			return TC_ACT_SHOT;
 		}
-		return bpf_redirect(fib.ifindex, 0);
+		return bpf_redirect(fib_res->ifindex, 0);
 	}
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
 		struct bpf_redir_neigh nh = {};
 
 		if (p->v4) {
 			nh.nh_family = AF_INET;
-			nh.ipv4_nh = fib.ipv4_dst;
+			nh.ipv4_nh = fib_res->ipv4_dst;
 		} else {
 			nh.nh_family = AF_INET6;
-			__builtin_memcpy(nh.ipv6_nh, fib.ipv6_dst, 16);
+			__builtin_memcpy(nh.ipv6_nh, fib_res->ipv6_dst, 16);
 		}
-		return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
+		return bpf_redirect_neigh(fib_res->ifindex, &nh, sizeof(nh), 0);
 	}
 	count(STAT_PASS_FIB);
 	return TC_ACT_OK;
@@ -1632,70 +1630,71 @@ static __noinline int icmp_err_send(struct __sk_buff *skb, struct icmp_scratch *
 	return send_fib(skb, &p, rc, &fib);
 }
 
-/* tc_nodeport: an error about a reply a frontend sent goes to the flow's backend. */
-static __noinline int icmp_err_to_backend(struct __sk_buff *skb)
+/*
+ * The error in skb parsed into the scratch, and k the flow key of the quoted
+ * packet's answer (addresses and ports swapped): the forward entry's key when
+ * a reply is quoted, the reverse entry's when a packet to a backend is.
+ */
+static __always_inline struct icmp_scratch *icmp_err_begin(struct __sk_buff *skb,
+							   struct flow_key *k)
 {
 	__u32 zero = 0;
 	struct icmp_scratch *sc = bpf_map_lookup_elem(&lb_icmp_scratch, &zero);
-	struct flow_key fk = {};
-	struct ct_value *ct;
 
 	if (!sc)
-		return VERDICT_NOT_MINE;
+		return NULL;
 	__builtin_memset(&sc->e, 0, sizeof(sc->e));
 	__builtin_memset(&sc->n, 0, sizeof(sc->n));
 	if (parse_icmp_err(skb, &sc->e))
+		return NULL;
+	__builtin_memcpy(k->saddr, sc->e.idst.b, 16);
+	__builtin_memcpy(k->daddr, sc->e.isrc.b, 16);
+	k->sport = sc->e.idport;
+	k->dport = sc->e.isport;
+	k->proto = sc->e.proto;
+	return sc;
+}
+
+/*
+ * The translated error goes from a to b about b's packet to a: outer a -> b,
+ * quoting b:bport -> a:aport.
+ */
+static __always_inline void icmp_err_target(struct icmp_nat *n, const __u8 *a, __be16 aport,
+					    const __u8 *b, __be16 bport)
+{
+	__builtin_memcpy(n->osrc.b, a, 16);
+	__builtin_memcpy(n->odst.b, b, 16);
+	__builtin_memcpy(n->isrc.b, b, 16);
+	__builtin_memcpy(n->idst.b, a, 16);
+	n->isport = bport;
+	n->idport = aport;
+}
+
+/* tc_nodeport: an error about a reply a frontend sent goes to the flow's backend, about the
+ * backend's packet to the SNAT address (the client, without SNAT). */
+static __noinline int icmp_err_to_backend(struct __sk_buff *skb)
+{
+	struct flow_key fk = {};
+	struct icmp_scratch *sc = icmp_err_begin(skb, &fk);
+	struct ct_value *ct;
+
+	if (!sc || !(ct = bpf_map_lookup_elem(&kpr_lb_ct_v1, &fk)))
 		return VERDICT_NOT_MINE;
-	/* The quoted reply went frontend -> client: the flow is client -> frontend. */
-	__builtin_memcpy(fk.saddr, sc->e.idst.b, 16);
-	__builtin_memcpy(fk.daddr, sc->e.isrc.b, 16);
-	fk.sport = sc->e.idport;
-	fk.dport = sc->e.isport;
-	fk.proto = sc->e.proto;
-	ct = bpf_map_lookup_elem(&kpr_lb_ct_v1, &fk);
-	if (!ct)
-		return VERDICT_NOT_MINE;
-	__builtin_memcpy(sc->n.osrc.b, ct->snat_addr, 16);
-	__builtin_memcpy(sc->n.odst.b, ct->backend_addr, 16);
-	/* As the backend sent it: backend -> SNAT address (the client, without SNAT). */
-	__builtin_memcpy(sc->n.isrc.b, ct->backend_addr, 16);
-	__builtin_memcpy(sc->n.idst.b, ct->snat_addr, 16);
-	sc->n.isport = ct->backend_port;
-	sc->n.idport = ct->snat_port;
+	icmp_err_target(&sc->n, ct->snat_addr, ct->snat_port, ct->backend_addr, ct->backend_port);
 	return icmp_err_send(skb, sc);
 }
 
-/* tc_nodeport_reply: an error about a packet sent to a backend goes to the client. */
+/* tc_nodeport_reply: an error about a packet sent to a backend goes to the client, about the
+ * client's packet to the frontend. */
 static __noinline int icmp_err_to_client(struct __sk_buff *skb)
 {
-	__u32 zero = 0;
-	struct icmp_scratch *sc = bpf_map_lookup_elem(&lb_icmp_scratch, &zero);
 	struct flow_key rk = {};
+	struct icmp_scratch *sc = icmp_err_begin(skb, &rk);
 	struct snat_value *rv;
 
-	if (!sc)
+	if (!sc || !(rv = bpf_map_lookup_elem(&kpr_lb_snat_v1, &rk)))
 		return VERDICT_NOT_MINE;
-	__builtin_memset(&sc->e, 0, sizeof(sc->e));
-	__builtin_memset(&sc->n, 0, sizeof(sc->n));
-	if (parse_icmp_err(skb, &sc->e))
-		return VERDICT_NOT_MINE;
-	/* The quoted packet went SNAT address -> backend: the reverse entry is keyed by the
-	 * backend's reply to it. */
-	__builtin_memcpy(rk.saddr, sc->e.idst.b, 16);
-	__builtin_memcpy(rk.daddr, sc->e.isrc.b, 16);
-	rk.sport = sc->e.idport;
-	rk.dport = sc->e.isport;
-	rk.proto = sc->e.proto;
-	rv = bpf_map_lookup_elem(&kpr_lb_snat_v1, &rk);
-	if (!rv)
-		return VERDICT_NOT_MINE;
-	__builtin_memcpy(sc->n.osrc.b, rv->vip_addr, 16);
-	__builtin_memcpy(sc->n.odst.b, rv->client_addr, 16);
-	/* As the client sent it: client -> frontend. */
-	__builtin_memcpy(sc->n.isrc.b, rv->client_addr, 16);
-	__builtin_memcpy(sc->n.idst.b, rv->vip_addr, 16);
-	sc->n.isport = rv->client_port;
-	sc->n.idport = rv->vip_port;
+	icmp_err_target(&sc->n, rv->vip_addr, rv->vip_port, rv->client_addr, rv->client_port);
 	return icmp_err_send(skb, sc);
 }
 
