@@ -199,6 +199,7 @@ enum lb_stat {
 	STAT_DROP_SOURCE_RANGE,
 	STAT_ECHO_REPLY,
 	STAT_ICMP_ERROR,
+	STAT_RATE_LIMITED,
 	STAT_MAX,
 };
 
@@ -897,6 +898,47 @@ static __always_inline void addr_from_be32(union addr16 *a, __be32 v4)
 	a->w[3] = v4;
 }
 
+/*
+ * Refusals and echo replies are answers the node makes up itself: a flood of
+ * SYNs or pings with forged sources would otherwise turn it into a reflector.
+ * Like the kernel's own ICMP (net.ipv4.icmp_msgs_per_sec, icmp_msgs_burst),
+ * at most ANSWER_RATE a second per node with bursts of ANSWER_BURST; beyond
+ * that the packet is dropped. GCRA: tat is the theoretical arrival time of
+ * the next answer, claimed with compare-and-swap across CPUs.
+ */
+#define ANSWER_RATE 1000
+#define ANSWER_BURST 50
+#define ANSWER_INTERVAL_NS (NSEC_PER_SEC / ANSWER_RATE)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 1);
+} lb_answer_tat SEC(".maps");
+
+static __always_inline int answer_allowed(void)
+{
+	__u32 zero = 0;
+	__u64 *tat = bpf_map_lookup_elem(&lb_answer_tat, &zero);
+	__u64 now = bpf_ktime_get_ns(), old, t;
+
+	if (!tat)
+		return 0;
+	old = *(volatile __u64 *)tat;
+	t = old > now ? old : now;
+	if (t - now > ANSWER_INTERVAL_NS * (ANSWER_BURST - 1)) {
+		count(STAT_RATE_LIMITED);
+		return 0;
+	}
+	/* A lost race counts as no: under a flood that is the right answer. */
+	if (__sync_val_compare_and_swap(tat, old, t + ANSWER_INTERVAL_NS) != old) {
+		count(STAT_RATE_LIMITED);
+		return 0;
+	}
+	return 1;
+}
+
 /* Bytes a RST may drop from the client's segment (options and payload), in chunks. */
 #define REJECT_CHUNK 256
 #define REJECT_CHUNKS 6
@@ -1303,6 +1345,8 @@ static __always_inline int reject(struct __sk_buff *skb, struct fwd_state *s)
 {
 	int err;
 
+	if (!answer_allowed())
+		return TC_ACT_SHOT;
 	if (s->p.proto == IPPROTO_TCP) {
 		struct eth_hdr eth;
 
@@ -1381,6 +1425,8 @@ static __noinline int answer_echo(struct __sk_buff *skb)
 	key.scope = SCOPE_EXTERNAL;
 	if (!bpf_map_lookup_elem(&kpr_svc_v1, &key))
 		return VERDICT_NOT_MINE;
+	if (!answer_allowed())
+		return TC_ACT_SHOT;
 
 	__builtin_memcpy(reth.dst, eth.src, ETH_ALEN);
 	__builtin_memcpy(reth.src, eth.dst, ETH_ALEN);

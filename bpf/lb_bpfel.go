@@ -186,7 +186,8 @@ const (
 	lbLbStatSTAT_DROP_SOURCE_RANGE lbLbStat = 13
 	lbLbStatSTAT_ECHO_REPLY        lbLbStat = 14
 	lbLbStatSTAT_ICMP_ERROR        lbLbStat = 15
-	lbLbStatSTAT_MAX               lbLbStat = 16
+	lbLbStatSTAT_RATE_LIMITED      lbLbStat = 16
+	lbLbStatSTAT_MAX               lbLbStat = 17
 )
 
 type lbSnatValue struct {
@@ -237,6 +238,7 @@ const (
 	lbMapKprLbStatsV1     = "kpr_lb_stats_v1"
 	lbMapKprMaglevV1      = "kpr_maglev_v1"
 	lbMapKprSvcV1         = "kpr_svc_v1"
+	lbMapLbAnswerTat      = "lb_answer_tat"
 	lbMapLbIcmpScratch    = "lb_icmp_scratch"
 	lbMapLbScratch        = "lb_scratch"
 	lbProgTcNodeport      = "tc_nodeport"
@@ -301,6 +303,7 @@ type lbMapSpecs struct {
 	KprLbStatsV1     *ebpf.MapSpec `ebpf:"kpr_lb_stats_v1"`
 	KprMaglevV1      *ebpf.MapSpec `ebpf:"kpr_maglev_v1"`
 	KprSvcV1         *ebpf.MapSpec `ebpf:"kpr_svc_v1"`
+	LbAnswerTat      *ebpf.MapSpec `ebpf:"lb_answer_tat"`
 	LbIcmpScratch    *ebpf.MapSpec `ebpf:"lb_icmp_scratch"`
 	LbScratch        *ebpf.MapSpec `ebpf:"lb_scratch"`
 }
@@ -339,6 +342,7 @@ type lbMaps struct {
 	KprLbStatsV1     *ebpf.Map `ebpf:"kpr_lb_stats_v1"`
 	KprMaglevV1      *ebpf.Map `ebpf:"kpr_maglev_v1"`
 	KprSvcV1         *ebpf.Map `ebpf:"kpr_svc_v1"`
+	LbAnswerTat      *ebpf.Map `ebpf:"lb_answer_tat"`
 	LbIcmpScratch    *ebpf.Map `ebpf:"lb_icmp_scratch"`
 	LbScratch        *ebpf.Map `ebpf:"lb_scratch"`
 }
@@ -353,6 +357,7 @@ func (m *lbMaps) Close() error {
 		m.KprLbStatsV1,
 		m.KprMaglevV1,
 		m.KprSvcV1,
+		m.LbAnswerTat,
 		m.LbIcmpScratch,
 		m.LbScratch,
 	)

@@ -587,6 +587,9 @@ type NodePortStats struct {
 	EchoReplies uint64
 	// ICMPErrors: ICMP errors about translated flows passed on, translated, to the other end.
 	ICMPErrors uint64
+	// RateLimited: refusals and echo replies not made (and their packets dropped) over the
+	// node's limit of 1,000 a second with bursts of 50.
+	RateLimited uint64
 	// Packets left to the stack: IPv4 fragments, malformed packets, translated packets the
 	// FIB did not let kpr forward (local, unreachable, forwarding disabled).
 	PassFragment, PassMalformed, PassFIB uint64
@@ -612,6 +615,7 @@ func (m *NodePortMaps) Stats() (NodePortStats, error) {
 		lbLbStatSTAT_DROP_SOURCE_RANGE: &s.DropSourceRange,
 		lbLbStatSTAT_ECHO_REPLY:        &s.EchoReplies,
 		lbLbStatSTAT_ICMP_ERROR:        &s.ICMPErrors,
+		lbLbStatSTAT_RATE_LIMITED:      &s.RateLimited,
 	}
 	for stat, field := range fields {
 		var perCPU []uint64

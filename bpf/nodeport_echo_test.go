@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"net/netip"
 	"testing"
+	"time"
 )
 
 // buildEcho is an ICMP (ICMPv6) echo request (or another type) from src to dst, checksums set.
@@ -119,5 +120,53 @@ func TestNodePortEcho(t *testing.T) {
 	}
 	if s := e.stats(); s.EchoReplies != 2 {
 		t.Errorf("EchoReplies %d, want 2", s.EchoReplies)
+	}
+}
+
+// Answers the node makes up (echo replies, refusals) share a limit of 1,000 a second with
+// bursts of 50, so a flood with forged sources cannot use the node as a reflector: 200 pings
+// back to back get about the burst answered and the rest dropped and counted, a refusal in
+// the same instant is dropped too, and a moment later answers come again.
+func TestNodePortAnswerRateLimit(t *testing.T) {
+	e := newNodePortEnv(t, Config{}, npConfig)
+	e.ifindexes()
+	e.programServices()
+	must(t, e.d.Maps.UpsertService(EchoMarker(npLBVIP), Service{}, 0))
+	must(t, e.d.Maps.UpsertService(ServiceKey{Addr: npLBVIP, Port: 8443, Proto: ProtoTCP, Scope: ScopeExternal}, Service{ID: 61}, 0))
+	ping := buildEcho(npClient4, npLBVIP, 8, nil)
+	syn := buildPacket(pktSpec{src: netip.AddrPortFrom(npClient4, 48000), dst: netip.AddrPortFrom(npLBVIP, 8443), proto: ProtoTCP, tcpFlags: tcpSYN})
+
+	answered := 0
+	start := time.Now()
+	for range 200 {
+		if ret, _ := e.nodeport(ping); ret == tcActRedirect {
+			answered++
+		}
+	}
+	// The burst, plus one answer per millisecond the calls took (with a little slack).
+	refill := int(time.Since(start)/time.Millisecond) + 2
+	s := e.stats()
+	if answered < 50 || answered > 50+refill || s.RateLimited != uint64(200-answered) {
+		t.Fatalf("200 pings back to back in %v: %d answered, %d rate-limited; want the burst of 50 plus at most %d refilled answered, the rest counted",
+			time.Since(start).Round(time.Millisecond), answered, s.RateLimited, refill)
+	}
+	// Refusals draw on the same budget: of ten SYNs right after the flood, at most the refill
+	// of the time they take is answered.
+	made := 0
+	start = time.Now()
+	for range 10 {
+		if ret, _ := e.nodeport(syn); ret == tcActRedirect {
+			made++
+		}
+	}
+	if refill := int(time.Since(start)/time.Millisecond) + 2; made > refill {
+		t.Errorf("ten refusals right after the flood: %d made in %v, want at most %d (over the limit)", made, time.Since(start).Round(time.Millisecond), refill)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if ret, _ := e.nodeport(ping); ret != tcActRedirect {
+		t.Errorf("a ping 100 ms later: verdict %d, want an answer", int32(ret))
+	}
+	if ret, _ := e.nodeport(syn); ret != tcActRedirect {
+		t.Errorf("a refusal 100 ms later: verdict %d, want the RST", int32(ret))
 	}
 }
