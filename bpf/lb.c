@@ -200,6 +200,7 @@ enum lb_stat {
 	STAT_ECHO_REPLY,
 	STAT_ICMP_ERROR,
 	STAT_RATE_LIMITED,
+	STAT_TOO_BIG,
 	STAT_MAX,
 };
 
@@ -299,6 +300,7 @@ struct pkt {
 	__u8 ttl;
 	__u32 l4off;
 	__u32 l4len; /* L4 header and payload, from the IP header's length */
+	__u32 mtu;   /* set by translate_and_send with VERDICT_TOO_BIG */
 };
 
 enum {
@@ -782,12 +784,32 @@ static __always_inline int fib_params(struct __sk_buff *skb, const struct pkt *p
 static __always_inline int send_fib(struct __sk_buff *skb, const struct pkt *p, int rc,
 				    const struct bpf_fib_lookup *fib_res);
 
-static __noinline int translate_and_send(struct __sk_buff *skb, const struct pkt *p,
-					 const struct nat_target *t)
+/*
+ * translate_and_send's answer, with too_big set, for a packet the route to its
+ * backend cannot take whole and that may not be fragmented (IPv4 DF, or IPv6):
+ * nothing is rewritten, p->mtu is the route's MTU, and the caller tells the
+ * client (icmp_error). Without it the stack would send "fragmentation needed"
+ * to the packet's new source, the node's own SNAT address: to itself.
+ */
+#define VERDICT_TOO_BIG 100
+
+static __noinline int translate_and_send(struct __sk_buff *skb, struct pkt *p,
+					 const struct nat_target *t, int too_big)
 {
 	struct bpf_fib_lookup fib;
 	int rc = fib_params(skb, p, &t->saddr, &t->daddr, &fib);
 	int fwd = rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH;
+
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && too_big) {
+		__be16 frag = bpf_htons(0x4000); /* DF */
+
+		if (p->v4 && bpf_skb_load_bytes(skb, ETH_HLEN + 6, &frag, sizeof(frag)))
+			frag = 0;
+		if (frag & bpf_htons(0x4000)) {
+			p->mtu = fib.mtu_result;
+			return VERDICT_TOO_BIG;
+		}
+	}
 
 	if (fwd && p->ttl <= 1) {
 		/* ICMP time exceeded is for a later slice. */
@@ -888,6 +910,7 @@ static __always_inline void snat_key_of(struct flow_key *rk, const struct ct_val
 #define ICMP_PORT_UNREACH 3
 #define ICMPV6_DEST_UNREACH 1
 #define ICMPV6_PORT_UNREACH 4
+#define ICMPV6_PKT_TOOBIG 2
 #define REJECT_TTL 64
 
 static __always_inline void addr_from_be32(union addr16 *a, __be32 v4)
@@ -1224,18 +1247,32 @@ static __noinline int reject_tcp(struct __sk_buff *skb, struct fwd_state *s)
 	return 0;
 }
 
-/* ICMP (ICMPv6) port unreachable for the client's UDP datagram. */
-static __noinline int reject_udp(struct __sk_buff *skb, struct fwd_state *s)
+/*
+ * Turns the client's packet into an ICMP (ICMPv6) error about it: with mtu 0
+ * port unreachable (UDP only), else fragmentation needed / packet too big
+ * with that MTU (TCP or UDP). Returns 0, TC_ACT_SHOT, or ICMP_ERR_CANNOT when
+ * no correct one can be made and the packet is untouched: IPv4 options, or
+ * a CHECKSUM_PARTIAL packet for a "too big" (the device's completion would
+ * write into the MTU or into the quote).
+ */
+#define ICMP_ERR_CANNOT 1
+#define ICMP_FRAG_NEEDED 4
+
+static __noinline int icmp_error(struct __sk_buff *skb, struct fwd_state *s, __u32 mtu)
 {
 	const struct pkt *p = &s->p;
 	struct udp_hdr uh;
+	__sum16 l4check;
 	__u32 psum, len;
 	__s64 c;
 	int partial;
 
 	if (p->v4 && p->l4off != ETH_HLEN + sizeof(struct ip4_hdr))
-		return TC_ACT_SHOT;
-	if (bpf_skb_load_bytes(skb, p->l4off, &uh, sizeof(uh)))
+		return mtu ? ICMP_ERR_CANNOT : TC_ACT_SHOT;
+	/* The first 8 bytes of the L4 header, which the error quotes. */
+	if (bpf_skb_load_bytes(skb, p->l4off, &uh, sizeof(uh)) ||
+	    bpf_skb_load_bytes(skb, p->l4off + (p->proto == IPPROTO_TCP ? TCP_CSUM_OFF : UDP_CSUM_OFF),
+			       &l4check, sizeof(l4check)))
 		return TC_ACT_SHOT;
 
 	if (p->v4) {
@@ -1244,12 +1281,14 @@ static __noinline int reject_udp(struct __sk_buff *skb, struct fwd_state *s)
 			__be32 saddr, daddr;
 			__u8 zero, proto;
 			__be16 len;
-		} ph = {p->saddr.w[3], p->daddr.w[3], 0, IPPROTO_UDP, bpf_htons(p->l4len)};
+		} ph = {p->saddr.w[3], p->daddr.w[3], 0, p->proto, bpf_htons(p->l4len)};
 
 		c = bpf_csum_diff(NULL, 0, (__be32 *)&ph, sizeof(ph), 0);
 		if (c < 0)
 			return TC_ACT_SHOT;
-		partial = uh.check == csum_fold32((__u32)c);
+		partial = l4check == csum_fold32((__u32)c);
+		if (partial && mtu)
+			return ICMP_ERR_CANNOT;
 		if (answer_eth(skb, &u->eth) ||
 		    bpf_skb_load_bytes(skb, ETH_HLEN, &u->quote_ip, sizeof(u->quote_ip)))
 			return TC_ACT_SHOT;
@@ -1269,10 +1308,10 @@ static __noinline int reject_udp(struct __sk_buff *skb, struct fwd_state *s)
 			return TC_ACT_SHOT;
 		u->ip.check = ~csum_fold32((__u32)c);
 		u->icmp.type = ICMP_DEST_UNREACH;
-		u->icmp.code = ICMP_PORT_UNREACH;
+		u->icmp.code = mtu ? ICMP_FRAG_NEEDED : ICMP_PORT_UNREACH;
 		u->icmp.check = 0;
 		u->icmp.unused_hi = 0;
-		u->icmp.unused_lo = 0;
+		u->icmp.unused_lo = bpf_htons((__u16)mtu); /* next-hop MTU (RFC 1191) */
 		if (!partial) {
 			c = bpf_csum_diff(NULL, 0, (__be32 *)&u->icmp,
 					  sizeof(*u) - offsetof(struct unreach4, icmp), 0);
@@ -1294,11 +1333,13 @@ static __noinline int reject_udp(struct __sk_buff *skb, struct fwd_state *s)
 		__builtin_memcpy(ph.daddr, p->daddr.w, 16);
 		ph.len = bpf_htonl(p->l4len);
 		ph.zero[0] = ph.zero[1] = ph.zero[2] = 0;
-		ph.nexthdr = IPPROTO_UDP;
+		ph.nexthdr = p->proto;
 		c = bpf_csum_diff(NULL, 0, (__be32 *)&ph, sizeof(ph), 0);
 		if (c < 0)
 			return TC_ACT_SHOT;
-		partial = uh.check == csum_fold32((__u32)c);
+		partial = l4check == csum_fold32((__u32)c);
+		if (partial && mtu)
+			return ICMP_ERR_CANNOT;
 		if (answer_eth(skb, &u->eth) ||
 		    bpf_skb_load_bytes(skb, ETH_HLEN, &u->quote_ip, sizeof(u->quote_ip)))
 			return TC_ACT_SHOT;
@@ -1316,11 +1357,11 @@ static __noinline int reject_udp(struct __sk_buff *skb, struct fwd_state *s)
 		if (c < 0)
 			return TC_ACT_SHOT;
 		psum = (__u32)c;
-		u->icmp.type = ICMPV6_DEST_UNREACH;
-		u->icmp.code = ICMPV6_PORT_UNREACH;
+		u->icmp.type = mtu ? ICMPV6_PKT_TOOBIG : ICMPV6_DEST_UNREACH;
+		u->icmp.code = mtu ? 0 : ICMPV6_PORT_UNREACH;
 		u->icmp.check = 0;
-		u->icmp.unused_hi = 0;
-		u->icmp.unused_lo = 0;
+		u->icmp.unused_hi = bpf_htons((__u16)(mtu >> 16)); /* the MTU, 32 bits */
+		u->icmp.unused_lo = bpf_htons((__u16)mtu);
 		if (partial) {
 			/* The completion writes here the complement of the sum of the ICMP message
 			 * with this field in it: with the pseudo-header sum here, that is the
@@ -1354,7 +1395,7 @@ static __always_inline int reject(struct __sk_buff *skb, struct fwd_state *s)
 		if (!err && (answer_eth(skb, &eth) || bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0)))
 			err = TC_ACT_SHOT;
 	} else {
-		err = reject_udp(skb, s);
+		err = icmp_error(skb, s, 0);
 	}
 	if (err) {
 		count(STAT_DROP_NO_BACKEND);
@@ -1490,7 +1531,6 @@ drop:
  * IPv6 extension headers, or of other protocols, are left alone.
  */
 #define ICMP_TIME_EXCEEDED 11
-#define ICMPV6_PKT_TOOBIG 2
 #define ICMPV6_TIME_EXCEED 3
 
 struct icmp_err {
@@ -1857,7 +1897,21 @@ int tc_nodeport(struct __sk_buff *skb)
 	s->t.sport = s->flow.snat_port;
 	s->t.dport = s->flow.backend_port;
 	count(STAT_FWD);
-	return translate_and_send(skb, &s->p, &s->t);
+	verdict = translate_and_send(skb, &s->p, &s->t, 1);
+	if (verdict != VERDICT_TOO_BIG)
+		return verdict;
+	/* Tell the client the path MTU, from the frontend; if no correct error can be made
+	 * (or too many are being made), pass the packet on as before and let the stack decide. */
+	if (answer_allowed()) {
+		verdict = icmp_error(skb, s, s->p.mtu);
+		if (verdict == TC_ACT_SHOT)
+			return verdict;
+		if (verdict == 0) {
+			count(STAT_TOO_BIG);
+			return bpf_redirect(skb->ifindex, 0);
+		}
+	}
+	return translate_and_send(skb, &s->p, &s->t, 0);
 }
 
 SEC("tc")
@@ -1894,7 +1948,7 @@ int tc_nodeport_reply(struct __sk_buff *skb)
 		rv->flags |= flags;
 
 	count(STAT_REPLY);
-	return translate_and_send(skb, &p, &t);
+	return translate_and_send(skb, &p, &t, 0);
 }
 
 char __license[] SEC("license") = "Dual BSD/GPL";

@@ -64,6 +64,7 @@ type lbFwdState struct {
 		Ttl      uint8
 		L4off    uint32
 		L4len    uint32
+		Mtu      uint32
 	}
 	Key  lbSvcKey
 	Fk   lbFlowKey
@@ -187,7 +188,8 @@ const (
 	lbLbStatSTAT_ECHO_REPLY        lbLbStat = 14
 	lbLbStatSTAT_ICMP_ERROR        lbLbStat = 15
 	lbLbStatSTAT_RATE_LIMITED      lbLbStat = 16
-	lbLbStatSTAT_MAX               lbLbStat = 17
+	lbLbStatSTAT_TOO_BIG           lbLbStat = 17
+	lbLbStatSTAT_MAX               lbLbStat = 18
 )
 
 type lbSnatValue struct {

@@ -590,6 +590,9 @@ type NodePortStats struct {
 	// RateLimited: refusals and echo replies not made (and their packets dropped) over the
 	// node's limit of 1,000 a second with bursts of 50.
 	RateLimited uint64
+	// TooBig: packets too big for the route to their backend, answered with fragmentation
+	// needed (packet too big) from the frontend.
+	TooBig uint64
 	// Packets left to the stack: IPv4 fragments, malformed packets, translated packets the
 	// FIB did not let kpr forward (local, unreachable, forwarding disabled).
 	PassFragment, PassMalformed, PassFIB uint64
@@ -616,6 +619,7 @@ func (m *NodePortMaps) Stats() (NodePortStats, error) {
 		lbLbStatSTAT_ECHO_REPLY:        &s.EchoReplies,
 		lbLbStatSTAT_ICMP_ERROR:        &s.ICMPErrors,
 		lbLbStatSTAT_RATE_LIMITED:      &s.RateLimited,
+		lbLbStatSTAT_TOO_BIG:           &s.TooBig,
 	}
 	for stat, field := range fields {
 		var perCPU []uint64

@@ -168,3 +168,69 @@ func TestNodePortICMPErrors(t *testing.T) {
 		t.Errorf("ICMPErrors %d DropError %d, want 6 and 0", s.ICMPErrors, s.DropError)
 	}
 }
+
+// A packet too big for the route to its backend that may not be fragmented (IPv4 DF, IPv6) is
+// answered with fragmentation needed / packet too big from the frontend, with the route's MTU,
+// quoting the client's own packet; the stack would have sent it to the SNAT address, the node
+// itself. Without DF, or when the packet's checksum is still to be completed by a device, the
+// packet is translated and left to the stack as before; packets that fit are forwarded.
+func TestNodePortTooBig(t *testing.T) {
+	e := newNodePortEnv(t, Config{}, npConfig)
+	e.ifindexes()
+	e.programServices()
+	e.ip("link", "set", "pod0", "mtu", "1280")
+	big := make([]byte, 1300)
+	for _, c := range []struct {
+		name       string
+		client, fe netip.AddrPort
+		typ, code  byte
+		rest       uint32
+	}{
+		{"udp ipv4 DF", netip.AddrPortFrom(npClient4, 49001), netip.AddrPortFrom(npNode4, 30053), 3, 4, 1280},
+		{"udp ipv6", netip.AddrPortFrom(npClient6, 49002), netip.AddrPortFrom(npNode6, 30053), 2, 0, 1280},
+		{"tcp ipv4 DF", netip.AddrPortFrom(npClient4, 49003), netip.AddrPortFrom(npNode4, 30080), 3, 4, 1280},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			proto, flags := ProtoUDP, uint8(0)
+			if c.fe.Port() == 30080 {
+				proto, flags = ProtoTCP, tcpACK|tcpPSH
+			}
+			in := buildPacket(pktSpec{src: c.client, dst: c.fe, proto: proto, tcpFlags: flags, payload: big, fragOff: 0x4000})
+			ret, out := e.nodeport(in)
+			if ret != tcActRedirect {
+				t.Fatalf("verdict %d, want TC_ACT_REDIRECT (the error sent back)", int32(ret))
+			}
+			osrc, odst, typ, code, rest, isrc, idst := icmpErrorParts(t, out)
+			if osrc != c.fe.Addr() || odst != c.client.Addr() || isrc != c.client || idst != c.fe {
+				t.Errorf("%s -> %s quoting %s -> %s, want %s -> %s quoting the client's packet %s -> %s",
+					osrc, odst, isrc, idst, c.fe.Addr(), c.client.Addr(), c.client, c.fe)
+			}
+			if typ != c.typ || code != c.code || rest != c.rest {
+				t.Errorf("type %d code %d MTU field %d, want %d %d %d", typ, code, rest, c.typ, c.code, c.rest)
+			}
+		})
+	}
+	t.Run("without DF the stack fragments it", func(t *testing.T) {
+		in := buildPacket(pktSpec{src: netip.AddrPortFrom(npClient4, 49010), dst: netip.AddrPortFrom(npNode4, 30053), proto: ProtoUDP, payload: big})
+		if ret, _ := e.nodeport(in); ret != tcActOK {
+			t.Errorf("verdict %d, want TC_ACT_OK (translated, left to the stack)", int32(ret))
+		}
+	})
+	t.Run("a checksum to be completed by a device: left to the stack", func(t *testing.T) {
+		in := buildPacket(pktSpec{src: netip.AddrPortFrom(npClient4, 49011), dst: netip.AddrPortFrom(npNode4, 30053), proto: ProtoUDP, payload: big, fragOff: 0x4000})
+		pin, _ := parsePacket(in)
+		l4off := len(in) - len(pin.l4)
+		binary.BigEndian.PutUint16(in[l4off+6:], fold(pseudoSum(pin.l3, len(pin.l4))))
+		if ret, _ := e.nodeport(in); ret != tcActOK {
+			t.Errorf("verdict %d, want TC_ACT_OK", int32(ret))
+		}
+	})
+	t.Run("a packet that fits is forwarded", func(t *testing.T) {
+		in := buildPacket(pktSpec{src: netip.AddrPortFrom(npClient4, 49012), dst: netip.AddrPortFrom(npNode4, 30053), proto: ProtoUDP, payload: big[:1000], fragOff: 0x4000})
+		ret, out := e.nodeport(in)
+		translated(t, in, out, ret, netip.AddrPortFrom(npPodA, 5353))
+	})
+	if s := e.stats(); s.TooBig != 3 {
+		t.Errorf("TooBig %d, want 3", s.TooBig)
+	}
+}
