@@ -2,8 +2,13 @@ package bpf
 
 import (
 	"encoding/binary"
+	"errors"
+	"fmt"
 	"net/netip"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // icmpError builds an ICMP (ICMPv6) error from src to dst quoting the IP header and the first
@@ -232,5 +237,91 @@ func TestNodePortTooBig(t *testing.T) {
 	})
 	if s := e.stats(); s.TooBig != 3 {
 		t.Errorf("TooBig %d, want 3", s.TooBig)
+	}
+}
+
+// TestNodePortPathMTUTraffic: a real client sends a datagram too big for the node's route to
+// the backend, with path MTU discovery on; the node's answer reaches it, so its kernel learns
+// the path MTU to the frontend: the next such send fails with EMSGSIZE, and a datagram that
+// fits is answered by the backend.
+func TestNodePortPathMTUTraffic(t *testing.T) {
+	e, client, backend := newTrafficEnv(t)
+	m := e.d.Maps
+	for i, s := range []struct {
+		key ServiceKey
+		be  Backend
+	}{
+		{ServiceKey{Addr: npNode4, Port: 30053, Proto: ProtoUDP, Scope: ScopeExternal}, Backend{npPodA, 5353, ProtoUDP}},
+		{ServiceKey{Addr: npNode6, Port: 30053, Proto: ProtoUDP, Scope: ScopeExternal}, Backend{npPod6, 5353, ProtoUDP}},
+	} {
+		id := uint32(700 + i)
+		must(t, m.UpsertBackend(id, s.be))
+		must(t, m.UpsertService(s.key, Service{ID: id, Backends: []uint32{id}}, 0))
+	}
+	backend.startServers(nil, []netip.AddrPort{netip.AddrPortFrom(npPodA, 5353), netip.AddrPortFrom(npPod6, 5353)})
+	e.ip("link", "set", "pod0", "mtu", "1280")
+	backend.ip("link", "set", "pod0p", "mtu", "1280")
+	// As from a NIC: checksums complete. (A CHECKSUM_PARTIAL packet gets no "too big" from
+	// kpr; see icmp_error.)
+	setTxChecksum(t, client, "ext0p", false)
+
+	for _, fe := range []netip.AddrPort{netip.AddrPortFrom(npNode4, 30053), netip.AddrPortFrom(npNode6, 30053)} {
+		err := client.do(func() error {
+			family, level, opt := unix.AF_INET, unix.IPPROTO_IP, unix.IP_MTU_DISCOVER
+			if fe.Addr().Is6() {
+				family, level, opt = unix.AF_INET6, unix.IPPROTO_IPV6, unix.IPV6_MTU_DISCOVER
+			}
+			fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+			if err != nil {
+				return err
+			}
+			defer unix.Close(fd)
+			if err := unix.SetsockoptInt(fd, level, opt, unix.IP_PMTUDISC_DO); err != nil {
+				return err
+			}
+			if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 2}); err != nil {
+				return err
+			}
+			if err := unix.Connect(fd, sockaddr(fe, family)); err != nil {
+				return err
+			}
+			big := make([]byte, 1400)
+			if _, err := unix.Write(fd, big); err != nil {
+				return fmt.Errorf("first large send: %w", err)
+			}
+			// The node's answer arrives as an error on the socket, or updates the route.
+			deadline := time.Now().Add(2 * time.Second)
+			for {
+				_, err := unix.Write(fd, big)
+				if errors.Is(err, unix.EMSGSIZE) {
+					break
+				}
+				if time.Now().After(deadline) {
+					return fmt.Errorf("large sends to %s still go out 2 s after the first (last error %v): the path MTU was not learned", fe, err)
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			mtu, err := unix.GetsockoptInt(fd, level, map[int]int{unix.AF_INET: unix.IP_MTU, unix.AF_INET6: unix.IPV6_MTU}[family])
+			if err != nil || mtu != 1280 {
+				return fmt.Errorf("path MTU to %s: %d (%v), want 1280", fe, mtu, err)
+			}
+			// The ICMP error may also be queued on the socket; take it off before the next send.
+			unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
+			if _, err := unix.Write(fd, []byte("ping")); err != nil {
+				return fmt.Errorf("a datagram that fits to %s: %w", fe, err)
+			}
+			buf := make([]byte, 512)
+			n, err := unix.Read(fd, buf)
+			if err != nil || n == 0 {
+				return fmt.Errorf("a datagram that fits to %s: %v", fe, err)
+			}
+			return nil
+		})
+		if err != nil {
+			t.Error(err)
+		}
+	}
+	if s := e.stats(); s.TooBig < 2 {
+		t.Errorf("TooBig %d, want at least 2", s.TooBig)
 	}
 }
