@@ -258,6 +258,29 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kpr_lb_src_ranges_v1 SEC(".maps");
 
+/*
+ * sessionAffinity ClientIP for traffic from outside: the backend each client
+ * address was last sent to per frontend (svc_id), reused for the client's new
+ * flows within the frontend's timeout while the backend still serves it
+ * (kpr_affinity_match_v1), as kube-proxy's affinity does. The socket LB keeps
+ * its own, per network namespace (kpr_affinity_v1).
+ */
+#define LB_AFFINITY_MAP_SIZE 65536
+
+struct lb_affinity_key {
+	__u8 client[16];
+	__u32 svc_id;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct lb_affinity_key);
+	__type(value, struct affinity_value);
+	__uint(max_entries, LB_AFFINITY_MAP_SIZE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kpr_lb_affinity_v1 SEC(".maps");
+
 /* A frontend's Maglev table: backend IDs, 0 for "none"; swapped whole by the agent. */
 struct maglev_inner {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -1011,6 +1034,7 @@ struct fwd_state {
 	__u32 now;
 	__u16 count;
 	__u8 preserve_src; /* SVC_F_PRESERVE_SRC: no SNAT */
+	__u32 affinity;    /* the frontend's affinity timeout, seconds; 0: none */
 	union {
 		__u8 chunk[REJECT_CHUNK]; /* reject_tcp: bytes the RST drops */
 		struct unreach4 u4;       /* reject_udp */
@@ -1047,7 +1071,34 @@ static __noinline int new_flow(const struct lb_config *cfg, struct fwd_state *s)
 	struct backend *be;
 	__u32 backend_id = 0;
 
-	be = select_backend(cfg, &s->key, s->count, s->svc_id, &s->fk, s->p.v4, &backend_id);
+	be = NULL;
+	if (s->affinity) {
+		struct lb_affinity_key ak = {};
+		struct affinity_value *av;
+
+		__builtin_memcpy(ak.client, s->fk.saddr, 16);
+		ak.svc_id = s->svc_id;
+		av = bpf_map_lookup_elem(&kpr_lb_affinity_v1, &ak);
+		if (av && s->now - av->last_used_sec <= s->affinity) {
+			struct affinity_match_key mk = {.svc_id = s->svc_id, .backend_id = av->backend_id};
+
+			/* The backend may have left this Service while staying in another. */
+			if (bpf_map_lookup_elem(&kpr_affinity_match_v1, &mk)) {
+				backend_id = mk.backend_id;
+				be = lookup_backend(backend_id, s->p.v4);
+			}
+		}
+	}
+	if (!be)
+		be = select_backend(cfg, &s->key, s->count, s->svc_id, &s->fk, s->p.v4, &backend_id);
+	if (be && s->affinity) {
+		struct lb_affinity_key ak = {};
+		struct affinity_value av = {.backend_id = backend_id, .last_used_sec = s->now};
+
+		__builtin_memcpy(ak.client, s->fk.saddr, 16);
+		ak.svc_id = s->svc_id;
+		bpf_map_update_elem(&kpr_lb_affinity_v1, &ak, &av, BPF_ANY);
+	}
 	if (!be) {
 		count(STAT_DROP_NO_BACKEND);
 		return TC_ACT_SHOT;
@@ -1833,6 +1884,7 @@ int tc_nodeport(struct __sk_buff *skb)
 	}
 	s->count = sv->count;
 	s->svc_id = sv->svc_id;
+	s->affinity = sv->affinity_timeout_sec;
 	s->preserve_src = (sv->flags & SVC_F_PRESERVE_SRC) != 0;
 	if (s->count == 0) {
 		/* kube-proxy rejects where no endpoint exists, drops where endpoints exist

@@ -13,6 +13,18 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type lbAffinityMatchKey struct {
+	_         structs.HostLayout
+	SvcId     uint32
+	BackendId uint32
+}
+
+type lbAffinityValue struct {
+	_           structs.HostLayout
+	BackendId   uint32
+	LastUsedSec uint32
+}
+
 type lbBackend struct {
 	_     structs.HostLayout
 	Addr  [16]uint8
@@ -93,6 +105,7 @@ type lbFwdState struct {
 	Count       uint16
 	PreserveSrc uint8
 	_           [1]byte
+	Affinity    uint32
 	Rej         struct {
 		_     structs.HostLayout
 		Chunk [256]uint8
@@ -152,6 +165,13 @@ type lbIcmpScratch struct {
 	}
 	OldAddrs [8]uint32
 	NewAddrs [8]uint32
+}
+
+type lbLbAffinityKey struct {
+	_      structs.HostLayout
+	Client [16]uint8
+	SvcId  uint32
+	Pad    uint32
 }
 
 type lbLbConfig struct {
@@ -232,19 +252,21 @@ type lbSvcValue struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	lbMapKprBackendsV1    = "kpr_backends_v1"
-	lbMapKprLbConfigV1    = "kpr_lb_config_v1"
-	lbMapKprLbCtV1        = "kpr_lb_ct_v1"
-	lbMapKprLbSnatV1      = "kpr_lb_snat_v1"
-	lbMapKprLbSrcRangesV1 = "kpr_lb_src_ranges_v1"
-	lbMapKprLbStatsV1     = "kpr_lb_stats_v1"
-	lbMapKprMaglevV1      = "kpr_maglev_v1"
-	lbMapKprSvcV1         = "kpr_svc_v1"
-	lbMapLbAnswerTat      = "lb_answer_tat"
-	lbMapLbIcmpScratch    = "lb_icmp_scratch"
-	lbMapLbScratch        = "lb_scratch"
-	lbProgTcNodeport      = "tc_nodeport"
-	lbProgTcNodeportReply = "tc_nodeport_reply"
+	lbMapKprAffinityMatchV1 = "kpr_affinity_match_v1"
+	lbMapKprBackendsV1      = "kpr_backends_v1"
+	lbMapKprLbAffinityV1    = "kpr_lb_affinity_v1"
+	lbMapKprLbConfigV1      = "kpr_lb_config_v1"
+	lbMapKprLbCtV1          = "kpr_lb_ct_v1"
+	lbMapKprLbSnatV1        = "kpr_lb_snat_v1"
+	lbMapKprLbSrcRangesV1   = "kpr_lb_src_ranges_v1"
+	lbMapKprLbStatsV1       = "kpr_lb_stats_v1"
+	lbMapKprMaglevV1        = "kpr_maglev_v1"
+	lbMapKprSvcV1           = "kpr_svc_v1"
+	lbMapLbAnswerTat        = "lb_answer_tat"
+	lbMapLbIcmpScratch      = "lb_icmp_scratch"
+	lbMapLbScratch          = "lb_scratch"
+	lbProgTcNodeport        = "tc_nodeport"
+	lbProgTcNodeportReply   = "tc_nodeport_reply"
 )
 
 // loadLb returns the embedded CollectionSpec for lb.
@@ -297,17 +319,19 @@ type lbProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type lbMapSpecs struct {
-	KprBackendsV1    *ebpf.MapSpec `ebpf:"kpr_backends_v1"`
-	KprLbConfigV1    *ebpf.MapSpec `ebpf:"kpr_lb_config_v1"`
-	KprLbCtV1        *ebpf.MapSpec `ebpf:"kpr_lb_ct_v1"`
-	KprLbSnatV1      *ebpf.MapSpec `ebpf:"kpr_lb_snat_v1"`
-	KprLbSrcRangesV1 *ebpf.MapSpec `ebpf:"kpr_lb_src_ranges_v1"`
-	KprLbStatsV1     *ebpf.MapSpec `ebpf:"kpr_lb_stats_v1"`
-	KprMaglevV1      *ebpf.MapSpec `ebpf:"kpr_maglev_v1"`
-	KprSvcV1         *ebpf.MapSpec `ebpf:"kpr_svc_v1"`
-	LbAnswerTat      *ebpf.MapSpec `ebpf:"lb_answer_tat"`
-	LbIcmpScratch    *ebpf.MapSpec `ebpf:"lb_icmp_scratch"`
-	LbScratch        *ebpf.MapSpec `ebpf:"lb_scratch"`
+	KprAffinityMatchV1 *ebpf.MapSpec `ebpf:"kpr_affinity_match_v1"`
+	KprBackendsV1      *ebpf.MapSpec `ebpf:"kpr_backends_v1"`
+	KprLbAffinityV1    *ebpf.MapSpec `ebpf:"kpr_lb_affinity_v1"`
+	KprLbConfigV1      *ebpf.MapSpec `ebpf:"kpr_lb_config_v1"`
+	KprLbCtV1          *ebpf.MapSpec `ebpf:"kpr_lb_ct_v1"`
+	KprLbSnatV1        *ebpf.MapSpec `ebpf:"kpr_lb_snat_v1"`
+	KprLbSrcRangesV1   *ebpf.MapSpec `ebpf:"kpr_lb_src_ranges_v1"`
+	KprLbStatsV1       *ebpf.MapSpec `ebpf:"kpr_lb_stats_v1"`
+	KprMaglevV1        *ebpf.MapSpec `ebpf:"kpr_maglev_v1"`
+	KprSvcV1           *ebpf.MapSpec `ebpf:"kpr_svc_v1"`
+	LbAnswerTat        *ebpf.MapSpec `ebpf:"lb_answer_tat"`
+	LbIcmpScratch      *ebpf.MapSpec `ebpf:"lb_icmp_scratch"`
+	LbScratch          *ebpf.MapSpec `ebpf:"lb_scratch"`
 }
 
 // lbVariableSpecs contains global variables before they are loaded into the kernel.
@@ -336,22 +360,26 @@ func (o *lbObjects) Close() error {
 //
 // It can be passed to loadLbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type lbMaps struct {
-	KprBackendsV1    *ebpf.Map `ebpf:"kpr_backends_v1"`
-	KprLbConfigV1    *ebpf.Map `ebpf:"kpr_lb_config_v1"`
-	KprLbCtV1        *ebpf.Map `ebpf:"kpr_lb_ct_v1"`
-	KprLbSnatV1      *ebpf.Map `ebpf:"kpr_lb_snat_v1"`
-	KprLbSrcRangesV1 *ebpf.Map `ebpf:"kpr_lb_src_ranges_v1"`
-	KprLbStatsV1     *ebpf.Map `ebpf:"kpr_lb_stats_v1"`
-	KprMaglevV1      *ebpf.Map `ebpf:"kpr_maglev_v1"`
-	KprSvcV1         *ebpf.Map `ebpf:"kpr_svc_v1"`
-	LbAnswerTat      *ebpf.Map `ebpf:"lb_answer_tat"`
-	LbIcmpScratch    *ebpf.Map `ebpf:"lb_icmp_scratch"`
-	LbScratch        *ebpf.Map `ebpf:"lb_scratch"`
+	KprAffinityMatchV1 *ebpf.Map `ebpf:"kpr_affinity_match_v1"`
+	KprBackendsV1      *ebpf.Map `ebpf:"kpr_backends_v1"`
+	KprLbAffinityV1    *ebpf.Map `ebpf:"kpr_lb_affinity_v1"`
+	KprLbConfigV1      *ebpf.Map `ebpf:"kpr_lb_config_v1"`
+	KprLbCtV1          *ebpf.Map `ebpf:"kpr_lb_ct_v1"`
+	KprLbSnatV1        *ebpf.Map `ebpf:"kpr_lb_snat_v1"`
+	KprLbSrcRangesV1   *ebpf.Map `ebpf:"kpr_lb_src_ranges_v1"`
+	KprLbStatsV1       *ebpf.Map `ebpf:"kpr_lb_stats_v1"`
+	KprMaglevV1        *ebpf.Map `ebpf:"kpr_maglev_v1"`
+	KprSvcV1           *ebpf.Map `ebpf:"kpr_svc_v1"`
+	LbAnswerTat        *ebpf.Map `ebpf:"lb_answer_tat"`
+	LbIcmpScratch      *ebpf.Map `ebpf:"lb_icmp_scratch"`
+	LbScratch          *ebpf.Map `ebpf:"lb_scratch"`
 }
 
 func (m *lbMaps) Close() error {
 	return _LbClose(
+		m.KprAffinityMatchV1,
 		m.KprBackendsV1,
+		m.KprLbAffinityV1,
 		m.KprLbConfigV1,
 		m.KprLbCtV1,
 		m.KprLbSnatV1,

@@ -80,6 +80,36 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kpr_backends_v1 SEC(".maps");
 
+/* Default size; the loaders override max_entries from their Config. */
+#define AFFINITY_MATCH_MAP_SIZE 65536
+
+/* Session affinity: the backend a client was last sent to, and when. */
+struct affinity_value {
+	__u32 backend_id;
+	__u32 last_used_sec;
+};
+
+/*
+ * Backend IDs are shared between Services (one per backend address, port and
+ * protocol), so "the remembered backend still exists" does not mean "it still
+ * belongs to this Service". The agent keeps one entry per (svc_id, backend_id)
+ * of every frontend with affinity, and an affinity hit is only reused if its
+ * pair is here. Shared by the socket and the north-south objects.
+ */
+struct affinity_match_key {
+	__u32 svc_id;
+	__u32 backend_id;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct affinity_match_key);
+	__type(value, __u8); /* unused: presence is the answer */
+	__uint(max_entries, AFFINITY_MATCH_MAP_SIZE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kpr_affinity_match_v1 SEC(".maps");
+
 /* Addresses as the maps hold them (bytes) and as contexts and headers hold them (words). */
 union addr16 {
 	__u8 b[16];

@@ -102,6 +102,7 @@ var lbMapNames = []string{
 	lbMapKprLbStatsV1,
 	lbMapKprMaglevV1,
 	lbMapKprLbSrcRangesV1,
+	lbMapKprLbAffinityV1,
 }
 
 func (c Config) lbMapSizes() ([]mapSize, int, error) {
@@ -112,9 +113,11 @@ func (c Config) lbMapSizes() ([]mapSize, int, error) {
 		{lbMapKprLbCtV1, "ConntrackMapSize", c.ConntrackMapSize},
 		{lbMapKprLbSnatV1, "ConntrackMapSize", c.ConntrackMapSize},
 		{lbMapKprMaglevV1, "MaglevMapSize", c.MaglevMapSize},
+		{lbMapKprAffinityMatchV1, "AffinityMatchMapSize", c.AffinityMatchMapSize}, // shared
+		{lbMapKprLbAffinityV1, "AffinityMapSize", c.AffinityMapSize},
 	}
 	defaults := []int{DefaultServiceMapSize, DefaultBackendMapSize, DefaultConntrackMapSize,
-		DefaultConntrackMapSize, DefaultMaglevMapSize}
+		DefaultConntrackMapSize, DefaultMaglevMapSize, DefaultAffinityMatchMapSize, DefaultAffinityMapSize}
 	for i := range sizes {
 		switch {
 		case sizes[i].size < 0 || uint64(sizes[i].size) > math.MaxUint32:
@@ -154,6 +157,8 @@ type NodePortMaps struct {
 	maglev *ebpf.Map
 	// srcRanges holds the loadBalancerSourceRanges of frontends with FlagSourceRanges.
 	srcRanges *ebpf.Map
+	// affinity remembers each external client's backend per frontend with session affinity.
+	affinity *ebpf.Map
 	// tableSize is the number of entries of every Maglev table.
 	tableSize int
 }
@@ -166,6 +171,7 @@ func (m *NodePortMaps) byName() map[string]**ebpf.Map {
 		lbMapKprLbStatsV1:     &m.stats,
 		lbMapKprMaglevV1:      &m.maglev,
 		lbMapKprLbSrcRangesV1: &m.srcRanges,
+		lbMapKprLbAffinityV1:  &m.affinity,
 	}
 }
 
@@ -206,6 +212,7 @@ func checkNodePortLayouts(m *NodePortMaps) error {
 		lbMapKprLbStatsV1:     {4, 8},
 		lbMapKprMaglevV1:      {4, 4},
 		lbMapKprLbSrcRangesV1: {binary.Size(lbSrcRangeKey{}), 1},
+		lbMapKprLbAffinityV1:  {binary.Size(lbLbAffinityKey{}), binary.Size(lbAffinityValue{})},
 	}
 	for name, p := range m.byName() {
 		want := layouts[name]

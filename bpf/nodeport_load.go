@@ -77,6 +77,7 @@ func LoadNodePort(cfg Config, np NodePortConfig) (_ *NodePort, err error) {
 		stats:     n.objs.KprLbStatsV1,
 		maglev:    n.objs.KprMaglevV1,
 		srcRanges: n.objs.KprLbSrcRangesV1,
+		affinity:  n.objs.KprLbAffinityV1,
 		tableSize: tableSize,
 	}
 	defer func() {

@@ -1163,6 +1163,8 @@ func TestLBObjectMatchesSchema(t *testing.T) {
 		lbMapKprMaglevV1:   {4, 4, DefaultMaglevMapSize},
 		// {prefixlen, svc_id, address}: the svc_id's 32 bits come first, matched whole.
 		lbMapKprLbSrcRangesV1: {24, 1, MaxSourceRanges},
+		// {client[16], svc_id, pad} -> {backend_id, last_used_sec}
+		lbMapKprLbAffinityV1: {24, 8, DefaultAffinityMapSize},
 	}
 	for name, w := range want {
 		ms := lb.Maps[name]
@@ -1182,7 +1184,7 @@ func TestLBObjectMatchesSchema(t *testing.T) {
 	if !slices.Equal(slices.Sorted(maps.Keys(want)), slices.Sorted(slices.Values(lbMapNames))) {
 		t.Errorf("lbMapNames %v", lbMapNames)
 	}
-	for _, name := range []string{lbMapKprSvcV1, lbMapKprBackendsV1} {
+	for _, name := range []string{lbMapKprSvcV1, lbMapKprBackendsV1, lbMapKprAffinityMatchV1} {
 		a, b := lb.Maps[name], sock.Maps[name]
 		if a.Type != b.Type || a.KeySize != b.KeySize || a.ValueSize != b.ValueSize || a.MaxEntries != b.MaxEntries ||
 			a.Flags != b.Flags || a.Pinning != b.Pinning {

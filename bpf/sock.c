@@ -26,7 +26,6 @@
 #define REVNAT_MAP_SIZE 65536
 #define SK_REVNAT_MAP_SIZE 131072
 #define AFFINITY_MAP_SIZE 65536
-#define AFFINITY_MATCH_MAP_SIZE 65536
 /* Fixed: a cluster has one or two Service CIDRs (a few more while one is being migrated). */
 #define SVC_CIDR_MAP_SIZE 64
 
@@ -55,23 +54,6 @@ struct affinity_key {
 	__u64 netns_cookie;
 	__u32 svc_id;
 	__u32 pad;
-};
-
-struct affinity_value {
-	__u32 backend_id;
-	__u32 last_used_sec;
-};
-
-/*
- * Backend IDs are shared between Services (one per backend address, port and
- * protocol), so "the remembered backend still exists" does not mean "it still
- * belongs to this Service". The agent keeps one entry per (svc_id, backend_id)
- * of every frontend with affinity, and an affinity hit is only reused if its
- * pair is here.
- */
-struct affinity_match_key {
-	__u32 svc_id;
-	__u32 backend_id;
 };
 
 /*
@@ -108,15 +90,6 @@ struct {
 	__uint(max_entries, AFFINITY_MAP_SIZE);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kpr_affinity_v1 SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, struct affinity_match_key);
-	__type(value, __u8); /* unused: presence is the answer */
-	__uint(max_entries, AFFINITY_MATCH_MAP_SIZE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} kpr_affinity_match_v1 SEC(".maps");
 
 /*
  * The Service CIDRs. An address in one of them that no frontend owns is an

@@ -204,6 +204,9 @@ func loadNorthSouth(cfg *config.Config, ns *northSouth, seed maglev.Seed) error 
 		BackendMapSize:   cfg.BackendMapSize,
 		ConntrackMapSize: cfg.ConntrackMapSize,
 		MaglevTableSize:  cfg.MaglevTableSize,
+		// Shared with the socket datapath, or the north-south one's own: sized alike.
+		AffinityMapSize:      cfg.AffinityMapSize,
+		AffinityMatchMapSize: cfg.AffinityMatchMapSize,
 	}, bpf.NodePortConfig{SNATAddr4: ns.snat4, SNATAddr6: ns.snat6, HashSeed: hashSeed(seed)})
 	if err != nil {
 		return fmt.Errorf("loading the north-south datapath: %w", err)
