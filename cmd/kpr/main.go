@@ -186,7 +186,43 @@ func printStatus(out io.Writer, cfg *config.Config) error {
 		unalloc = "unallocated addresses in " + joinPrefixes(cidrs) + " refused"
 	}
 	fmt.Fprintf(w, "Load balancing:\t%d frontends, %d backends; %s\n", n, len(bes), unalloc)
+	if nm, err := bpf.OpenNodePortMaps(cfg.BPFPinDir); err == nil {
+		st, err := nm.Stats()
+		nm.Close()
+		if err == nil {
+			fmt.Fprintf(w, "Outside traffic:\t%s\n", northSouthCounters(st))
+		}
+	}
 	return nil
+}
+
+// northSouthCounters is the tc programs' counters since the maps were created, on one line:
+// what was served, made up by the node, and dropped, and why.
+func northSouthCounters(s bpf.NodePortStats) string {
+	out := fmt.Sprintf("%d flows, %d packets forwarded, %d replies; answered: %d refusals, %d pings, %d too big, %d ICMP errors passed on",
+		s.NewFlows, s.Forwarded, s.Replies, s.Rejected, s.EchoReplies, s.TooBig, s.ICMPErrors)
+	var drops []string
+	for _, d := range []struct {
+		n    uint64
+		what string
+	}{
+		{s.DropNoBackend, "no usable backend"},
+		{s.DropNotServed, "port not served"},
+		{s.DropSourceRange, "outside loadBalancerSourceRanges"},
+		{s.RateLimited, "over the answer rate limit"},
+		{s.DropNoSNATPort, "no free SNAT port"},
+		{s.DropNoNodeAddr, "no SNAT address"},
+		{s.DropTTL, "TTL exhausted"},
+		{s.DropError, "errors"},
+	} {
+		if d.n > 0 {
+			drops = append(drops, fmt.Sprintf("%d %s", d.n, d.what))
+		}
+	}
+	if len(drops) > 0 {
+		out += "; dropped: " + strings.Join(drops, ", ")
+	}
+	return out
 }
 
 // networkingLine is the agent's cluster networking on one line, each value with its source.

@@ -8,6 +8,7 @@ import (
 
 	v1 "k8s.io/api/core/v1"
 
+	"github.com/kpr-dev/kpr/bpf"
 	"github.com/kpr-dev/kpr/node/agent"
 	"github.com/kpr-dev/kpr/node/datapath"
 	"github.com/kpr-dev/kpr/node/lbstate"
@@ -82,5 +83,16 @@ func TestNetworkingLine(t *testing.T) {
 	}
 	if got := networkingLine(&agent.Networking{DNSDomainFrom: "unknown: no kubeadmConfig is given"}); !strings.HasSuffix(got, "DNS domain unknown: no kubeadmConfig is given") {
 		t.Fatalf("unknown DNS domain: %s", got)
+	}
+}
+
+func TestNorthSouthCounters(t *testing.T) {
+	got := northSouthCounters(bpf.NodePortStats{NewFlows: 3, Forwarded: 10, Replies: 9, Rejected: 2, EchoReplies: 1, DropSourceRange: 4, RateLimited: 5})
+	want := "3 flows, 10 packets forwarded, 9 replies; answered: 2 refusals, 1 pings, 0 too big, 0 ICMP errors passed on; dropped: 4 outside loadBalancerSourceRanges, 5 over the answer rate limit"
+	if got != want {
+		t.Errorf("got  %q\nwant %q", got, want)
+	}
+	if got := northSouthCounters(bpf.NodePortStats{}); strings.Contains(got, "dropped") {
+		t.Errorf("no drops, yet %q", got)
 	}
 }
