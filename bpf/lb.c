@@ -201,6 +201,7 @@ enum lb_stat {
 	STAT_ICMP_ERROR,
 	STAT_RATE_LIMITED,
 	STAT_TOO_BIG,
+	STAT_TTL_EXCEEDED,
 	STAT_MAX,
 };
 
@@ -815,6 +816,8 @@ static __always_inline int send_fib(struct __sk_buff *skb, const struct pkt *p, 
  * to the packet's new source, the node's own SNAT address: to itself.
  */
 #define VERDICT_TOO_BIG 100
+/* Likewise for a packet whose TTL (hop limit) would run out here: time exceeded. */
+#define VERDICT_TTL 101
 
 static __noinline int translate_and_send(struct __sk_buff *skb, struct pkt *p,
 					 const struct nat_target *t, int too_big)
@@ -835,7 +838,8 @@ static __noinline int translate_and_send(struct __sk_buff *skb, struct pkt *p,
 	}
 
 	if (fwd && p->ttl <= 1) {
-		/* ICMP time exceeded is for a later slice. */
+		if (too_big)
+			return VERDICT_TTL;
 		count(STAT_DROP_TTL);
 		return TC_ACT_SHOT;
 	}
@@ -1300,14 +1304,18 @@ static __noinline int reject_tcp(struct __sk_buff *skb, struct fwd_state *s)
 
 /*
  * Turns the client's packet into an ICMP (ICMPv6) error about it: with mtu 0
- * port unreachable (UDP only), else fragmentation needed / packet too big
- * with that MTU (TCP or UDP). Returns 0, TC_ACT_SHOT, or ICMP_ERR_CANNOT when
+ * port unreachable (UDP only), with ICMP_TTL_EXCEEDED time exceeded in
+ * transit, else fragmentation needed / packet too big with that MTU (TCP or
+ * UDP). Returns 0, TC_ACT_SHOT, or ICMP_ERR_CANNOT when
  * no correct one can be made and the packet is untouched: IPv4 options, or
  * a CHECKSUM_PARTIAL packet for a "too big" (the device's completion would
  * write into the MTU or into the quote).
  */
 #define ICMP_ERR_CANNOT 1
 #define ICMP_FRAG_NEEDED 4
+#define ICMP_TIME_EXCEEDED 11
+#define ICMPV6_TIME_EXCEED 3
+#define ICMP_TTL_EXCEEDED 1 /* icmp_error's "mtu" for time exceeded: no real MTU is 1 */
 
 static __noinline int icmp_error(struct __sk_buff *skb, struct fwd_state *s, __u32 mtu)
 {
@@ -1338,7 +1346,7 @@ static __noinline int icmp_error(struct __sk_buff *skb, struct fwd_state *s, __u
 		if (c < 0)
 			return TC_ACT_SHOT;
 		partial = l4check == csum_fold32((__u32)c);
-		if (partial && mtu)
+		if (partial && mtu && (mtu != ICMP_TTL_EXCEEDED || p->proto != IPPROTO_UDP))
 			return ICMP_ERR_CANNOT;
 		if (answer_eth(skb, &u->eth) ||
 		    bpf_skb_load_bytes(skb, ETH_HLEN, &u->quote_ip, sizeof(u->quote_ip)))
@@ -1358,11 +1366,12 @@ static __noinline int icmp_error(struct __sk_buff *skb, struct fwd_state *s, __u
 		if (c < 0)
 			return TC_ACT_SHOT;
 		u->ip.check = ~csum_fold32((__u32)c);
-		u->icmp.type = ICMP_DEST_UNREACH;
-		u->icmp.code = mtu ? ICMP_FRAG_NEEDED : ICMP_PORT_UNREACH;
+		u->icmp.type = mtu == ICMP_TTL_EXCEEDED ? ICMP_TIME_EXCEEDED : ICMP_DEST_UNREACH;
+		u->icmp.code = mtu == ICMP_TTL_EXCEEDED ? 0 : mtu ? ICMP_FRAG_NEEDED : ICMP_PORT_UNREACH;
 		u->icmp.check = 0;
 		u->icmp.unused_hi = 0;
-		u->icmp.unused_lo = bpf_htons((__u16)mtu); /* next-hop MTU (RFC 1191) */
+		/* next-hop MTU (RFC 1191) */
+		u->icmp.unused_lo = mtu == ICMP_TTL_EXCEEDED ? 0 : bpf_htons((__u16)mtu);
 		if (!partial) {
 			c = bpf_csum_diff(NULL, 0, (__be32 *)&u->icmp,
 					  sizeof(*u) - offsetof(struct unreach4, icmp), 0);
@@ -1389,7 +1398,7 @@ static __noinline int icmp_error(struct __sk_buff *skb, struct fwd_state *s, __u
 		if (c < 0)
 			return TC_ACT_SHOT;
 		partial = l4check == csum_fold32((__u32)c);
-		if (partial && mtu)
+		if (partial && mtu && (mtu != ICMP_TTL_EXCEEDED || p->proto != IPPROTO_UDP))
 			return ICMP_ERR_CANNOT;
 		if (answer_eth(skb, &u->eth) ||
 		    bpf_skb_load_bytes(skb, ETH_HLEN, &u->quote_ip, sizeof(u->quote_ip)))
@@ -1408,11 +1417,12 @@ static __noinline int icmp_error(struct __sk_buff *skb, struct fwd_state *s, __u
 		if (c < 0)
 			return TC_ACT_SHOT;
 		psum = (__u32)c;
-		u->icmp.type = mtu ? ICMPV6_PKT_TOOBIG : ICMPV6_DEST_UNREACH;
+		u->icmp.type = mtu == ICMP_TTL_EXCEEDED ? ICMPV6_TIME_EXCEED : mtu ? ICMPV6_PKT_TOOBIG : ICMPV6_DEST_UNREACH;
 		u->icmp.code = mtu ? 0 : ICMPV6_PORT_UNREACH;
 		u->icmp.check = 0;
-		u->icmp.unused_hi = bpf_htons((__u16)(mtu >> 16)); /* the MTU, 32 bits */
-		u->icmp.unused_lo = bpf_htons((__u16)mtu);
+		/* the MTU, 32 bits */
+		u->icmp.unused_hi = mtu == ICMP_TTL_EXCEEDED ? 0 : bpf_htons((__u16)(mtu >> 16));
+		u->icmp.unused_lo = mtu == ICMP_TTL_EXCEEDED ? 0 : bpf_htons((__u16)mtu);
 		if (partial) {
 			/* The completion writes here the complement of the sum of the ICMP message
 			 * with this field in it: with the pseudo-header sum here, that is the
@@ -1581,8 +1591,6 @@ drop:
  * unreachable, packet too big, time exceeded. Quotes with IPv4 options or
  * IPv6 extension headers, or of other protocols, are left alone.
  */
-#define ICMP_TIME_EXCEEDED 11
-#define ICMPV6_TIME_EXCEED 3
 
 struct icmp_err {
 	union addr16 osrc, odst; /* outer */
@@ -1950,6 +1958,15 @@ int tc_nodeport(struct __sk_buff *skb)
 	s->t.dport = s->flow.backend_port;
 	count(STAT_FWD);
 	verdict = translate_and_send(skb, &s->p, &s->t, 1);
+	if (verdict == VERDICT_TTL) {
+		/* As a router does (traceroute shows the frontend for this hop). */
+		if (answer_allowed() && icmp_error(skb, s, ICMP_TTL_EXCEEDED) == 0) {
+			count(STAT_TTL_EXCEEDED);
+			return bpf_redirect(skb->ifindex, 0);
+		}
+		count(STAT_DROP_TTL);
+		return TC_ACT_SHOT;
+	}
 	if (verdict != VERDICT_TOO_BIG)
 		return verdict;
 	/* Tell the client the path MTU, from the frontend; if no correct error can be made

@@ -209,7 +209,8 @@ const (
 	lbLbStatSTAT_ICMP_ERROR        lbLbStat = 15
 	lbLbStatSTAT_RATE_LIMITED      lbLbStat = 16
 	lbLbStatSTAT_TOO_BIG           lbLbStat = 17
-	lbLbStatSTAT_MAX               lbLbStat = 18
+	lbLbStatSTAT_TTL_EXCEEDED      lbLbStat = 18
+	lbLbStatSTAT_MAX               lbLbStat = 19
 )
 
 type lbSnatValue struct {

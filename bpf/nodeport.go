@@ -600,6 +600,8 @@ type NodePortStats struct {
 	// TooBig: packets too big for the route to their backend, answered with fragmentation
 	// needed (packet too big) from the frontend.
 	TooBig uint64
+	// TTLExceeded: packets whose TTL would have run out here, answered with time exceeded.
+	TTLExceeded uint64
 	// Packets left to the stack: IPv4 fragments, malformed packets, translated packets the
 	// FIB did not let kpr forward (local, unreachable, forwarding disabled).
 	PassFragment, PassMalformed, PassFIB uint64
@@ -627,6 +629,7 @@ func (m *NodePortMaps) Stats() (NodePortStats, error) {
 		lbLbStatSTAT_ICMP_ERROR:        &s.ICMPErrors,
 		lbLbStatSTAT_RATE_LIMITED:      &s.RateLimited,
 		lbLbStatSTAT_TOO_BIG:           &s.TooBig,
+		lbLbStatSTAT_TTL_EXCEEDED:      &s.TTLExceeded,
 	}
 	for stat, field := range fields {
 		var perCPU []uint64

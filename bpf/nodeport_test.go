@@ -526,14 +526,28 @@ func TestNodePortProgRun(t *testing.T) {
 
 	t.Run("time to live", func(t *testing.T) {
 		before := e.stats()
-		in := buildPacket(pktSpec{src: netip.AddrPortFrom(npClient4, 45000), dst: frontend, proto: ProtoTCP, tcpFlags: tcpSYN, ttl: 1})
-		if ret, _ := e.nodeport(in); ret != tcActShot {
-			t.Errorf("TTL 1: verdict %d, want TC_ACT_SHOT", int32(ret))
+		// As a router: time exceeded, from the frontend, quoting the packet.
+		for _, c := range []struct {
+			src, dst  netip.AddrPort
+			typ, code byte
+		}{
+			{netip.AddrPortFrom(npClient4, 45000), frontend, 11, 0},
+			{netip.AddrPortFrom(npClient6, 45000), netip.AddrPortFrom(npNode6, 30080), 3, 0},
+		} {
+			in := buildPacket(pktSpec{src: c.src, dst: c.dst, proto: ProtoTCP, tcpFlags: tcpSYN, ttl: 1})
+			ret, out := e.nodeport(in)
+			if ret != tcActRedirect {
+				t.Fatalf("TTL 1 %s: verdict %d, want TC_ACT_REDIRECT (time exceeded)", c.dst, int32(ret))
+			}
+			osrc, odst, typ, code, rest, isrc, idst := icmpErrorParts(t, out)
+			if osrc != c.dst.Addr() || odst != c.src.Addr() || typ != c.typ || code != c.code || rest != 0 || isrc != c.src || idst != c.dst {
+				t.Errorf("TTL 1 %s: %s -> %s type %d code %d rest %d quoting %s -> %s", c.dst, osrc, odst, typ, code, rest, isrc, idst)
+			}
 		}
-		if after := e.stats(); after.DropTTL != before.DropTTL+1 {
-			t.Errorf("DropTTL %d -> %d", before.DropTTL, after.DropTTL)
+		if after := e.stats(); after.TTLExceeded != before.TTLExceeded+2 || after.DropTTL != before.DropTTL {
+			t.Errorf("TTLExceeded %d -> %d, DropTTL %d -> %d", before.TTLExceeded, after.TTLExceeded, before.DropTTL, after.DropTTL)
 		}
-		in = buildPacket(pktSpec{src: netip.AddrPortFrom(npClient4, 45001), dst: frontend, proto: ProtoTCP, tcpFlags: tcpSYN, ttl: 2})
+		in := buildPacket(pktSpec{src: netip.AddrPortFrom(npClient4, 45001), dst: frontend, proto: ProtoTCP, tcpFlags: tcpSYN, ttl: 2})
 		ret, out := e.nodeport(in)
 		translated(t, in, out, ret, tcpA, tcpB)
 	})

@@ -199,8 +199,8 @@ func printStatus(out io.Writer, cfg *config.Config) error {
 // northSouthCounters is the tc programs' counters since the maps were created, on one line:
 // what was served, made up by the node, and dropped, and why.
 func northSouthCounters(s bpf.NodePortStats) string {
-	out := fmt.Sprintf("%d flows, %d packets forwarded, %d replies; answered: %d refusals, %d pings, %d too big, %d ICMP errors passed on",
-		s.NewFlows, s.Forwarded, s.Replies, s.Rejected, s.EchoReplies, s.TooBig, s.ICMPErrors)
+	out := fmt.Sprintf("%d flows, %d packets forwarded, %d replies; answered: %d refusals, %d pings, %d too big, %d TTL exceeded, %d ICMP errors passed on",
+		s.NewFlows, s.Forwarded, s.Replies, s.Rejected, s.EchoReplies, s.TooBig, s.TTLExceeded, s.ICMPErrors)
 	var drops []string
 	for _, d := range []struct {
 		n    uint64

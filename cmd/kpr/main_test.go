@@ -88,7 +88,7 @@ func TestNetworkingLine(t *testing.T) {
 
 func TestNorthSouthCounters(t *testing.T) {
 	got := northSouthCounters(bpf.NodePortStats{NewFlows: 3, Forwarded: 10, Replies: 9, Rejected: 2, EchoReplies: 1, DropSourceRange: 4, RateLimited: 5})
-	want := "3 flows, 10 packets forwarded, 9 replies; answered: 2 refusals, 1 pings, 0 too big, 0 ICMP errors passed on; dropped: 4 outside loadBalancerSourceRanges, 5 over the answer rate limit"
+	want := "3 flows, 10 packets forwarded, 9 replies; answered: 2 refusals, 1 pings, 0 too big, 0 TTL exceeded, 0 ICMP errors passed on; dropped: 4 outside loadBalancerSourceRanges, 5 over the answer rate limit"
 	if got != want {
 		t.Errorf("got  %q\nwant %q", got, want)
 	}
