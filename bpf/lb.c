@@ -44,6 +44,9 @@
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1fff
 
+#define IPPROTO_ICMP 1
+#define IPPROTO_ICMPV6 58
+
 #define TCP_FIN 0x01
 #define TCP_SYN 0x02
 #define TCP_RST 0x04
@@ -329,7 +332,8 @@ struct pkt {
 
 enum {
 	PARSE_OK,
-	PARSE_NOT_MINE,  /* not IP, not TCP/UDP, extension headers */
+	PARSE_NOT_MINE,  /* not IP, not TCP/UDP/ICMP, extension headers */
+	PARSE_ICMP,      /* ICMP or ICMPv6: for answer_echo and the ICMP error translation */
 	PARSE_FRAGMENT,
 	PARSE_MALFORMED,
 };
@@ -413,6 +417,8 @@ static __always_inline int parse4(struct __sk_buff *skb, struct pkt *p)
 	/* tot beyond the packet: truncated; the stack drops it, so do we not touch it. */
 	if (ihl < sizeof(*ip) || tot < ihl || ETH_HLEN + tot > skb->len)
 		return PARSE_MALFORMED;
+	if (ip->protocol == IPPROTO_ICMP)
+		return PARSE_ICMP;
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
 		return PARSE_NOT_MINE;
 	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
@@ -447,6 +453,8 @@ static __always_inline int parse6(struct __sk_buff *skb, struct pkt *p)
 		return PARSE_MALFORMED;
 	if ((bpf_ntohl(ip->ver_tc_flow) >> 28) != 6)
 		return PARSE_MALFORMED;
+	if (ip->nexthdr == IPPROTO_ICMPV6)
+		return PARSE_ICMP;
 	/* Extension headers (fragments among them) are left to the stack for now. */
 	if (ip->nexthdr != IPPROTO_TCP && ip->nexthdr != IPPROTO_UDP)
 		return PARSE_NOT_MINE;
@@ -809,7 +817,7 @@ static __always_inline int send_fib(struct __sk_buff *skb, const struct pkt *p, 
 				    const struct bpf_fib_lookup *fib_res);
 
 /*
- * translate_and_send's answer, with too_big set, for a packet the route to its
+ * translate_and_send's answer, with answer set, for a packet the route to its
  * backend cannot take whole and that may not be fragmented (IPv4 DF, or IPv6):
  * nothing is rewritten, p->mtu is the route's MTU, and the caller tells the
  * client (icmp_error). Without it the stack would send "fragmentation needed"
@@ -820,13 +828,13 @@ static __always_inline int send_fib(struct __sk_buff *skb, const struct pkt *p, 
 #define VERDICT_TTL 101
 
 static __noinline int translate_and_send(struct __sk_buff *skb, struct pkt *p,
-					 const struct nat_target *t, int too_big)
+					 const struct nat_target *t, int answer)
 {
 	struct bpf_fib_lookup fib;
 	int rc = fib_params(skb, p, &t->saddr, &t->daddr, &fib);
 	int fwd = rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH;
 
-	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && too_big) {
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && answer) {
 		__be16 frag = bpf_htons(0x4000); /* DF */
 
 		if (p->v4 && bpf_skb_load_bytes(skb, ETH_HLEN + 6, &frag, sizeof(frag)))
@@ -838,7 +846,7 @@ static __noinline int translate_and_send(struct __sk_buff *skb, struct pkt *p,
 	}
 
 	if (fwd && p->ttl <= 1) {
-		if (too_big)
+		if (answer)
 			return VERDICT_TTL;
 		count(STAT_DROP_TTL);
 		return TC_ACT_SHOT;
@@ -931,8 +939,6 @@ static __always_inline void snat_key_of(struct flow_key *rk, const struct ct_val
  *   field equal to the pseudo-header sum is taken to mean it is (a complete
  *   checksum equals it for one packet in 65536).
  */
-#define IPPROTO_ICMP 1
-#define IPPROTO_ICMPV6 58
 #define ICMP_DEST_UNREACH 3
 #define ICMP_PORT_UNREACH 3
 #define ICMPV6_DEST_UNREACH 1
@@ -1303,51 +1309,91 @@ static __noinline int reject_tcp(struct __sk_buff *skb, struct fwd_state *s)
 }
 
 /*
- * Turns the client's packet into an ICMP (ICMPv6) error about it: with mtu 0
- * port unreachable (UDP only), with ICMP_TTL_EXCEEDED time exceeded in
- * transit, else fragmentation needed / packet too big with that MTU (TCP or
- * UDP). Returns 0, TC_ACT_SHOT, or ICMP_ERR_CANNOT when
- * no correct one can be made and the packet is untouched: IPv4 options, or
- * a CHECKSUM_PARTIAL packet for a "too big" (the device's completion would
- * write into the MTU or into the quote).
+ * Turns the client's packet into an ICMP (ICMPv6) error about it, of kind
+ * (with mtu for ICMP_KIND_TOO_BIG). Returns 0, TC_ACT_SHOT, or ICMP_ERR_CANNOT
+ * when no correct one can be made and the packet is untouched: IPv4 options,
+ * or a CHECKSUM_PARTIAL packet whose completion would not land in a field the
+ * error leaves free (see the reject comment above: only UDP's checksum offset
+ * falls into the unused field, and only when the 4 bytes after the ICMP
+ * checksum carry nothing, as they do not for "too big").
  */
 #define ICMP_ERR_CANNOT 1
 #define ICMP_FRAG_NEEDED 4
 #define ICMP_TIME_EXCEEDED 11
 #define ICMPV6_TIME_EXCEED 3
-#define ICMP_TTL_EXCEEDED 1 /* icmp_error's "mtu" for time exceeded: no real MTU is 1 */
 
-static __noinline int icmp_error(struct __sk_buff *skb, struct fwd_state *s, __u32 mtu)
+enum icmp_kind {
+	ICMP_KIND_PORT_UNREACH,
+	ICMP_KIND_TOO_BIG,
+	ICMP_KIND_TTL,
+};
+
+/* The one's complement sum of the pseudo-header of an L4 segment of len bytes of proto
+ * between a and b (in either order: the sum is the same). */
+static __always_inline __s64 pseudo_sum(int v4, const union addr16 *a, const union addr16 *b,
+					__u8 proto, __u32 len)
+{
+	if (v4) {
+		struct {
+			__be32 a, b;
+			__u8 zero, proto;
+			__be16 len;
+		} ph = {a->w[3], b->w[3], 0, proto, bpf_htons(len)};
+
+		return bpf_csum_diff(NULL, 0, (__be32 *)&ph, sizeof(ph), 0);
+	}
+	struct {
+		__u32 a[4], b[4];
+		__be32 len;
+		__u8 zero[3], proto;
+	} ph = {.len = bpf_htonl(len), .proto = proto};
+
+	__builtin_memcpy(ph.a, a->w, 16);
+	__builtin_memcpy(ph.b, b->w, 16);
+	return bpf_csum_diff(NULL, 0, (__be32 *)&ph, sizeof(ph), 0);
+}
+
+static __noinline int icmp_error(struct __sk_buff *skb, struct fwd_state *s, enum icmp_kind kind,
+				 __u32 mtu)
 {
 	const struct pkt *p = &s->p;
+	struct icmp_hdr ih = {};
 	struct udp_hdr uh;
 	__sum16 l4check;
-	__u32 psum, len;
+	__u32 rest = kind == ICMP_KIND_TOO_BIG ? mtu : 0, len;
 	__s64 c;
 	int partial;
 
 	if (p->v4 && p->l4off != ETH_HLEN + sizeof(struct ip4_hdr))
-		return mtu ? ICMP_ERR_CANNOT : TC_ACT_SHOT;
+		return ICMP_ERR_CANNOT;
 	/* The first 8 bytes of the L4 header, which the error quotes. */
 	if (bpf_skb_load_bytes(skb, p->l4off, &uh, sizeof(uh)) ||
 	    bpf_skb_load_bytes(skb, p->l4off + (p->proto == IPPROTO_TCP ? TCP_CSUM_OFF : UDP_CSUM_OFF),
 			       &l4check, sizeof(l4check)))
 		return TC_ACT_SHOT;
+	c = pseudo_sum(p->v4, &p->saddr, &p->daddr, p->proto, p->l4len);
+	if (c < 0)
+		return TC_ACT_SHOT;
+	partial = l4check == csum_fold32((__u32)c);
+	if (partial && (p->proto != IPPROTO_UDP || rest))
+		return ICMP_ERR_CANNOT;
+
+	if (p->v4) {
+		ih.type = kind == ICMP_KIND_TTL ? ICMP_TIME_EXCEEDED : ICMP_DEST_UNREACH;
+		ih.code = kind == ICMP_KIND_PORT_UNREACH ? ICMP_PORT_UNREACH :
+			  kind == ICMP_KIND_TOO_BIG	 ? ICMP_FRAG_NEEDED : 0;
+	} else {
+		ih.type = kind == ICMP_KIND_TTL	    ? ICMPV6_TIME_EXCEED :
+			  kind == ICMP_KIND_TOO_BIG ? ICMPV6_PKT_TOOBIG : ICMPV6_DEST_UNREACH;
+		ih.code = kind == ICMP_KIND_PORT_UNREACH ? ICMPV6_PORT_UNREACH : 0;
+	}
+	/* IPv4 "too big": the next-hop MTU in the low 16 bits (RFC 1191); IPv6: all 32. */
+	ih.unused_hi = bpf_htons((__u16)(rest >> 16));
+	ih.unused_lo = bpf_htons((__u16)rest);
 
 	if (p->v4) {
 		struct unreach4 *u = &s->rej.u4;
-		struct {
-			__be32 saddr, daddr;
-			__u8 zero, proto;
-			__be16 len;
-		} ph = {p->saddr.w[3], p->daddr.w[3], 0, p->proto, bpf_htons(p->l4len)};
 
-		c = bpf_csum_diff(NULL, 0, (__be32 *)&ph, sizeof(ph), 0);
-		if (c < 0)
-			return TC_ACT_SHOT;
-		partial = l4check == csum_fold32((__u32)c);
-		if (partial && mtu && (mtu != ICMP_TTL_EXCEEDED || p->proto != IPPROTO_UDP))
-			return ICMP_ERR_CANNOT;
 		if (answer_eth(skb, &u->eth) ||
 		    bpf_skb_load_bytes(skb, ETH_HLEN, &u->quote_ip, sizeof(u->quote_ip)))
 			return TC_ACT_SHOT;
@@ -1366,12 +1412,7 @@ static __noinline int icmp_error(struct __sk_buff *skb, struct fwd_state *s, __u
 		if (c < 0)
 			return TC_ACT_SHOT;
 		u->ip.check = ~csum_fold32((__u32)c);
-		u->icmp.type = mtu == ICMP_TTL_EXCEEDED ? ICMP_TIME_EXCEEDED : ICMP_DEST_UNREACH;
-		u->icmp.code = mtu == ICMP_TTL_EXCEEDED ? 0 : mtu ? ICMP_FRAG_NEEDED : ICMP_PORT_UNREACH;
-		u->icmp.check = 0;
-		u->icmp.unused_hi = 0;
-		/* next-hop MTU (RFC 1191) */
-		u->icmp.unused_lo = mtu == ICMP_TTL_EXCEEDED ? 0 : bpf_htons((__u16)mtu);
+		u->icmp = ih;
 		if (!partial) {
 			c = bpf_csum_diff(NULL, 0, (__be32 *)&u->icmp,
 					  sizeof(*u) - offsetof(struct unreach4, icmp), 0);
@@ -1382,24 +1423,8 @@ static __noinline int icmp_error(struct __sk_buff *skb, struct fwd_state *s, __u
 		len = sizeof(*u) - 2;
 	} else {
 		struct unreach6 *u = &s->rej.u6;
-		struct {
-			__u32 saddr[4], daddr[4];
-			__be32 len;
-			__u8 zero[3], nexthdr;
-		} ph;
-		__u32 icmp_len = sizeof(*u) - offsetof(struct unreach6, icmp);
+		__u32 icmp_len = sizeof(*u) - offsetof(struct unreach6, icmp), psum;
 
-		__builtin_memcpy(ph.saddr, p->saddr.w, 16);
-		__builtin_memcpy(ph.daddr, p->daddr.w, 16);
-		ph.len = bpf_htonl(p->l4len);
-		ph.zero[0] = ph.zero[1] = ph.zero[2] = 0;
-		ph.nexthdr = p->proto;
-		c = bpf_csum_diff(NULL, 0, (__be32 *)&ph, sizeof(ph), 0);
-		if (c < 0)
-			return TC_ACT_SHOT;
-		partial = l4check == csum_fold32((__u32)c);
-		if (partial && mtu && (mtu != ICMP_TTL_EXCEEDED || p->proto != IPPROTO_UDP))
-			return ICMP_ERR_CANNOT;
 		if (answer_eth(skb, &u->eth) ||
 		    bpf_skb_load_bytes(skb, ETH_HLEN, &u->quote_ip, sizeof(u->quote_ip)))
 			return TC_ACT_SHOT;
@@ -1410,19 +1435,11 @@ static __noinline int icmp_error(struct __sk_buff *skb, struct fwd_state *s, __u
 		u->ip.hop_limit = REJECT_TTL;
 		__builtin_memcpy(u->ip.saddr, p->daddr.w, 16);
 		__builtin_memcpy(u->ip.daddr, p->saddr.w, 16);
-		/* The answer's pseudo-header: the same addresses (swapped), its own length and type. */
-		ph.len = bpf_htonl(icmp_len);
-		ph.nexthdr = IPPROTO_ICMPV6;
-		c = bpf_csum_diff(NULL, 0, (__be32 *)&ph, sizeof(ph), 0);
+		c = pseudo_sum(0, &p->saddr, &p->daddr, IPPROTO_ICMPV6, icmp_len);
 		if (c < 0)
 			return TC_ACT_SHOT;
 		psum = (__u32)c;
-		u->icmp.type = mtu == ICMP_TTL_EXCEEDED ? ICMPV6_TIME_EXCEED : mtu ? ICMPV6_PKT_TOOBIG : ICMPV6_DEST_UNREACH;
-		u->icmp.code = mtu ? 0 : ICMPV6_PORT_UNREACH;
-		u->icmp.check = 0;
-		/* the MTU, 32 bits */
-		u->icmp.unused_hi = mtu == ICMP_TTL_EXCEEDED ? 0 : bpf_htons((__u16)(mtu >> 16));
-		u->icmp.unused_lo = mtu == ICMP_TTL_EXCEEDED ? 0 : bpf_htons((__u16)mtu);
+		u->icmp = ih;
 		if (partial) {
 			/* The completion writes here the complement of the sum of the ICMP message
 			 * with this field in it: with the pseudo-header sum here, that is the
@@ -1456,7 +1473,7 @@ static __always_inline int reject(struct __sk_buff *skb, struct fwd_state *s)
 		if (!err && (answer_eth(skb, &eth) || bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0)))
 			err = TC_ACT_SHOT;
 	} else {
-		err = icmp_error(skb, s, 0);
+		err = icmp_error(skb, s, ICMP_KIND_PORT_UNREACH, 0);
 	}
 	if (err) {
 		count(STAT_DROP_NO_BACKEND);
@@ -1786,10 +1803,9 @@ static __always_inline struct icmp_scratch *icmp_err_begin(struct __sk_buff *skb
 	__u32 zero = 0;
 	struct icmp_scratch *sc = bpf_map_lookup_elem(&lb_icmp_scratch, &zero);
 
+	/* parse_icmp_err sets every field of e, icmp_err_target every field of n. */
 	if (!sc)
 		return NULL;
-	__builtin_memset(&sc->e, 0, sizeof(sc->e));
-	__builtin_memset(&sc->n, 0, sizeof(sc->n));
 	if (parse_icmp_err(skb, &sc->e))
 		return NULL;
 	__builtin_memcpy(k->saddr, sc->e.idst.b, 16);
@@ -1858,7 +1874,7 @@ int tc_nodeport(struct __sk_buff *skb)
 		return VERDICT_NOT_MINE;
 	__builtin_memset(s, 0, sizeof(*s));
 	parsed = parse(skb, &s->p);
-	if (parsed == PARSE_NOT_MINE) {
+	if (parsed == PARSE_ICMP) {
 		verdict = answer_echo(skb);
 		return verdict == VERDICT_NOT_MINE ? icmp_err_to_backend(skb) : verdict;
 	}
@@ -1960,7 +1976,7 @@ int tc_nodeport(struct __sk_buff *skb)
 	verdict = translate_and_send(skb, &s->p, &s->t, 1);
 	if (verdict == VERDICT_TTL) {
 		/* As a router does (traceroute shows the frontend for this hop). */
-		if (answer_allowed() && icmp_error(skb, s, ICMP_TTL_EXCEEDED) == 0) {
+		if (answer_allowed() && icmp_error(skb, s, ICMP_KIND_TTL, 0) == 0) {
 			count(STAT_TTL_EXCEEDED);
 			return bpf_redirect(skb->ifindex, 0);
 		}
@@ -1972,7 +1988,7 @@ int tc_nodeport(struct __sk_buff *skb)
 	/* Tell the client the path MTU, from the frontend; if no correct error can be made
 	 * (or too many are being made), pass the packet on as before and let the stack decide. */
 	if (answer_allowed()) {
-		verdict = icmp_error(skb, s, s->p.mtu);
+		verdict = icmp_error(skb, s, ICMP_KIND_TOO_BIG, s->p.mtu);
 		if (verdict == TC_ACT_SHOT)
 			return verdict;
 		if (verdict == 0) {
@@ -1995,7 +2011,7 @@ int tc_nodeport_reply(struct __sk_buff *skb)
 	int parsed;
 
 	parsed = parse(skb, &p);
-	if (parsed == PARSE_NOT_MINE)
+	if (parsed == PARSE_ICMP)
 		return icmp_err_to_client(skb);
 	if (parsed != PARSE_OK)
 		return not_mine(parsed);
