@@ -77,10 +77,9 @@ type Agent struct {
 	healthChanged bool
 	healthErr     string
 
-	// handlersSynced: the event handlers have seen the initial lists (set by startInformers);
-	// cachesSynced is closed at that moment.
-	handlersSynced func() bool
-	cachesSynced   chan struct{}
+	// cachesSynced is closed once the event handlers have seen the informers' initial lists
+	// (set by startInformers).
+	cachesSynced chan struct{}
 
 	mu           sync.Mutex
 	lastLoop     time.Time
@@ -369,7 +368,6 @@ func (a *Agent) startInformers(ctx context.Context) {
 	// recomputing every Service again for the late notifications.
 	svcReg, _ := a.services.AddEventHandler(h)
 	sliceReg, _ := a.slices.AddEventHandler(h)
-	a.handlersSynced = func() bool { return svcReg != nil && sliceReg != nil && svcReg.HasSynced() && sliceReg.HasSynced() }
 	a.cachesSynced = make(chan struct{})
 	if svcReg != nil && sliceReg != nil {
 		start := time.Now()
@@ -446,6 +444,16 @@ func (a *Agent) setAPIDown(down bool, err error) {
 	a.tracker.touchAll()
 }
 
+// synced reports whether the informers' initial lists have reached the event handlers.
+func (a *Agent) synced() bool {
+	select {
+	case <-a.cachesSynced:
+		return true
+	default:
+		return false
+	}
+}
+
 // errNotSynced: the informers' initial lists are not all in; the runner is run again when
 // they are (cachesSynced).
 var errNotSynced = fmt.Errorf("informer caches not synced yet: %w", errNotReady)
@@ -468,7 +476,7 @@ func (a *Agent) syncOnce() error {
 	a.mu.Lock()
 	a.lastLoop = time.Now()
 	a.mu.Unlock()
-	if a.handlersSynced == nil || !a.handlersSynced() {
+	if !a.synced() {
 		// Not an error to report: the runner tries again soon, with backoff.
 		return errNotSynced
 	}

@@ -96,6 +96,19 @@ func mustSync(t *testing.T, r *Reconciler, touched []string) Stats {
 	return st
 }
 
+// freshlySynced is what a new reconciler on empty maps programs for state in one full sync:
+// the reference an incremental or retried sync must end up equal to.
+func freshlySynced(t *testing.T, state map[string][]lbstate.Frontend) *Fake {
+	t.Helper()
+	m := NewFake()
+	r, _ := NewReconciler(m)
+	for n, fes := range state {
+		r.Set(n, fes)
+	}
+	mustSync(t, r, nil)
+	return m
+}
+
 func TestReconcilerProgramsAndRemoves(t *testing.T) {
 	m := NewFake()
 	r, err := NewReconciler(m)
@@ -241,12 +254,7 @@ func TestMakeBeforeBreak(t *testing.T) {
 			touched = append(touched, name)
 		}
 		mustSync(t, r, touched)
-		fresh := NewFake()
-		rf, _ := NewReconciler(fresh)
-		for n, fes := range state {
-			rf.Set(n, fes)
-		}
-		mustSync(t, rf, nil)
+		fresh := freshlySynced(t, state)
 		if a, b := fmt.Sprint(programmed(t, m)), fmt.Sprint(programmed(t, fresh)); a != b {
 			t.Fatalf("round %d: incremental state\n%s\ndiffers from fresh\n%s", round, a, b)
 		}
@@ -317,12 +325,7 @@ func TestFailedWriteIsRetried(t *testing.T) {
 		if _, err := r.Sync([]string{}); err != nil {
 			t.Fatalf("fail at write %d: retry: %v", failAt, err)
 		}
-		want := NewFake()
-		rw, _ := NewReconciler(want)
-		for n, f := range next {
-			rw.Set(n, f)
-		}
-		mustSync(t, rw, nil)
+		want := freshlySynced(t, next)
 		if a, b := fmt.Sprint(programmed(t, fake)), fmt.Sprint(programmed(t, want)); a != b {
 			t.Fatalf("fail at write %d: after retry\n%s\nwant\n%s", failAt, a, b)
 		}
@@ -541,12 +544,7 @@ func TestIncrementalSyncMatchesFull(t *testing.T) {
 			touched = append(touched, name)
 		}
 		mustSync(t, r, touched)
-		fresh := NewFake()
-		rf, _ := NewReconciler(fresh)
-		for n, fes := range state {
-			rf.Set(n, fes)
-		}
-		mustSync(t, rf, nil)
+		fresh := freshlySynced(t, state)
 		if a, b := fmt.Sprint(programmed(t, m)), fmt.Sprint(programmed(t, fresh)); a != b {
 			t.Fatalf("round %d (touched %v): incremental state\n%s\ndiffers from fresh\n%s", round, touched, a, b)
 		}

@@ -731,22 +731,26 @@ func sourceRanges(svc *v1.Service, report func(field, format string, args ...any
 // nodePort is the family's ranges as a NodePort applies them (Options.NodePortSourceRanges):
 // the Service's own, whether or not it has a load-balancer IP of that family yet.
 func (r parsedRanges) nodePort(is4 bool) []netip.Prefix {
-	ranges, all := r.v6, r.allowAll6
+	return slices.Clip(slices.Clone(r.family(is4)))
+}
+
+// family is the ranges of one IP family; nil when they allow every client of it.
+func (r parsedRanges) family(is4 bool) []netip.Prefix {
 	if is4 {
-		ranges, all = r.v4, r.allowAll4
+		if r.allowAll4 {
+			return nil
+		}
+		return r.v4
 	}
-	if all || len(ranges) == 0 {
+	if r.allowAll6 {
 		return nil
 	}
-	return slices.Clip(slices.Clone(ranges))
+	return r.v6
 }
 
 func (r parsedRanges) of(is4 bool, lbIPs []fieldAddr, nodeAddrs []netip.Addr) []netip.Prefix {
-	ranges, all := r.v6, r.allowAll6
-	if is4 {
-		ranges, all = r.v4, r.allowAll4
-	}
-	if all || len(ranges) == 0 || len(lbIPs) == 0 {
+	ranges := r.family(is4)
+	if len(ranges) == 0 || len(lbIPs) == 0 {
 		return nil
 	}
 	out := slices.Clone(ranges)
