@@ -120,6 +120,38 @@ struct udp_hdr {
 #define UDP_CSUM_OFF 6
 
 /*
+ * Direct server return: the frontend a client sent to, carried to the
+ * backend's node in the flow's first packet (TCP: each SYN; UDP: each
+ * datagram). Option types are RFC 4727's experimental values: the IPv4 option
+ * 158 (copied into fragments, class 0, number 30), the IPv6 destination
+ * option 0x1e (an unknown one is skipped: the pod's stack ignores it).
+ */
+#define IPPROTO_DSTOPTS 60
+#define DSR_OPT4_TYPE 158
+#define DSR_OPT6_TYPE 0x1e
+#define DSR_OPT6_HDRLEN 2   /* (2 + 1) * 8 = 24 bytes */
+#define DSR_OPT6_DATALEN 20 /* addr, port, 2 reserved */
+#define IP4_MAX_HLEN 60
+
+struct dsr_opt4 {
+	__u8 type;
+	__u8 len; /* 8 */
+	__be16 port;
+	__be32 addr;
+};
+
+/* A whole destination options header holding one option. */
+struct dsr_opt6 {
+	__u8 nexthdr;
+	__u8 hdrlen;
+	__u8 type;
+	__u8 len;
+	__u32 addr[4];
+	__be16 port;
+	__u16 reserved;
+};
+
+/*
  * A flow as one direction of it looks on the wire. The forward conntrack
  * entry is keyed by a client's packet (client -> frontend), the reverse NAT
  * entry by a backend's reply (backend -> node's SNAT address and port).
@@ -205,6 +237,8 @@ enum lb_stat {
 	STAT_RATE_LIMITED,
 	STAT_TOO_BIG,
 	STAT_TTL_EXCEEDED,
+	STAT_DSR_LEARNED,
+	STAT_DROP_DSR_NO_ROOM,
 	STAT_MAX,
 };
 
@@ -328,6 +362,7 @@ struct pkt {
 	__u32 l4off;
 	__u32 l4len; /* L4 header and payload, from the IP header's length */
 	__u32 mtu;   /* set by translate_and_send with VERDICT_TOO_BIG */
+	__u8 dsr6;   /* IPv6: a DSR destination options header precedes L4 */
 };
 
 enum {
@@ -455,18 +490,30 @@ static __always_inline int parse6(struct __sk_buff *skb, struct pkt *p)
 		return PARSE_MALFORMED;
 	if (ip->nexthdr == IPPROTO_ICMPV6)
 		return PARSE_ICMP;
-	/* Extension headers (fragments among them) are left to the stack for now. */
-	if (ip->nexthdr != IPPROTO_TCP && ip->nexthdr != IPPROTO_UDP)
-		return PARSE_NOT_MINE;
 	plen = bpf_ntohs(ip->payload_len);
 	if (ETH_HLEN + sizeof(*ip) + plen > skb->len)
 		return PARSE_MALFORMED;
-
 	p->v4 = 0;
-	p->proto = ip->nexthdr;
 	p->ttl = ip->hop_limit;
 	__builtin_memcpy(p->saddr.w, ip->saddr, 16);
 	__builtin_memcpy(p->daddr.w, ip->daddr, 16);
+	if (ip->nexthdr == IPPROTO_DSTOPTS) {
+		/* Only kpr's own DSR header, exactly as dsr_insert writes it. */
+		struct dsr_opt6 o;
+
+		if (plen < sizeof(o) ||
+		    bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(*ip), &o, sizeof(o)) ||
+		    o.hdrlen != DSR_OPT6_HDRLEN || o.type != DSR_OPT6_TYPE || o.len != DSR_OPT6_DATALEN ||
+		    (o.nexthdr != IPPROTO_TCP && o.nexthdr != IPPROTO_UDP))
+			return PARSE_NOT_MINE;
+		p->dsr6 = 1;
+		p->proto = o.nexthdr;
+		return parse_l4(skb, p, ETH_HLEN + sizeof(*ip) + sizeof(o), plen - sizeof(o));
+	}
+	/* Other extension headers (fragments among them) are left to the stack for now. */
+	if (ip->nexthdr != IPPROTO_TCP && ip->nexthdr != IPPROTO_UDP)
+		return PARSE_NOT_MINE;
+	p->proto = ip->nexthdr;
 	return parse_l4(skb, p, ETH_HLEN + sizeof(*ip), plen);
 }
 
@@ -795,7 +842,7 @@ static __always_inline int dec_ttl(struct __sk_buff *skb, const struct pkt *p)
  */
 static __always_inline int fib_params(struct __sk_buff *skb, const struct pkt *p,
 				      const union addr16 *saddr, const union addr16 *daddr,
-				      struct bpf_fib_lookup *fib)
+				      __u32 tot_len, struct bpf_fib_lookup *fib)
 {
 	__builtin_memset(fib, 0, sizeof(*fib));
 	fib->ifindex = skb->ifindex;
@@ -809,7 +856,8 @@ static __always_inline int fib_params(struct __sk_buff *skb, const struct pkt *p
 		__builtin_memcpy(fib->ipv6_src, saddr->w, 16);
 		__builtin_memcpy(fib->ipv6_dst, daddr->w, 16);
 	}
-	/* tot_len stays 0: the kernel then checks the MTU against the skb, GSO aware. */
+	/* tot_len 0: the kernel checks the MTU against the skb, GSO aware. */
+	fib->tot_len = tot_len;
 	return bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
 }
 
@@ -817,9 +865,10 @@ static __always_inline int send_fib(struct __sk_buff *skb, const struct pkt *p, 
 				    const struct bpf_fib_lookup *fib_res);
 
 /*
- * translate_and_send's answer, with answer set, for a packet the route to its
- * backend cannot take whole and that may not be fragmented (IPv4 DF, or IPv6):
- * nothing is rewritten, p->mtu is the route's MTU, and the caller tells the
+ * translate_and_send's answer, with XLATE_ANSWER, for a packet the route to
+ * its backend cannot take whole and that may not be fragmented (IPv4 DF, or
+ * IPv6): nothing is rewritten, p->mtu is the MTU the client must use (the
+ * route's, less a DSR option the packet would carry), and the caller tells the
  * client (icmp_error). Without it the stack would send "fragmentation needed"
  * to the packet's new source, the node's own SNAT address: to itself.
  */
@@ -827,31 +876,105 @@ static __always_inline int send_fib(struct __sk_buff *skb, const struct pkt *p, 
 /* Likewise for a packet whose TTL (hop limit) would run out here: time exceeded. */
 #define VERDICT_TTL 101
 
+/* translate_and_send's how. */
+#define XLATE_ANSWER 1 /* VERDICT_TOO_BIG and VERDICT_TTL instead of passing or dropping */
+#define XLATE_DSR 2    /* carry the frontend (p's destination) to the backend's node */
+
+/*
+ * Inserts the DSR option right behind the fixed IP header (BPF_ADJ_ROOM_NET),
+ * before any options the packet has, where the backend's node looks for it.
+ * The L4 checksum is untouched: neither pseudo-header changes. IPv4: the
+ * header checksum takes the new length fields and option, which together
+ * leave the header's one's complement sum, and so skb->csum, as they were.
+ * IPv6 has no header checksum, so its bytes go in with BPF_F_RECOMPUTE_CSUM.
+ * Returns 0, or -1 with the packet possibly changed (drop it).
+ */
+static __noinline int dsr_insert(struct __sk_buff *skb, const struct pkt *p)
+{
+	if (p->v4) {
+		struct dsr_opt4 o = {.type = DSR_OPT4_TYPE, .len = sizeof(o), .port = p->dport,
+				     .addr = p->daddr.w[3]};
+		__be32 oldw, neww;
+		__s64 diff;
+
+		/* version/IHL, TOS, total length: one word. */
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &oldw, sizeof(oldw)))
+			return -1;
+		neww = oldw;
+		((__u8 *)&neww)[0] += sizeof(o) / 4;
+		((__be16 *)&neww)[1] = bpf_htons(bpf_ntohs(((__be16 *)&oldw)[1]) + sizeof(o));
+		diff = bpf_csum_diff(&oldw, sizeof(oldw), &neww, sizeof(neww), 0);
+		if (diff < 0)
+			return -1;
+		diff = bpf_csum_diff(NULL, 0, (__be32 *)&o, sizeof(o), diff);
+		if (diff < 0)
+			return -1;
+		if (bpf_skb_adjust_room(skb, sizeof(o), BPF_ADJ_ROOM_NET, 0) ||
+		    bpf_skb_store_bytes(skb, ETH_HLEN, &neww, sizeof(neww), 0) ||
+		    bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(struct ip4_hdr), &o, sizeof(o), 0) ||
+		    bpf_l3_csum_replace(skb, ETH_HLEN + IP4_CSUM_OFF, 0, diff, 0))
+			return -1;
+		return 0;
+	}
+
+	struct dsr_opt6 o = {.nexthdr = p->proto, .hdrlen = DSR_OPT6_HDRLEN, .type = DSR_OPT6_TYPE,
+			     .len = DSR_OPT6_DATALEN, .port = p->dport};
+	__u8 nexthdr = IPPROTO_DSTOPTS;
+	__be16 plen = bpf_htons(p->l4len + sizeof(o));
+
+	__builtin_memcpy(o.addr, p->daddr.w, 16);
+	if (bpf_skb_adjust_room(skb, sizeof(o), BPF_ADJ_ROOM_NET, 0) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(struct ip6_hdr), &o, sizeof(o),
+				BPF_F_RECOMPUTE_CSUM) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN + 4, &plen, sizeof(plen), BPF_F_RECOMPUTE_CSUM) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN + 6, &nexthdr, 1, BPF_F_RECOMPUTE_CSUM))
+		return -1;
+	return 0;
+}
+
 static __noinline int translate_and_send(struct __sk_buff *skb, struct pkt *p,
-					 const struct nat_target *t, int answer)
+					 const struct nat_target *t, int how)
 {
 	struct bpf_fib_lookup fib;
-	int rc = fib_params(skb, p, &t->saddr, &t->daddr, &fib);
-	int fwd = rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH;
+	__u32 optlen = 0, tot_len = 0;
+	int rc, fwd;
 
-	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && answer) {
+	/* TCP: on every SYN (a lost one is sent again); UDP: on every datagram (no state tells
+	 * which one arrived). A packet that already carries one (IPv6) keeps it. */
+	if ((how & XLATE_DSR) && !p->dsr6 &&
+	    (p->proto == IPPROTO_UDP || (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)) {
+		optlen = p->v4 ? sizeof(struct dsr_opt4) : sizeof(struct dsr_opt6);
+		if (p->l4off - ETH_HLEN + optlen > IP4_MAX_HLEN && p->v4) {
+			/* The IPv4 header is full of options: no room to say where the flow goes. */
+			count(STAT_DROP_DSR_NO_ROOM);
+			return TC_ACT_SHOT;
+		}
+		/* The route must take the packet with the option; a GSO packet is checked per
+		 * segment by the kernel (and its segments shrink by the option). */
+		if (!skb->gso_size)
+			tot_len = p->l4off - ETH_HLEN + p->l4len + optlen;
+	}
+	rc = fib_params(skb, p, &t->saddr, &t->daddr, tot_len, &fib);
+	fwd = rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH;
+
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && (how & XLATE_ANSWER)) {
 		__be16 frag = bpf_htons(0x4000); /* DF */
 
 		if (p->v4 && bpf_skb_load_bytes(skb, ETH_HLEN + 6, &frag, sizeof(frag)))
 			frag = 0;
 		if (frag & bpf_htons(0x4000)) {
-			p->mtu = fib.mtu_result;
+			p->mtu = fib.mtu_result - optlen;
 			return VERDICT_TOO_BIG;
 		}
 	}
 
 	if (fwd && p->ttl <= 1) {
-		if (answer)
+		if (how & XLATE_ANSWER)
 			return VERDICT_TTL;
 		count(STAT_DROP_TTL);
 		return TC_ACT_SHOT;
 	}
-	if (rewrite(skb, p, t) || (fwd && dec_ttl(skb, p))) {
+	if (rewrite(skb, p, t) || (fwd && dec_ttl(skb, p)) || (optlen && dsr_insert(skb, p))) {
 		count(STAT_DROP_ERROR);
 		return TC_ACT_SHOT;
 	}
@@ -1043,7 +1166,8 @@ struct fwd_state {
 	__u32 svc_id;
 	__u32 now;
 	__u16 count;
-	__u8 preserve_src; /* SVC_F_PRESERVE_SRC: no SNAT */
+	__u8 preserve_src; /* SVC_F_PRESERVE_SRC or SVC_F_DSR: no SNAT */
+	__u8 dsr;          /* SVC_F_DSR: XLATE_DSR */
 	__u32 affinity;    /* the frontend's affinity timeout, seconds; 0: none */
 	union {
 		__u8 chunk[REJECT_CHUNK]; /* reject_tcp: bytes the RST drops */
@@ -1206,8 +1330,8 @@ static __noinline int reject_tcp(struct __sk_buff *skb, struct fwd_state *s)
 
 	if (p->tcp_flags & TCP_RST)
 		return TC_ACT_SHOT;
-	if (p->v4 && l4off != ETH_HLEN + sizeof(struct ip4_hdr))
-		return TC_ACT_SHOT; /* IP options: not echoed; dropped */
+	if (l4off != ETH_HLEN + (p->v4 ? sizeof(struct ip4_hdr) : sizeof(struct ip6_hdr)))
+		return TC_ACT_SHOT; /* IP options or a DSR header: not echoed; dropped */
 	if (l4len > sizeof(in) + REJECT_CHUNK * REJECT_CHUNKS || l4len < sizeof(in))
 		return TC_ACT_SHOT;
 	if (bpf_skb_load_bytes(skb, l4off, &in, sizeof(in)))
@@ -1364,7 +1488,7 @@ static __noinline int icmp_error(struct __sk_buff *skb, struct fwd_state *s, enu
 	__s64 c;
 	int partial;
 
-	if (p->v4 && p->l4off != ETH_HLEN + sizeof(struct ip4_hdr))
+	if (p->l4off != ETH_HLEN + (p->v4 ? sizeof(struct ip4_hdr) : sizeof(struct ip6_hdr)))
 		return ICMP_ERR_CANNOT;
 	/* The first 8 bytes of the L4 header, which the error quotes. */
 	if (bpf_skb_load_bytes(skb, p->l4off, &uh, sizeof(uh)) ||
@@ -1778,7 +1902,7 @@ static __noinline int icmp_err_send(struct __sk_buff *skb, struct icmp_scratch *
 	p.v4 = e->v4;
 	p.proto = e->v4 ? IPPROTO_ICMP : IPPROTO_ICMPV6;
 	p.ttl = e->ttl;
-	rc = fib_params(skb, &p, &n->osrc, &n->odst, &fib);
+	rc = fib_params(skb, &p, &n->osrc, &n->odst, 0, &fib);
 	fwd = rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH;
 	if (fwd && p.ttl <= 1) {
 		count(STAT_DROP_TTL);
@@ -1859,6 +1983,54 @@ static __noinline int icmp_err_to_client(struct __sk_buff *skb)
 	return icmp_err_send(skb, sc);
 }
 
+/*
+ * The backend's node of a DSR flow: a client's packet to a backend (not to a
+ * frontend of this node) carrying the frontend in kpr's option. The reverse
+ * entry it leaves, keyed as the backend's reply to the client, makes
+ * tc_nodeport_reply send the replies from the frontend straight to the client,
+ * as for a flow this node translated without SNAT. The option stays in the
+ * packet: the backend's stack ignores it (IPv4: unknown options are skipped on
+ * receive; IPv6: the option type says "skip").
+ *
+ * Like the other nodes of the cluster network, the sender is trusted: a host
+ * that can reach a pod directly can make the pod's replies to itself appear
+ * to come from any address (as with Cilium's DSR).
+ */
+static __noinline void dsr_learn(struct __sk_buff *skb, const struct pkt *p)
+{
+	struct flow_key rk = {};
+	struct snat_value rv = {};
+
+	if (p->v4) {
+		struct dsr_opt4 o;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(struct ip4_hdr), &o, sizeof(o)) ||
+		    o.type != DSR_OPT4_TYPE || o.len != sizeof(o))
+			return;
+		addr_from_be32((union addr16 *)rv.vip_addr, o.addr);
+		rv.vip_port = o.port;
+	} else {
+		struct dsr_opt6 o;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(struct ip6_hdr), &o, sizeof(o)))
+			return;
+		__builtin_memcpy(rv.vip_addr, o.addr, 16);
+		rv.vip_port = o.port;
+	}
+	if (!rv.vip_port)
+		return;
+	__builtin_memcpy(rv.client_addr, p->saddr.b, 16);
+	rv.client_port = p->sport;
+	rv.last_seen = now_sec();
+	__builtin_memcpy(rk.saddr, p->daddr.b, 16);
+	__builtin_memcpy(rk.daddr, p->saddr.b, 16);
+	rk.sport = p->dport;
+	rk.dport = p->sport;
+	rk.proto = p->proto;
+	if (bpf_map_update_elem(&kpr_lb_snat_v1, &rk, &rv, BPF_ANY) == 0)
+		count(STAT_DSR_LEARNED);
+}
+
 SEC("tc")
 int tc_nodeport(struct __sk_buff *skb)
 {
@@ -1894,6 +2066,9 @@ int tc_nodeport(struct __sk_buff *skb)
 			count(STAT_DROP_NOT_SERVED);
 			return TC_ACT_SHOT;
 		}
+		/* Another node's DSR flow to a backend behind this one. */
+		if (s->p.dsr6 || (s->p.v4 && s->p.l4off > ETH_HLEN + sizeof(struct ip4_hdr)))
+			dsr_learn(skb, &s->p);
 		return VERDICT_NOT_MINE;
 	}
 	if (sv->flags & SVC_F_SRC_RANGES) {
@@ -1909,7 +2084,8 @@ int tc_nodeport(struct __sk_buff *skb)
 	s->count = sv->count;
 	s->svc_id = sv->svc_id;
 	s->affinity = sv->affinity_timeout_sec;
-	s->preserve_src = (sv->flags & SVC_F_PRESERVE_SRC) != 0;
+	s->preserve_src = (sv->flags & (SVC_F_PRESERVE_SRC | SVC_F_DSR)) != 0;
+	s->dsr = sv->flags & SVC_F_DSR ? XLATE_DSR : 0;
 	if (s->count == 0) {
 		/* kube-proxy rejects where no endpoint exists, drops where endpoints exist
 		 * but none is usable here (externalTrafficPolicy Local): SVC_F_UNREACHABLE. */
@@ -1973,7 +2149,7 @@ int tc_nodeport(struct __sk_buff *skb)
 	s->t.sport = s->flow.snat_port;
 	s->t.dport = s->flow.backend_port;
 	count(STAT_FWD);
-	verdict = translate_and_send(skb, &s->p, &s->t, 1);
+	verdict = translate_and_send(skb, &s->p, &s->t, XLATE_ANSWER | s->dsr);
 	if (verdict == VERDICT_TTL) {
 		/* As a router does (traceroute shows the frontend for this hop). */
 		if (answer_allowed() && icmp_error(skb, s, ICMP_KIND_TTL, 0) == 0) {
@@ -1996,7 +2172,7 @@ int tc_nodeport(struct __sk_buff *skb)
 			return bpf_redirect(skb->ifindex, 0);
 		}
 	}
-	return translate_and_send(skb, &s->p, &s->t, 0);
+	return translate_and_send(skb, &s->p, &s->t, s->dsr);
 }
 
 SEC("tc")

@@ -77,6 +77,8 @@ type lbFwdState struct {
 		L4off    uint32
 		L4len    uint32
 		Mtu      uint32
+		Dsr6     uint8
+		_        [3]byte
 	}
 	Key  lbSvcKey
 	Fk   lbFlowKey
@@ -104,7 +106,7 @@ type lbFwdState struct {
 	Now         uint32
 	Count       uint16
 	PreserveSrc uint8
-	_           [1]byte
+	Dsr         uint8
 	Affinity    uint32
 	Rej         struct {
 		_     structs.HostLayout
@@ -210,7 +212,9 @@ const (
 	lbLbStatSTAT_RATE_LIMITED      lbLbStat = 16
 	lbLbStatSTAT_TOO_BIG           lbLbStat = 17
 	lbLbStatSTAT_TTL_EXCEEDED      lbLbStat = 18
-	lbLbStatSTAT_MAX               lbLbStat = 19
+	lbLbStatSTAT_DSR_LEARNED       lbLbStat = 19
+	lbLbStatSTAT_DROP_DSR_NO_ROOM  lbLbStat = 20
+	lbLbStatSTAT_MAX               lbLbStat = 21
 )
 
 type lbSnatValue struct {

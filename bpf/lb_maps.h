@@ -25,6 +25,14 @@
  * kpr_lb_src_ranges_v1 holds under the frontend's svc_id are served.
  */
 #define SVC_F_SRC_RANGES 4
+/*
+ * External scope: direct server return. The backend sees the client's address
+ * (as with SVC_F_PRESERVE_SRC) and the frontend travels with the flow's first
+ * packet (TCP: every SYN; UDP: every datagram) in an IPv4 option or an IPv6
+ * destination option, so the backend's node can send the replies straight to
+ * the client from the frontend. See "DSR" in docs/ARCHITECTURE.md.
+ */
+#define SVC_F_DSR 8
 #define SCOPE_SOCKET 0
 #define SCOPE_EXTERNAL 1
 

@@ -602,6 +602,11 @@ type NodePortStats struct {
 	TooBig uint64
 	// TTLExceeded: packets whose TTL would have run out here, answered with time exceeded.
 	TTLExceeded uint64
+	// DSRLearned: packets of another node's DSR flow whose option told this node where the
+	// backend's replies go (a flow counts once per SYN, or per datagram).
+	DSRLearned uint64
+	// DropDSRNoRoom: DSR packets whose IPv4 header had no room left for the option.
+	DropDSRNoRoom uint64
 	// Packets left to the stack: IPv4 fragments, malformed packets, translated packets the
 	// FIB did not let kpr forward (local, unreachable, forwarding disabled).
 	PassFragment, PassMalformed, PassFIB uint64
@@ -630,6 +635,8 @@ func (m *NodePortMaps) Stats() (NodePortStats, error) {
 		lbLbStatSTAT_RATE_LIMITED:      &s.RateLimited,
 		lbLbStatSTAT_TOO_BIG:           &s.TooBig,
 		lbLbStatSTAT_TTL_EXCEEDED:      &s.TTLExceeded,
+		lbLbStatSTAT_DSR_LEARNED:       &s.DSRLearned,
+		lbLbStatSTAT_DROP_DSR_NO_ROOM:  &s.DropDSRNoRoom,
 	}
 	for stat, field := range fields {
 		var perCPU []uint64

@@ -45,6 +45,11 @@ func TestNodePortTraffic(t *testing.T) {
 		must(t, m.UpsertBackend(id, s.be))
 		must(t, m.UpsertService(s.key, Service{ID: id, Backends: []uint32{id}}, 0))
 		fe[s.name] = netip.AddrPortFrom(s.key.Addr, s.key.Port)
+		// The same by DSR, one port up: the option goes into the first packets.
+		dsrKey := s.key
+		dsrKey.Port++
+		must(t, m.UpsertService(dsrKey, Service{ID: id + 10, Flags: FlagDSR, Backends: []uint32{id}}, 0))
+		fe[s.name+"dsr"] = netip.AddrPortFrom(dsrKey.Addr, dsrKey.Port)
 	}
 
 	backend.startServers(
@@ -75,23 +80,52 @@ func TestNodePortTraffic(t *testing.T) {
 				}
 				checkSNATPeer(t, name, peer)
 			}
+			// DSR: the backend sees the client itself.
+			for _, name := range []string{"tcp4dsr", "tcp6dsr", "udp4dsr", "udp6dsr"} {
+				var peer netip.AddrPort
+				var err error
+				if strings.HasPrefix(name, "tcp") {
+					peer, err = client.tcpPeer(fe[name])
+				} else {
+					var from netip.AddrPort
+					from, peer, err = client.udpPeer(fe[name])
+					if err == nil && from != fe[name] {
+						t.Errorf("%s: answer from %s, want the frontend %s", name, from, fe[name])
+					}
+				}
+				if err != nil {
+					t.Fatalf("%s to %s: %v", name, fe[name], err)
+				}
+				if want := map[bool]netip.Addr{true: npClient4, false: npClient6}[peer.Addr().Is4()]; peer.Addr() != want {
+					t.Errorf("%s: the backend saw the client as %s, want %s", name, peer, want)
+				}
+			}
 
-			partial := 0
+			partial, dsrOpts := 0, 0
 			for _, c := range []struct {
 				cap  *capture
 				want func(packet) bool
 			}{
 				{toBackend, func(p packet) bool { return p.dst.Port() == 8080 || p.dst.Port() == 5353 }},
-				{toClient, func(p packet) bool { return p.src.Port() == 30080 || p.src.Port() == 30053 }},
+				{toClient, func(p packet) bool {
+					return p.src.Port() >= 30080 && p.src.Port() <= 30081 || p.src.Port() >= 30053 && p.src.Port() <= 30054
+				}},
 			} {
 				n := 0
 				for _, cp := range c.cap.stop() {
-					p, err := parsePacket(cp.data)
+					// An IPv6 DSR header does not change the L4 checksum: checked without it.
+					hdr, data := splitDstOpts(cp.data)
+					if hdr != nil {
+						dsrOpts++
+					}
+					if len(cp.data) > ethHdrLen+ipv4Len && cp.data[ethHdrLen] == 0x47 && cp.data[ethHdrLen+ipv4Len] == dsrOpt4Type {
+						dsrOpts++
+					}
+					p, err := parsePacket(data)
 					if err != nil || !c.want(p) {
 						continue
 					}
 					n++
-					data := cp.data
 					if cp.partial {
 						partial++
 						if data, err = completePartial(data); err != nil {
@@ -105,6 +139,10 @@ func TestNodePortTraffic(t *testing.T) {
 				if n < 4 {
 					t.Errorf("captured %d translated packets, want at least 4", n)
 				}
+			}
+			// At least each DSR flow's first packet: 2 SYNs and 2 datagrams.
+			if dsrOpts < 4 {
+				t.Errorf("%d packets with a DSR option captured, want at least 4", dsrOpts)
 			}
 			if offload && partial == 0 {
 				t.Errorf("no CHECKSUM_PARTIAL packet was seen: the offloaded path went untested")

@@ -67,6 +67,12 @@ const FlagPreserveClientIP ServiceFlags = 2
 // spec.loadBalancerSourceRanges. Mirrors SVC_F_SRC_RANGES.
 const FlagSourceRanges ServiceFlags = 4
 
+// FlagDSR, on an external-scope frontend, makes tc_nodeport forward new flows by direct server
+// return: the backend sees the client's address and the frontend travels to the backend's node
+// in an IPv4 option or IPv6 destination option, whose kpr answers the client directly. Mirrors
+// SVC_F_DSR.
+const FlagDSR ServiceFlags = 8
+
 // Bits 8..11 of the flags carry the frontend's Service type for listings (`kpr service
 // list`); the datapath does not read them.
 const (

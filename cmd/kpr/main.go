@@ -201,6 +201,9 @@ func printStatus(out io.Writer, cfg *config.Config) error {
 func northSouthCounters(s bpf.NodePortStats) string {
 	out := fmt.Sprintf("%d flows, %d packets forwarded, %d replies; answered: %d refusals, %d pings, %d too big, %d TTL exceeded, %d ICMP errors passed on",
 		s.NewFlows, s.Forwarded, s.Replies, s.Rejected, s.EchoReplies, s.TooBig, s.TTLExceeded, s.ICMPErrors)
+	if s.DSRLearned > 0 {
+		out += fmt.Sprintf("; %d DSR packets from other nodes told where replies go", s.DSRLearned)
+	}
 	var drops []string
 	for _, d := range []struct {
 		n    uint64
@@ -213,6 +216,7 @@ func northSouthCounters(s bpf.NodePortStats) string {
 		{s.DropNoSNATPort, "no free SNAT port"},
 		{s.DropNoNodeAddr, "no SNAT address"},
 		{s.DropTTL, "TTL exhausted"},
+		{s.DropDSRNoRoom, "no room for the DSR option"},
 		{s.DropError, "errors"},
 	} {
 		if d.n > 0 {
@@ -297,6 +301,9 @@ func listServices(out io.Writer, m datapath.LBMap) error {
 		scope := "socket"
 		if k.Scope == bpf.ScopeExternal {
 			scope = "external"
+			if s.Flags&bpf.FlagDSR != 0 {
+				scope = "external, DSR"
+			}
 		}
 		fe := fmt.Sprintf("%s/%s", netip.AddrPortFrom(k.Addr, k.Port), datapath.ProtoName(k.Proto))
 		typ := lbstate.Type(s.Flags.Type()).String()

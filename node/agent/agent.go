@@ -260,7 +260,7 @@ func (a *Agent) setup(ctx context.Context) error {
 		} else if err := dropMaglevTables(ns.np.Maps); err != nil {
 			a.log.Warn("removing Maglev tables (loadBalancerAlgorithm: random)", "err", err)
 		}
-		a.log.Info("north-south datapath ready", "devices", ns.devices, "nodePortAddresses", ns.nodePort, "snat4", ns.snat4, "snat6", ns.snat6, "algorithm", a.cfg.LoadBalancerAlgorithm)
+		a.log.Info("north-south datapath ready", "devices", ns.devices, "nodePortAddresses", ns.nodePort, "snat4", ns.snat4, "snat6", ns.snat6, "algorithm", a.cfg.LoadBalancerAlgorithm, "mode", a.cfg.LoadBalancerMode)
 	}
 	// Also without the north-south datapath: a guard left in the pins by an earlier run goes.
 	var nodePort []netip.Addr
@@ -585,7 +585,7 @@ func (a *Agent) frontends(name string, node lbstate.Node) []lbstate.Frontend {
 	if ns == nil {
 		return lbstate.Frontends(svc, endpoints, node)
 	}
-	info, fes, problems := lbstate.AllFrontends(svc, endpoints, node, ns.nodePort, lbstate.Options{ExternalClusterIP: a.cfg.ExternalClusterIP, NodePortSourceRanges: a.cfg.NodePortSourceRanges})
+	info, fes, problems := lbstate.AllFrontends(svc, endpoints, node, ns.nodePort, lbstate.Options{ExternalClusterIP: a.cfg.ExternalClusterIP, NodePortSourceRanges: a.cfg.NodePortSourceRanges, Mode: lbstate.Mode(a.cfg.LoadBalancerMode)})
 	a.report(name, problems)
 	return fes
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/spf13/pflag"
 	"github.com/spf13/viper"
 
+	"github.com/kpr-dev/kpr/node/lbstate"
 	"github.com/kpr-dev/kpr/node/maglev"
 )
 
@@ -61,9 +62,11 @@ type Config struct {
 	NodePortSourceRanges bool `mapstructure:"nodePortSourceRanges"`
 	// LoadBalancerAlgorithm picks a backend for a new north-south flow: maglev or random.
 	LoadBalancerAlgorithm string `mapstructure:"loadBalancerAlgorithm"`
-	MaglevTableSize       int    `mapstructure:"maglevTableSize"`
-	MaglevHashSeed        string `mapstructure:"maglevHashSeed"`
-	ConntrackMapSize      int    `mapstructure:"conntrackMapSize"`
+	// LoadBalancerMode: how north-south flows reach backends on other nodes, lbstate.Mode.
+	LoadBalancerMode string `mapstructure:"loadBalancerMode"`
+	MaglevTableSize  int    `mapstructure:"maglevTableSize"`
+	MaglevHashSeed   string `mapstructure:"maglevHashSeed"`
+	ConntrackMapSize int    `mapstructure:"conntrackMapSize"`
 	// Masquerade of pod traffic leaving the cluster (nftables table "kpr").
 	Masquerade         bool     `mapstructure:"masquerade"`
 	NonMasqueradeCIDRs []string `mapstructure:"nonMasqueradeCIDRs"`
@@ -103,6 +106,7 @@ var settings = []setting{
 	{"externalClusterIP", "external-cluster-ip", "also serve ClusterIPs to traffic arriving from outside the node on the devices", false},
 	{"nodePortSourceRanges", "nodeport-source-ranges", "also apply a LoadBalancer Service's loadBalancerSourceRanges to its NodePorts (kube-proxy lets NodePorts bypass them)", false},
 	{"loadBalancerAlgorithm", "load-balancer-algorithm", "backend selection for north-south flows: maglev (the same backend for a flow on every node) or random", "maglev"},
+	{"loadBalancerMode", "load-balancer-mode", "how north-south flows reach backends on other nodes: snat (the node translates both ways), dsr (direct server return: the backend sees the client, its node answers directly; needs kpr on every node and pod addresses routed between nodes) or hybrid (DSR for TCP, SNAT for UDP); a Service's kpr.dev/forwarding-mode annotation overrides it", "snat"},
 	{"maglevTableSize", "maglev-table-size", "entries of each Maglev table: a prime from 251 to 131071", maglev.DefaultTableSize},
 	{"maglevHashSeed", "maglev-hash-seed", "seed of the Maglev hashes, 12 bytes in base64 (head -c 12 /dev/urandom | base64); must be the same on every node (default: a fixed seed, the same everywhere)", DefaultMaglevSeed},
 	{"conntrackMapSize", "conntrack-map-size", "north-south flows tracked at once (and as many SNAT entries)", 131072},
@@ -267,6 +271,9 @@ func (c *Config) Validate() error {
 	case "maglev", "random":
 	default:
 		bad("loadBalancerAlgorithm", "%q is not maglev or random", c.LoadBalancerAlgorithm)
+	}
+	if _, ok := lbstate.ParseMode(c.LoadBalancerMode); !ok {
+		bad("loadBalancerMode", "%q is not snat, dsr or hybrid", c.LoadBalancerMode)
 	}
 	if err := maglev.ValidTableSize(c.MaglevTableSize); err != nil {
 		errs = append(errs, err) // names maglevTableSize

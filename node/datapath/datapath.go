@@ -786,6 +786,9 @@ func (r *Reconciler) want(k bpf.ServiceKey) (entry, bool) {
 		if fe.PreserveClientIP && k.Scope == bpf.ScopeExternal {
 			e.flags |= bpf.FlagPreserveClientIP
 		}
+		if fe.DSR && k.Scope == bpf.ScopeExternal {
+			e.flags |= bpf.FlagDSR
+		}
 		// The socket scope does not enforce them yet (docs/kube-proxy-differences.md).
 		if r.srcRanges != nil && k.Scope == bpf.ScopeExternal && len(fe.LoadBalancerSourceRanges) > 0 {
 			e.ranges = sourceRanges(fe)

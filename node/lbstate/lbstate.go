@@ -23,6 +23,47 @@ const (
 	LabelHeadless         = v1.IsHeadlessService
 )
 
+// AnnotationForwardingMode on a Service overrides the node's forwarding mode (Options.Mode) for
+// its north-south frontends: snat, dsr or hybrid.
+const AnnotationForwardingMode = "kpr.dev/forwarding-mode"
+
+// Mode is how north-south traffic reaches a backend on another node and how its replies return.
+type Mode string
+
+const (
+	// ModeSNAT: the node that receives a flow translates its destination and source; the
+	// backend answers that node, which translates back (kube-proxy's behaviour).
+	ModeSNAT Mode = "snat"
+	// ModeDSR: direct server return. The backend sees the client's address and its node
+	// answers the client directly from the frontend (the frontend travels with the flow in an
+	// IP option). Needs kpr on every node and pod addresses routed between the nodes unchanged.
+	ModeDSR Mode = "dsr"
+	// ModeHybrid: DSR for TCP, SNAT for UDP (where the option would cost every datagram 8 or
+	// 24 bytes).
+	ModeHybrid Mode = "hybrid"
+)
+
+func (m Mode) orSNAT() Mode {
+	if m == "" {
+		return ModeSNAT
+	}
+	return m
+}
+
+// ParseMode accepts the names of the modes.
+func ParseMode(s string) (Mode, bool) {
+	switch m := Mode(s); m {
+	case ModeSNAT, ModeDSR, ModeHybrid:
+		return m, true
+	}
+	return "", false
+}
+
+// dsr says whether m forwards a frontend of protocol p by DSR.
+func (m Mode) dsr(p v1.Protocol) bool {
+	return m == ModeDSR && (p == v1.ProtocolTCP || p == v1.ProtocolUDP) || m == ModeHybrid && p == v1.ProtocolTCP
+}
+
 // DefaultAffinityTimeoutSec is the Kubernetes default for sessionAffinity: ClientIP.
 const DefaultAffinityTimeoutSec = 10800
 
@@ -135,6 +176,11 @@ type Frontend struct {
 	// scope true only for NodePort, ExternalIP and LoadBalancer frontends under
 	// externalTrafficPolicy Local; everything else is masqueraded, as kube-proxy does.
 	PreserveClientIP bool
+	// DSR, in the external scope only, forwards by direct server return (see ModeDSR): true for
+	// NodePort, ExternalIP and LoadBalancer frontends whose Service's mode (the annotation, else
+	// Options.Mode) sends their protocol by DSR, unless externalTrafficPolicy is Local (every
+	// backend is then on this node and already sees the client's address).
+	DSR bool
 	// LoadBalancerSourceRanges, on LoadBalancer frontends only (both scopes), are the client
 	// addresses allowed; empty allows every client. The datapath drops the others (kube-proxy:
 	// DROP). They are spec.loadBalancerSourceRanges of the frontend's family (a /0 among them
@@ -151,7 +197,7 @@ type Frontend struct {
 func (f Frontend) Equal(g Frontend) bool {
 	return f.FrontendKey == g.FrontendKey && f.Service == g.Service && f.Type == g.Type &&
 		f.NoBackends == g.NoBackends && f.AffinityTimeoutSec == g.AffinityTimeoutSec &&
-		f.PreserveClientIP == g.PreserveClientIP &&
+		f.PreserveClientIP == g.PreserveClientIP && f.DSR == g.DSR &&
 		slices.Equal(f.Backends, g.Backends) &&
 		slices.Equal(f.LoadBalancerSourceRanges, g.LoadBalancerSourceRanges)
 }
@@ -174,6 +220,9 @@ type Options struct {
 	// bypasses them: a client that may not use the load-balancer IP can still reach the
 	// Service through any node's NodePort unless this is on.
 	NodePortSourceRanges bool
+	// Mode is the node's forwarding mode for north-south frontends; empty means ModeSNAT. A
+	// Service's AnnotationForwardingMode overrides it.
+	Mode Mode
 }
 
 // ServiceInfo is what kpr needs of one Service beyond its frontends.
@@ -471,6 +520,14 @@ func AllFrontends(svc *v1.Service, endpoints map[ServicePortName][]Endpoint, nod
 		}
 	}
 	ranges := sourceRanges(svc, report)
+	mode := opts.Mode
+	if v, ok := svc.Annotations[AnnotationForwardingMode]; ok {
+		if m, ok := ParseMode(v); ok {
+			mode = m
+		} else {
+			report("metadata.annotations["+AnnotationForwardingMode+"]", "%q is not snat, dsr or hybrid; the node's mode (%s) applies", v, mode.orSNAT())
+		}
+	}
 
 	var cands []candidate
 	for fi, vip := range clusterIPs {
@@ -536,6 +593,7 @@ func AllFrontends(svc *v1.Service, endpoints map[ServicePortName][]Endpoint, nod
 				} else {
 					sock.Backends, ext.Backends = clusterBE, externalBE
 					ext.PreserveClientIP = externalLocal
+					ext.DSR = !externalLocal && mode.dsr(proto)
 				}
 				sock.NoBackends, ext.NoBackends = noBackends(sock.Backends, cat.Any), noBackends(ext.Backends, cat.Any)
 				cands = append(cands, candidate{sock, field})

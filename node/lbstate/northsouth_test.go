@@ -70,7 +70,10 @@ func line(f Frontend) string {
 	default:
 		b.WriteString(" REJECT")
 	}
-	if !f.PreserveClientIP {
+	switch {
+	case f.DSR:
+		b.WriteString(" dsr")
+	case !f.PreserveClientIP:
 		b.WriteString(" snat")
 	}
 	if len(f.LoadBalancerSourceRanges) > 0 {
@@ -139,6 +142,9 @@ func (tc nsCase) run(t *testing.T) (ServiceInfo, []Frontend) {
 		}
 		if f.Scope == ScopeSocket && !f.PreserveClientIP {
 			t.Errorf("socket-scope frontend %s without PreserveClientIP", f.FrontendKey)
+		}
+		if f.DSR && (f.Scope != ScopeExternal || f.Type == ClusterIP || f.PreserveClientIP) {
+			t.Errorf("%s %s frontend %s with DSR (PreserveClientIP %v)", f.Scope, f.Type, f.FrontendKey, f.PreserveClientIP)
 		}
 		if f.Type != LoadBalancer && len(f.LoadBalancerSourceRanges) > 0 && !(tc.opts.NodePortSourceRanges && f.Type == NodePort) {
 			t.Errorf("%s frontend %s with source ranges %v", f.Type, f.FrontendKey, f.LoadBalancerSourceRanges)
@@ -774,4 +780,112 @@ func TestTypeOwnsAddress(t *testing.T) {
 			t.Errorf("%s.OwnsAddress() = %v, want %v", typ, got, want)
 		}
 	}
+}
+
+func annotated(mode string) func(*v1.Service) {
+	return func(s *v1.Service) { s.Annotations = map[string]string{AnnotationForwardingMode: mode} }
+}
+
+func TestAllFrontendsForwardingMode(t *testing.T) {
+	dns := svcPort("dns", v1.ProtocolUDP, 53, 5353)
+	dns.NodePort = 30053
+	tcpAndUDP := func(mutate func(*v1.Service)) *v1.Service {
+		return web(func(s *v1.Service) {
+			s.Spec.Type = v1.ServiceTypeNodePort
+			if mutate != nil {
+				mutate(s)
+			}
+		}, withNodePort(httpPort()), dns)
+	}
+	slices2 := []*discovery.EndpointSlice{slice(ns, svcName, "web-1", discovery.AddressTypeIPv4,
+		[]discovery.EndpointPort{slicePort("http", v1.ProtocolTCP, 8080), slicePort("dns", v1.ProtocolUDP, 5353)},
+		ep("10.244.1.1", "node-a"), ep("10.244.2.1", "node-b"))}
+	udpEPs := "10.244.1.1:5353 10.244.2.1:5353"
+	cip53, node53 := vip4+":53/udp", nodeAddr4+":30053/udp"
+	runNSCases(t, []nsCase{
+		{
+			name:   "dsr on the node: every external frontend but the ClusterIP, both protocols",
+			svc:    lbWeb(nil),
+			slices: twoEndpoints(),
+			opts:   Options{Mode: ModeDSR, ExternalClusterIP: true},
+			want: lines(
+				both(ClusterIP, cip80, bothEPs, bothEPs+" snat"),
+				both(ExternalIP, ext80, bothEPs, bothEPs+" dsr"),
+				both(LoadBalancer, lb80, bothEPs, bothEPs+" dsr"),
+				both(NodePort, node80, bothEPs, bothEPs+" dsr"),
+			),
+		},
+		{
+			name:   "dsr on the node, UDP too",
+			svc:    tcpAndUDP(nil),
+			slices: slices2,
+			opts:   Options{Mode: ModeDSR},
+			want: lines(
+				"socket ClusterIP "+cip53+" -> "+udpEPs,
+				"socket ClusterIP "+cip80+" -> "+bothEPs,
+				both(NodePort, node53, udpEPs, udpEPs+" dsr"),
+				both(NodePort, node80, bothEPs, bothEPs+" dsr"),
+			),
+		},
+		{
+			name:   "hybrid on the node: DSR for TCP, SNAT for UDP",
+			svc:    tcpAndUDP(nil),
+			slices: slices2,
+			opts:   Options{Mode: ModeHybrid},
+			want: lines(
+				"socket ClusterIP "+cip53+" -> "+udpEPs,
+				"socket ClusterIP "+cip80+" -> "+bothEPs,
+				both(NodePort, node53, udpEPs, udpEPs+" snat"),
+				both(NodePort, node80, bothEPs, bothEPs+" dsr"),
+			),
+		},
+		{
+			name:   "the annotation overrides the node: hybrid where the node says snat",
+			svc:    tcpAndUDP(annotated("hybrid")),
+			slices: slices2,
+			want: lines(
+				"socket ClusterIP "+cip53+" -> "+udpEPs,
+				"socket ClusterIP "+cip80+" -> "+bothEPs,
+				both(NodePort, node53, udpEPs, udpEPs+" snat"),
+				both(NodePort, node80, bothEPs, bothEPs+" dsr"),
+			),
+		},
+		{
+			name:   "the annotation overrides the node: snat where the node says dsr",
+			svc:    lbWeb(annotated("snat")),
+			slices: twoEndpoints(),
+			opts:   Options{Mode: ModeDSR},
+			want: lines(
+				"socket ClusterIP "+cip80+" -> "+bothEPs,
+				both(ExternalIP, ext80, bothEPs, bothEPs+" snat"),
+				both(LoadBalancer, lb80, bothEPs, bothEPs+" snat"),
+				both(NodePort, node80, bothEPs, bothEPs+" snat"),
+			),
+		},
+		{
+			name:   "externalTrafficPolicy Local: local backends keep the client's address without DSR",
+			svc:    lbWeb(etpLocal),
+			slices: twoEndpoints(),
+			opts:   Options{Mode: ModeDSR},
+			want: lines(
+				"socket ClusterIP "+cip80+" -> "+bothEPs,
+				both(ExternalIP, ext80, bothEPs, localEP),
+				both(LoadBalancer, lb80, bothEPs, localEP),
+				both(NodePort, node80, bothEPs, localEP),
+			),
+		},
+		{
+			name:   "an unknown mode in the annotation is reported; the node's mode applies",
+			svc:    lbWeb(annotated("DSR")),
+			slices: twoEndpoints(),
+			opts:   Options{Mode: ModeDSR},
+			want: lines(
+				"socket ClusterIP "+cip80+" -> "+bothEPs,
+				both(ExternalIP, ext80, bothEPs, bothEPs+" dsr"),
+				both(LoadBalancer, lb80, bothEPs, bothEPs+" dsr"),
+				both(NodePort, node80, bothEPs, bothEPs+" dsr"),
+			),
+			problems: []string{`metadata.annotations[kpr.dev/forwarding-mode]: "DSR" is not snat, dsr or hybrid; the node's mode (dsr) applies`},
+		},
+	})
 }

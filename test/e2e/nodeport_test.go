@@ -680,6 +680,62 @@ func TestNodePort(t *testing.T) {
 		}
 	})
 
+	t.Run("DSR (kpr.dev/forwarding-mode: dsr): pods on both nodes see the client; answers come from the frontend", func(t *testing.T) {
+		dsr := e.npService(ctx, "dsr", v1.ServiceTypeNodePort, func(s *v1.Service) {
+			s.Annotations = map[string]string{"kpr.dev/forwarding-mode": "dsr"}
+		}, e.pods...)
+		for _, n := range e.nodes {
+			for _, proto := range []string{"tcp", "udp"} {
+				p := v1.ProtocolTCP
+				if proto == "udp" {
+					p = v1.ProtocolUDP
+				}
+				for _, fam := range []struct{ node, client netip.Addr }{{n.IPv4, e.host.IPv4}, {n.IPv6, e.host.IPv6}} {
+					dst := netip.AddrPortFrom(fam.node, nodePortOf(t, dsr, p))
+					what := e.flow(proto, dst, "DSR NodePort of "+n.Name)
+					if err := e.serveWithin(proto, dst, npProgramWithin); err != nil {
+						t.Errorf("%s: %v", what, err)
+						continue
+					}
+					// The pod on the other node answers through its own node: only the
+					// option in the flow's first packet tells that node the frontend.
+					if err := checkServed(e.attempts(t, proto, dst, 30), dst, allPods, fam.client); err != nil {
+						t.Errorf("%s, 30 attempts: %v", what, err)
+					}
+				}
+			}
+		}
+		for i, k := range e.kprs {
+			status, err := k.Run(ctx, "status")
+			if err != nil || !strings.Contains(status, "DSR packets from other nodes") {
+				t.Errorf("kpr status on %s does not count the DSR flows it answered for another node: %v\n%s", e.nodes[i].Name, err, status)
+			}
+		}
+	})
+
+	t.Run("hybrid (kpr.dev/forwarding-mode: hybrid): TCP by DSR, UDP SNATed", func(t *testing.T) {
+		hy := e.npService(ctx, "hybrid", v1.ServiceTypeNodePort, func(s *v1.Service) {
+			s.Annotations = map[string]string{"kpr.dev/forwarding-mode": "hybrid"}
+		}, e.pods...)
+		for _, n := range e.nodes {
+			for _, c := range []struct {
+				proto  string
+				p      v1.Protocol
+				seenAs netip.Addr
+			}{{"tcp", v1.ProtocolTCP, e.host.IPv4}, {"udp", v1.ProtocolUDP, n.IPv4}} {
+				dst := netip.AddrPortFrom(n.IPv4, nodePortOf(t, hy, c.p))
+				what := e.flow(c.proto, dst, "hybrid NodePort of "+n.Name)
+				if err := e.serveWithin(c.proto, dst, npProgramWithin); err != nil {
+					t.Errorf("%s: %v", what, err)
+					continue
+				}
+				if err := checkServed(e.attempts(t, c.proto, dst, 30), dst, allPods, c.seenAs); err != nil {
+					t.Errorf("%s, 30 attempts: %v", what, err)
+				}
+			}
+		}
+	})
+
 	t.Run("healthCheckNodePort answers 200 on the node with local endpoints, 503 on the other", func(t *testing.T) {
 		svc := e.npService(ctx, "lb-local", v1.ServiceTypeLoadBalancer, func(s *v1.Service) {
 			s.Spec.ExternalTrafficPolicy = v1.ServiceExternalTrafficPolicyLocal
