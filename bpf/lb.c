@@ -239,6 +239,7 @@ enum lb_stat {
 	STAT_TTL_EXCEEDED,
 	STAT_DSR_LEARNED,
 	STAT_DROP_DSR_NO_ROOM,
+	STAT_XDP_TX,
 	STAT_MAX,
 };
 
@@ -1984,6 +1985,55 @@ static __noinline int icmp_err_to_client(struct __sk_buff *skb)
 }
 
 /*
+ * The flow of the client's packet in s: its conntrack entry (dropped if its
+ * backend is gone, reset if the client reuses the tuple for a new connection),
+ * else a new flow. Returns 0 with s->flow filled in, or a verdict (a tc one:
+ * TC_ACT_SHOT, which is XDP_DROP too). Shared by tc_nodeport and xdp_nodeport.
+ */
+static __noinline int lookup_flow(const struct lb_config *cfg, struct fwd_state *s)
+{
+	struct ct_value *ct;
+
+	s->now = now_sec();
+	flow_key_of(&s->fk, &s->p);
+	ct = bpf_map_lookup_elem(&kpr_lb_ct_v1, &s->fk);
+	if (ct && !bpf_map_lookup_elem(&kpr_backends_v1, &ct->backend_id)) {
+		/* The backend is gone: the flow starts over on another one. */
+		struct flow_key rk;
+
+		snat_key_of(&rk, ct, s->p.proto);
+		bpf_map_delete_elem(&kpr_lb_snat_v1, &rk);
+		bpf_map_delete_elem(&kpr_lb_ct_v1, &s->fk);
+		ct = NULL;
+	}
+	if (ct) {
+		__builtin_memcpy(&s->flow, ct, sizeof(s->flow));
+		if (ct->last_seen != s->now)
+			ct->last_seen = s->now;
+		if ((s->p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN && ct->flags) {
+			/* The client reuses the tuple for a new connection. */
+			struct flow_key rk;
+			struct snat_value *rv;
+
+			ct->flags = 0;
+			snat_key_of(&rk, &s->flow, s->p.proto);
+			rv = bpf_map_lookup_elem(&kpr_lb_snat_v1, &rk);
+			if (rv) {
+				rv->flags = 0;
+				rv->last_seen = s->now;
+			}
+		} else {
+			__u16 f = ct_flags_fwd(s->p.tcp_flags);
+
+			if ((ct->flags | f) != ct->flags)
+				ct->flags |= f;
+		}
+		return 0;
+	}
+	return new_flow(cfg, s);
+}
+
+/*
  * The backend's node of a DSR flow: a client's packet to a backend (not to a
  * frontend of this node) carrying the frontend in kpr's option. The reverse
  * entry it leaves, keyed as the backend's reply to the client, makes
@@ -2037,7 +2087,6 @@ int tc_nodeport(struct __sk_buff *skb)
 	struct fwd_state *s;
 	struct svc_value *sv;
 	struct lb_config *cfg;
-	struct ct_value *ct;
 	__u32 zero = 0;
 	int parsed, verdict;
 
@@ -2104,45 +2153,9 @@ int tc_nodeport(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	}
 
-	s->now = now_sec();
-	flow_key_of(&s->fk, &s->p);
-	ct = bpf_map_lookup_elem(&kpr_lb_ct_v1, &s->fk);
-	if (ct && !bpf_map_lookup_elem(&kpr_backends_v1, &ct->backend_id)) {
-		/* The backend is gone: the flow starts over on another one. */
-		struct flow_key rk;
-
-		snat_key_of(&rk, ct, s->p.proto);
-		bpf_map_delete_elem(&kpr_lb_snat_v1, &rk);
-		bpf_map_delete_elem(&kpr_lb_ct_v1, &s->fk);
-		ct = NULL;
-	}
-	if (ct) {
-		__builtin_memcpy(&s->flow, ct, sizeof(s->flow));
-		if (ct->last_seen != s->now)
-			ct->last_seen = s->now;
-		if ((s->p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN && ct->flags) {
-			/* The client reuses the tuple for a new connection. */
-			struct flow_key rk;
-			struct snat_value *rv;
-
-			ct->flags = 0;
-			snat_key_of(&rk, &s->flow, s->p.proto);
-			rv = bpf_map_lookup_elem(&kpr_lb_snat_v1, &rk);
-			if (rv) {
-				rv->flags = 0;
-				rv->last_seen = s->now;
-			}
-		} else {
-			__u16 f = ct_flags_fwd(s->p.tcp_flags);
-
-			if ((ct->flags | f) != ct->flags)
-				ct->flags |= f;
-		}
-	} else {
-		verdict = new_flow(cfg, s);
-		if (verdict)
-			return verdict;
-	}
+	verdict = lookup_flow(cfg, s);
+	if (verdict)
+		return verdict;
 
 	__builtin_memcpy(s->t.saddr.b, s->flow.snat_addr, 16);
 	__builtin_memcpy(s->t.daddr.b, s->flow.backend_addr, 16);
@@ -2210,6 +2223,333 @@ int tc_nodeport_reply(struct __sk_buff *skb)
 
 	count(STAT_REPLY);
 	return translate_and_send(skb, &p, &t, 0);
+}
+
+/*
+ * XDP acceleration (acceleration: native | best-effort): the common case of
+ * tc_nodeport and tc_nodeport_reply done before the kernel makes an skb. A
+ * client's packet to a frontend, or a backend's reply to a SNAT port, whose
+ * translated packet leaves by the device it came in on (a backend on another
+ * node of the same network, the reply back to the client) is rewritten here
+ * and sent with XDP_TX. Everything else passes untouched to the tc programs,
+ * which see the packet as if XDP were not there: other egress devices (local
+ * pods), IPv4 options, IPv6 extension headers, fragments, ICMP, refusals, the
+ * first packets of a DSR flow (the option needs room), a route without a
+ * resolved neighbour, a packet too big or a TTL running out. Flows are the
+ * same as tc's (the same maps and lookup_flow), so a flow may move between
+ * the two from packet to packet.
+ *
+ * Checksums: a frame from a NIC is complete, so both the IPv4 header checksum
+ * and the L4 checksum are updated incrementally as RFC 1624 does. A veth
+ * whose peer sends with TX checksum offload hands XDP CHECKSUM_PARTIAL frames
+ * (the L4 field holds the pseudo-header sum, and an XDP_TX'd frame is never
+ * completed), which XDP cannot tell apart: a frame whose L4 checksum field
+ * equals its pseudo-header sum is taken to be one and passed to tc, which
+ * handles both kinds (a complete checksum equals it for one frame in 65536,
+ * which then takes the tc path too). TestNodePortXDPTraffic covers both.
+ */
+/* Whether the frame's L4 checksum field holds just its pseudo-header sum (see above). */
+static __always_inline int xdp_maybe_partial(struct xdp_md *ctx, const struct pkt *p)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	__u16 *field = data + (p->v4 ? ETH_HLEN + sizeof(struct ip4_hdr) : ETH_HLEN + sizeof(struct ip6_hdr)) +
+		       (p->proto == IPPROTO_TCP ? TCP_CSUM_OFF : UDP_CSUM_OFF);
+	__s64 sum;
+
+	if ((void *)(field + 1) > end)
+		return 1;
+	if (p->v4)
+		sum = bpf_csum_diff(NULL, 0, (__be32 *)&p->saddr.w[3], 4, 0) +
+		      (__s64)bpf_csum_diff(NULL, 0, (__be32 *)&p->daddr.w[3], 4, 0);
+	else
+		sum = bpf_csum_diff(NULL, 0, (__be32 *)p->saddr.w, 16, 0) +
+		      (__s64)bpf_csum_diff(NULL, 0, (__be32 *)p->daddr.w, 16, 0);
+	if (sum < 0)
+		return 1;
+	sum += bpf_htons(p->proto) + bpf_htons((__u16)p->l4len);
+	sum = (sum & 0xffffffff) + (sum >> 32);
+	return *field == csum_fold32((__u32)sum);
+}
+
+static __always_inline int xdp_parse(struct xdp_md *ctx, struct pkt *p)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct eth_hdr *eth = data;
+	__u32 l4len;
+
+	if ((void *)(eth + 1) > end)
+		return -1;
+	if (eth->proto == bpf_htons(ETH_P_IP)) {
+		struct ip4_hdr *ip = (void *)(eth + 1);
+		__u32 tot;
+
+		if ((void *)(ip + 1) > end || ip->ver_ihl != 0x45 ||
+		    (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET)) ||
+		    (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP))
+			return -1;
+		tot = bpf_ntohs(ip->tot_len);
+		if (tot < sizeof(*ip) || data + ETH_HLEN + tot > end)
+			return -1;
+		p->v4 = 1;
+		p->proto = ip->protocol;
+		p->ttl = ip->ttl;
+		addr_from_be32(&p->saddr, ip->saddr);
+		addr_from_be32(&p->daddr, ip->daddr);
+		p->l4off = ETH_HLEN + sizeof(*ip);
+		l4len = tot - sizeof(*ip);
+	} else if (eth->proto == bpf_htons(ETH_P_IPV6)) {
+		struct ip6_hdr *ip = (void *)(eth + 1);
+
+		if ((void *)(ip + 1) > end || (bpf_ntohl(ip->ver_tc_flow) >> 28) != 6 ||
+		    (ip->nexthdr != IPPROTO_TCP && ip->nexthdr != IPPROTO_UDP))
+			return -1;
+		l4len = bpf_ntohs(ip->payload_len);
+		if (data + ETH_HLEN + sizeof(*ip) + l4len > end)
+			return -1;
+		p->v4 = 0;
+		p->proto = ip->nexthdr;
+		p->ttl = ip->hop_limit;
+		__builtin_memcpy(p->saddr.w, ip->saddr, 16);
+		__builtin_memcpy(p->daddr.w, ip->daddr, 16);
+		p->l4off = ETH_HLEN + sizeof(*ip);
+	} else {
+		return -1;
+	}
+	p->l4len = l4len;
+	if (p->proto == IPPROTO_TCP) {
+		struct tcp_hdr *th = data + p->l4off;
+
+		if ((void *)(th + 1) > end || l4len < sizeof(*th) || (th->doff_res >> 4) < 5 ||
+		    (__u32)(th->doff_res >> 4) * 4 > l4len)
+			return -1;
+		p->sport = th->sport;
+		p->dport = th->dport;
+		p->tcp_flags = th->flags;
+	} else {
+		struct udp_hdr *uh = data + p->l4off;
+
+		if ((void *)(uh + 1) > end || l4len < sizeof(*uh) || bpf_ntohs(uh->len) < sizeof(*uh) ||
+		    bpf_ntohs(uh->len) > l4len)
+			return -1;
+		p->sport = uh->sport;
+		p->dport = uh->dport;
+		p->tcp_flags = 0;
+	}
+	return xdp_maybe_partial(ctx, p) ? -1 : 0;
+}
+
+/*
+ * Asks the FIB for t's route; 0 with fib filled in if the packet can leave
+ * whole by the device it came in on, with its neighbour known and TTL to
+ * spare. tot_len makes the kernel check the route's MTU.
+ */
+static __always_inline int xdp_route(struct xdp_md *ctx, const struct pkt *p,
+				     const struct nat_target *t, struct bpf_fib_lookup *fib)
+{
+	__builtin_memset(fib, 0, sizeof(*fib));
+	fib->ifindex = ctx->ingress_ifindex;
+	fib->l4_protocol = p->proto;
+	fib->tot_len = p->l4off - ETH_HLEN + p->l4len;
+	if (p->v4) {
+		fib->family = AF_INET;
+		fib->ipv4_src = t->saddr.w[3];
+		fib->ipv4_dst = t->daddr.w[3];
+	} else {
+		fib->family = AF_INET6;
+		__builtin_memcpy(fib->ipv6_src, t->saddr.w, 16);
+		__builtin_memcpy(fib->ipv6_dst, t->daddr.w, 16);
+	}
+	if (bpf_fib_lookup(ctx, fib, sizeof(*fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
+		return -1;
+	if (fib->ifindex != ctx->ingress_ifindex || p->ttl <= 1)
+		return -1;
+	return 0;
+}
+
+/* Rewrites the packet as t says, decrements the TTL and sets the MACs; then XDP_TX. */
+static __always_inline int xdp_rewrite(struct xdp_md *ctx, const struct pkt *p,
+				       const struct nat_target *t, const struct bpf_fib_lookup *fib)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct eth_hdr *eth = data;
+	union {
+		__be16 p[2];
+		__u32 w;
+	} oldports = {.p = {p->sport, p->dport}}, newports = {.p = {t->sport, t->dport}};
+	__u32 addr_diff, l4_diff;
+	__be16 *ports;
+	void *l4;
+	__s64 d;
+
+	if ((void *)(eth + 1) > end)
+		return XDP_PASS;
+	if (p->v4) {
+		struct ip4_hdr *ip = (void *)(eth + 1);
+		__be32 olda[2], newa[2] = {t->saddr.w[3], t->daddr.w[3]};
+		__be16 oldw, neww;
+
+		if ((void *)(ip + 1) > end)
+			return XDP_PASS;
+		olda[0] = ip->saddr;
+		olda[1] = ip->daddr;
+		d = bpf_csum_diff(olda, sizeof(olda), newa, sizeof(newa), 0);
+		if (d < 0)
+			return XDP_PASS;
+		addr_diff = (__u32)d;
+		oldw = *(__be16 *)&ip->ttl; /* ttl and protocol */
+		ip->ttl--;
+		neww = *(__be16 *)&ip->ttl;
+		ip->saddr = newa[0];
+		ip->daddr = newa[1];
+		ip->check = csum_apply(ip->check, addr_diff + (__u16)~oldw + neww);
+	} else {
+		struct ip6_hdr *ip = (void *)(eth + 1);
+		__u32 olda[8], newa[8];
+
+		if ((void *)(ip + 1) > end)
+			return XDP_PASS;
+		__builtin_memcpy(olda, ip->saddr, 16);
+		__builtin_memcpy(olda + 4, ip->daddr, 16);
+		__builtin_memcpy(newa, t->saddr.w, 16);
+		__builtin_memcpy(newa + 4, t->daddr.w, 16);
+		d = bpf_csum_diff(olda, sizeof(olda), newa, sizeof(newa), 0);
+		if (d < 0)
+			return XDP_PASS;
+		addr_diff = (__u32)d;
+		ip->hop_limit--;
+		__builtin_memcpy(ip->saddr, t->saddr.w, 16);
+		__builtin_memcpy(ip->daddr, t->daddr.w, 16);
+	}
+	d = bpf_csum_diff(&oldports.w, sizeof(oldports), &newports.w, sizeof(newports), addr_diff);
+	if (d < 0)
+		return XDP_DROP; /* addresses already written */
+	l4_diff = (__u32)d;
+	/* A constant offset (xdp_parse takes no IPv4 options, no IPv6 extension headers):
+	 * the verifier needs bounds that a value read back from memory does not have. */
+	l4 = data + (p->v4 ? ETH_HLEN + sizeof(struct ip4_hdr) : ETH_HLEN + sizeof(struct ip6_hdr));
+	ports = l4;
+	if (p->proto == IPPROTO_TCP) {
+		struct tcp_hdr *th = l4;
+
+		if ((void *)(th + 1) > end)
+			return XDP_DROP;
+		th->check = csum_apply(th->check, l4_diff);
+	} else {
+		struct udp_hdr *uh = l4;
+
+		if ((void *)(uh + 1) > end)
+			return XDP_DROP;
+		/* IPv4 UDP without checksum stays without; a computed 0 is sent as 0xffff. */
+		if (uh->check || !p->v4) {
+			uh->check = csum_apply(uh->check, l4_diff);
+			if (!uh->check)
+				uh->check = 0xffff;
+		}
+	}
+	if ((void *)(ports + 2) > end)
+		return XDP_DROP;
+	ports[0] = t->sport;
+	ports[1] = t->dport;
+	__builtin_memcpy(eth->dst, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->src, fib->smac, ETH_ALEN);
+	count(STAT_XDP_TX);
+	return XDP_TX;
+}
+
+/* A backend's reply to one of this node's SNAT ports (or, without SNAT, to a client). */
+static __noinline int xdp_reply(struct xdp_md *ctx, struct fwd_state *s)
+{
+	struct snat_value *rv;
+	struct bpf_fib_lookup fib;
+	__u16 flags;
+	__u32 now;
+
+	flow_key_of(&s->rk, &s->p);
+	rv = bpf_map_lookup_elem(&kpr_lb_snat_v1, &s->rk);
+	if (!rv)
+		return XDP_PASS;
+	__builtin_memcpy(s->t.saddr.b, rv->vip_addr, 16);
+	__builtin_memcpy(s->t.daddr.b, rv->client_addr, 16);
+	s->t.sport = rv->vip_port;
+	s->t.dport = rv->client_port;
+	if (xdp_route(ctx, &s->p, &s->t, &fib))
+		return XDP_PASS;
+	now = now_sec();
+	if (rv->last_seen != now)
+		rv->last_seen = now;
+	flags = ct_flags_reply(s->p.tcp_flags);
+	if ((rv->flags | flags) != rv->flags)
+		rv->flags |= flags;
+	count(STAT_REPLY);
+	return xdp_rewrite(ctx, &s->p, &s->t, &fib);
+}
+
+SEC("xdp")
+int xdp_nodeport(struct xdp_md *ctx)
+{
+	struct bpf_fib_lookup fib;
+	struct fwd_state *s;
+	struct svc_value *sv;
+	struct lb_config *cfg;
+	__u32 zero = 0;
+	int verdict;
+
+	s = bpf_map_lookup_elem(&lb_scratch, &zero);
+	if (!s)
+		return XDP_PASS;
+	__builtin_memset(&s->p, 0, sizeof(s->p));
+	if (xdp_parse(ctx, &s->p))
+		return XDP_PASS;
+
+	__builtin_memset(&s->key, 0, sizeof(s->key));
+	__builtin_memcpy(s->key.addr, s->p.daddr.b, 16);
+	s->key.port = s->p.dport;
+	s->key.proto = s->p.proto;
+	s->key.scope = SCOPE_EXTERNAL;
+	sv = bpf_map_lookup_elem(&kpr_svc_v1, &s->key);
+	if (!sv)
+		return xdp_reply(ctx, s);
+	if (sv->flags & SVC_F_SRC_RANGES) {
+		struct src_range_key rk = {.prefixlen = 32 + 128, .svc_id = sv->svc_id};
+
+		__builtin_memcpy(rk.addr, s->p.saddr.b, 16);
+		if (!bpf_map_lookup_elem(&kpr_lb_src_ranges_v1, &rk)) {
+			count(STAT_DROP_SOURCE_RANGE);
+			return XDP_DROP;
+		}
+	}
+	/* Refusals, and DSR packets that carry the option: tc's. */
+	if (sv->count == 0 || ((sv->flags & SVC_F_DSR) &&
+			       (s->p.proto == IPPROTO_UDP ||
+				(s->p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)))
+		return XDP_PASS;
+	s->count = sv->count;
+	s->svc_id = sv->svc_id;
+	s->affinity = sv->affinity_timeout_sec;
+	s->preserve_src = (sv->flags & (SVC_F_PRESERVE_SRC | SVC_F_DSR)) != 0;
+	s->dsr = 0;
+
+	cfg = bpf_map_lookup_elem(&kpr_lb_config_v1, &zero);
+	if (!cfg || cfg->snat_port_min == 0)
+		return XDP_PASS;
+	__builtin_memcpy(s->snat_addr.b, s->p.v4 ? cfg->addr4 : cfg->addr6, 16);
+	if (!s->preserve_src && addr_is_zero(&s->snat_addr))
+		return XDP_PASS;
+	verdict = lookup_flow(cfg, s);
+	if (verdict)
+		return verdict == TC_ACT_SHOT ? XDP_DROP : XDP_PASS;
+
+	__builtin_memcpy(s->t.saddr.b, s->flow.snat_addr, 16);
+	__builtin_memcpy(s->t.daddr.b, s->flow.backend_addr, 16);
+	s->t.sport = s->flow.snat_port;
+	s->t.dport = s->flow.backend_port;
+	if (xdp_route(ctx, &s->p, &s->t, &fib))
+		return XDP_PASS;
+	count(STAT_FWD);
+	return xdp_rewrite(ctx, &s->p, &s->t, &fib);
 }
 
 char __license[] SEC("license") = "Dual BSD/GPL";

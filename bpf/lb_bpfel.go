@@ -214,7 +214,8 @@ const (
 	lbLbStatSTAT_TTL_EXCEEDED      lbLbStat = 18
 	lbLbStatSTAT_DSR_LEARNED       lbLbStat = 19
 	lbLbStatSTAT_DROP_DSR_NO_ROOM  lbLbStat = 20
-	lbLbStatSTAT_MAX               lbLbStat = 21
+	lbLbStatSTAT_XDP_TX            lbLbStat = 21
+	lbLbStatSTAT_MAX               lbLbStat = 22
 )
 
 type lbSnatValue struct {
@@ -272,6 +273,7 @@ const (
 	lbMapLbScratch          = "lb_scratch"
 	lbProgTcNodeport        = "tc_nodeport"
 	lbProgTcNodeportReply   = "tc_nodeport_reply"
+	lbProgXdpNodeport       = "xdp_nodeport"
 )
 
 // loadLb returns the embedded CollectionSpec for lb.
@@ -318,6 +320,7 @@ type lbSpecs struct {
 type lbProgramSpecs struct {
 	TcNodeport      *ebpf.ProgramSpec `ebpf:"tc_nodeport"`
 	TcNodeportReply *ebpf.ProgramSpec `ebpf:"tc_nodeport_reply"`
+	XdpNodeport     *ebpf.ProgramSpec `ebpf:"xdp_nodeport"`
 }
 
 // lbMapSpecs contains maps before they are loaded into the kernel.
@@ -410,12 +413,14 @@ type lbVariables struct {
 type lbPrograms struct {
 	TcNodeport      *ebpf.Program `ebpf:"tc_nodeport"`
 	TcNodeportReply *ebpf.Program `ebpf:"tc_nodeport_reply"`
+	XdpNodeport     *ebpf.Program `ebpf:"xdp_nodeport"`
 }
 
 func (p *lbPrograms) Close() error {
 	return _LbClose(
 		p.TcNodeport,
 		p.TcNodeportReply,
+		p.XdpNodeport,
 	)
 }
 

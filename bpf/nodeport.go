@@ -607,6 +607,9 @@ type NodePortStats struct {
 	DSRLearned uint64
 	// DropDSRNoRoom: DSR packets whose IPv4 header had no room left for the option.
 	DropDSRNoRoom uint64
+	// XDPTx: packets the XDP program translated and sent back out of their device (they are
+	// also counted as Forwarded or Replies).
+	XDPTx uint64
 	// Packets left to the stack: IPv4 fragments, malformed packets, translated packets the
 	// FIB did not let kpr forward (local, unreachable, forwarding disabled).
 	PassFragment, PassMalformed, PassFIB uint64
@@ -637,6 +640,7 @@ func (m *NodePortMaps) Stats() (NodePortStats, error) {
 		lbLbStatSTAT_TTL_EXCEEDED:      &s.TTLExceeded,
 		lbLbStatSTAT_DSR_LEARNED:       &s.DSRLearned,
 		lbLbStatSTAT_DROP_DSR_NO_ROOM:  &s.DropDSRNoRoom,
+		lbLbStatSTAT_XDP_TX:            &s.XDPTx,
 	}
 	for stat, field := range fields {
 		var perCPU []uint64

@@ -318,3 +318,109 @@ func parseTCPinName(name string) (TCAttachment, bool) {
 	}
 	return TCAttachment{}, false
 }
+
+// XDPMode is how AttachXDP attaches the XDP program.
+type XDPMode int
+
+const (
+	// XDPNative runs the program in the device's driver, before an skb exists. Fails on a
+	// driver without native XDP.
+	XDPNative XDPMode = iota
+	// XDPGeneric runs it in the stack, after the skb is made: for tests, no faster than tc.
+	XDPGeneric
+)
+
+func (m XDPMode) String() string {
+	if m == XDPGeneric {
+		return "generic"
+	}
+	return "native"
+}
+
+// xdpPinPrefix starts the names of pinned XDP links in linksDir: xdp_<ifindex>.
+const xdpPinPrefix = "xdp_"
+
+// AttachXDP attaches xdp_nodeport to the device with index ifindex in the caller's network
+// namespace, through an XDP link pinned in the pin directory; a pinned link of the device is
+// updated in place to the loaded program. The program does the common case of tc_nodeport and
+// tc_nodeport_reply (a translated packet that leaves by the device it came in on) and passes
+// everything else to them, so the tc programs must be attached to the device too.
+func (n *NodePort) AttachXDP(ifindex int, mode XDPMode) error {
+	if ifindex <= 0 {
+		return fmt.Errorf("attach xdp_nodeport: invalid interface index %d", ifindex)
+	}
+	pin := filepath.Join(n.pinDir, linksDir, fmt.Sprintf("%s%d", xdpPinPrefix, ifindex))
+	if old, err := link.LoadPinnedLink(pin, nil); err == nil {
+		defer old.Close()
+		info, ierr := old.Info()
+		if ierr == nil && info.XDP() != nil && int(info.XDP().Ifindex) == ifindex {
+			if err := old.Update(n.objs.XdpNodeport); err == nil {
+				return nil
+			} else if !errors.Is(err, unix.ENOLINK) {
+				return fmt.Errorf("update pinned link %s: %w", pin, err)
+			}
+		}
+		// Defunct (the device is gone, or the mode changed): replaced below.
+		if err := old.Unpin(); err != nil {
+			return fmt.Errorf("unpin %s: %w", pin, err)
+		}
+		_ = old.Detach()
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("open pinned link %s: %w", pin, err)
+	}
+	flags := link.XDPDriverMode
+	if mode == XDPGeneric {
+		flags = link.XDPGenericMode
+	}
+	l, err := link.AttachXDP(link.XDPOptions{Program: n.objs.XdpNodeport, Interface: ifindex, Flags: flags})
+	if err != nil {
+		return fmt.Errorf("attach xdp_nodeport (%s) to interface %d: %w", mode, ifindex, err)
+	}
+	defer l.Close()
+	if err := l.Pin(pin); err != nil {
+		l.Detach()
+		return fmt.Errorf("pin xdp link %s: %w", pin, err)
+	}
+	return nil
+}
+
+// DetachXDP removes xdp_nodeport from ifindex and its pin; detaching what is not attached is
+// no error.
+func (n *NodePort) DetachXDP(ifindex int) error {
+	pin := filepath.Join(n.pinDir, linksDir, fmt.Sprintf("%s%d", xdpPinPrefix, ifindex))
+	l, err := link.LoadPinnedLink(pin, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("open pinned link %s: %w", pin, err)
+	}
+	defer l.Close()
+	if err := l.Detach(); err != nil && !errors.Is(err, link.ErrNotSupported) {
+		return fmt.Errorf("detach %s: %w", pin, err)
+	}
+	return removeIfExists(pin)
+}
+
+// XDPAttached lists the interface indexes with a pinned XDP link in pinDir, sorted.
+func XDPAttached(pinDir string) ([]int, error) {
+	entries, err := os.ReadDir(filepath.Join(pinDir, linksDir))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []int
+	for _, e := range entries {
+		rest, ok := strings.CutPrefix(e.Name(), xdpPinPrefix)
+		if !ok {
+			continue
+		}
+		if i, err := strconv.Atoi(rest); err == nil && i > 0 {
+			out = append(out, i)
+		}
+	}
+	slices.Sort(out)
+	return out, nil
+}

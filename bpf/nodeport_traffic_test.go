@@ -263,13 +263,19 @@ func (e *testEnv) udpPeer(dst netip.AddrPort) (from, peer netip.AddrPort, err er
 // legacy ETHTOOL_STXCSUM ioctl; ethtool(8) need not be installed.
 func setTxChecksum(t *testing.T, env *testEnv, dev string, on bool) {
 	t.Helper()
+	setEthtool(t, env, dev, unix.ETHTOOL_STXCSUM, on)
+}
+
+// setEthtool switches a device feature with one of the legacy ETHTOOL_S* ioctls.
+func setEthtool(t *testing.T, env *testEnv, dev string, cmd uint32, on bool) {
+	t.Helper()
 	must(t, env.do(func() error {
 		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 		if err != nil {
 			return err
 		}
 		defer unix.Close(fd)
-		val := struct{ cmd, data uint32 }{cmd: unix.ETHTOOL_STXCSUM}
+		val := struct{ cmd, data uint32 }{cmd: cmd}
 		if on {
 			val.data = 1
 		}
@@ -281,7 +287,7 @@ func setTxChecksum(t *testing.T, env *testEnv, dev string, on bool) {
 		copy(ifr.name[:], dev)
 		ifr.data = unsafe.Pointer(&val)
 		if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.SIOCETHTOOL, uintptr(unsafe.Pointer(&ifr))); errno != 0 {
-			return fmt.Errorf("ETHTOOL_STXCSUM %s: %w", dev, errno)
+			return fmt.Errorf("ethtool command %#x on %s: %w", cmd, dev, errno)
 		}
 		return nil
 	}))

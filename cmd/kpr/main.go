@@ -199,8 +199,12 @@ func printStatus(out io.Writer, cfg *config.Config) error {
 // northSouthCounters is the tc programs' counters since the maps were created, on one line:
 // what was served, made up by the node, and dropped, and why.
 func northSouthCounters(s bpf.NodePortStats) string {
-	out := fmt.Sprintf("%d flows, %d packets forwarded, %d replies; answered: %d refusals, %d pings, %d too big, %d TTL exceeded, %d ICMP errors passed on",
-		s.NewFlows, s.Forwarded, s.Replies, s.Rejected, s.EchoReplies, s.TooBig, s.TTLExceeded, s.ICMPErrors)
+	out := fmt.Sprintf("%d flows, %d packets forwarded, %d replies", s.NewFlows, s.Forwarded, s.Replies)
+	if s.XDPTx > 0 {
+		out += fmt.Sprintf(" (%d of these by XDP)", s.XDPTx)
+	}
+	out += fmt.Sprintf("; answered: %d refusals, %d pings, %d too big, %d TTL exceeded, %d ICMP errors passed on",
+		s.Rejected, s.EchoReplies, s.TooBig, s.TTLExceeded, s.ICMPErrors)
 	if s.DSRLearned > 0 {
 		out += fmt.Sprintf("; %d DSR packets from other nodes told where replies go", s.DSRLearned)
 	}

@@ -92,8 +92,8 @@ func TestNorthSouthCounters(t *testing.T) {
 	if got != want {
 		t.Errorf("got  %q\nwant %q", got, want)
 	}
-	got = northSouthCounters(bpf.NodePortStats{NewFlows: 1, DSRLearned: 7, DropDSRNoRoom: 1})
-	want = "1 flows, 0 packets forwarded, 0 replies; answered: 0 refusals, 0 pings, 0 too big, 0 TTL exceeded, 0 ICMP errors passed on; 7 DSR packets from other nodes told where replies go; dropped: 1 no room for the DSR option"
+	got = northSouthCounters(bpf.NodePortStats{NewFlows: 1, Forwarded: 5, XDPTx: 4, DSRLearned: 7, DropDSRNoRoom: 1})
+	want = "1 flows, 5 packets forwarded, 0 replies (4 of these by XDP); answered: 0 refusals, 0 pings, 0 too big, 0 TTL exceeded, 0 ICMP errors passed on; 7 DSR packets from other nodes told where replies go; dropped: 1 no room for the DSR option"
 	if got != want {
 		t.Errorf("got  %q\nwant %q", got, want)
 	}

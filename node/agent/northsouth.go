@@ -34,6 +34,8 @@ type northSouth struct {
 	// devIdx are the configured devices' interface indexes (both programs); replies the
 	// other devices that carry the reply program. Read from the pins once, at load.
 	devIdx, replies map[int]bool
+	// xdp says, per device, how the XDP program runs there ("native") or why not.
+	xdp map[string]string
 }
 
 // status is the north-south part of `kpr status`.
@@ -41,7 +43,15 @@ func (ns *northSouth) status() string {
 	if ns == nil || ns.np == nil {
 		return "not served"
 	}
-	return fmt.Sprintf("devices %s; NodePort addresses %v; SNAT from %v %v", strings.Join(ns.devices, ","), ns.nodePort, ns.snat4, ns.snat6)
+	out := fmt.Sprintf("devices %s; NodePort addresses %v; SNAT from %v %v", strings.Join(ns.devices, ","), ns.nodePort, ns.snat4, ns.snat6)
+	if len(ns.xdp) == 0 {
+		return out + "; XDP off"
+	}
+	var xdp []string
+	for _, d := range ns.devices {
+		xdp = append(xdp, d+" "+ns.xdp[d])
+	}
+	return out + "; XDP: " + strings.Join(xdp, ", ")
 }
 
 // defaultRouteDevices lists the devices of the IPv4 and IPv6 default routes of the caller's
@@ -248,6 +258,46 @@ func loadNorthSouth(cfg *config.Config, ns *northSouth, seed maglev.Seed) error 
 		np.Close()
 		ns.np = nil
 		return err
+	}
+	if err := ns.attachXDP(cfg.BPFPinDir, cfg.Acceleration, want); err != nil {
+		np.Close()
+		ns.np = nil
+		return err
+	}
+	return nil
+}
+
+// attachXDP puts the XDP program on the devices as acceleration says (after the tc programs,
+// which take what XDP passes on) and takes it off every other device.
+func (ns *northSouth) attachXDP(pinDir, acceleration string, want map[int]bool) error {
+	ns.xdp = map[string]string{}
+	if acceleration != "disabled" {
+		for _, d := range ns.devices {
+			ifc, err := net.InterfaceByName(d)
+			if err != nil {
+				return fmt.Errorf("devices: %s: %w", d, err)
+			}
+			err = ns.np.AttachXDP(ifc.Index, bpf.XDPNative)
+			switch {
+			case err == nil:
+				ns.xdp[d] = "native"
+			case acceleration == "native":
+				return fmt.Errorf("acceleration: native: device %s: %w", d, err)
+			default:
+				ns.xdp[d] = "skipped (no native XDP: " + err.Error() + ")"
+			}
+		}
+	}
+	attached, err := bpf.XDPAttached(pinDir)
+	if err != nil {
+		return err
+	}
+	for _, idx := range attached {
+		if acceleration == "disabled" || !want[idx] {
+			if err := ns.np.DetachXDP(idx); err != nil {
+				return fmt.Errorf("detaching XDP from ifindex %d: %w", idx, err)
+			}
+		}
 	}
 	return nil
 }

@@ -64,6 +64,8 @@ type Config struct {
 	LoadBalancerAlgorithm string `mapstructure:"loadBalancerAlgorithm"`
 	// LoadBalancerMode: how north-south flows reach backends on other nodes, lbstate.Mode.
 	LoadBalancerMode string `mapstructure:"loadBalancerMode"`
+	// Acceleration: the XDP program on the devices: disabled, native or best-effort.
+	Acceleration     string `mapstructure:"acceleration"`
 	MaglevTableSize  int    `mapstructure:"maglevTableSize"`
 	MaglevHashSeed   string `mapstructure:"maglevHashSeed"`
 	ConntrackMapSize int    `mapstructure:"conntrackMapSize"`
@@ -107,6 +109,7 @@ var settings = []setting{
 	{"nodePortSourceRanges", "nodeport-source-ranges", "also apply a LoadBalancer Service's loadBalancerSourceRanges to its NodePorts (kube-proxy lets NodePorts bypass them)", false},
 	{"loadBalancerAlgorithm", "load-balancer-algorithm", "backend selection for north-south flows: maglev (the same backend for a flow on every node) or random", "maglev"},
 	{"loadBalancerMode", "load-balancer-mode", "how north-south flows reach backends on other nodes: snat (the node translates both ways), dsr (direct server return: the backend sees the client, its node answers directly; needs kpr on every node and pod addresses routed between nodes) or hybrid (DSR for TCP, SNAT for UDP); a Service's kpr.dev/forwarding-mode annotation overrides it", "snat"},
+	{"acceleration", "acceleration", "XDP on the devices, ahead of the tc programs, for flows whose backend is reached by the device they came in on: disabled, native (every device must support native XDP, else north-south traffic is not served) or best-effort (devices without native XDP keep tc only; kpr status says which)", "disabled"},
 	{"maglevTableSize", "maglev-table-size", "entries of each Maglev table: a prime from 251 to 131071", maglev.DefaultTableSize},
 	{"maglevHashSeed", "maglev-hash-seed", "seed of the Maglev hashes, 12 bytes in base64 (head -c 12 /dev/urandom | base64); must be the same on every node (default: a fixed seed, the same everywhere)", DefaultMaglevSeed},
 	{"conntrackMapSize", "conntrack-map-size", "north-south flows tracked at once (and as many SNAT entries)", 131072},
@@ -271,6 +274,11 @@ func (c *Config) Validate() error {
 	case "maglev", "random":
 	default:
 		bad("loadBalancerAlgorithm", "%q is not maglev or random", c.LoadBalancerAlgorithm)
+	}
+	switch c.Acceleration {
+	case "disabled", "native", "best-effort":
+	default:
+		bad("acceleration", "%q is not disabled, native or best-effort", c.Acceleration)
 	}
 	if _, ok := lbstate.ParseMode(c.LoadBalancerMode); !ok {
 		bad("loadBalancerMode", "%q is not snat, dsr or hybrid", c.LoadBalancerMode)

@@ -37,7 +37,7 @@ func TestDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.BPFPinDir != "/sys/fs/bpf/kpr" || c.KubeletKubeconfig != "/etc/kubernetes/kubelet.conf" || c.SyncPeriod != 30*time.Second || c.MinSyncPeriod != time.Second || c.FullSyncPeriod != time.Hour || c.ServiceMapSize != 262144 || c.LoadBalancerMode != "snat" {
+	if c.BPFPinDir != "/sys/fs/bpf/kpr" || c.KubeletKubeconfig != "/etc/kubernetes/kubelet.conf" || c.SyncPeriod != 30*time.Second || c.MinSyncPeriod != time.Second || c.FullSyncPeriod != time.Hour || c.ServiceMapSize != 262144 || c.LoadBalancerMode != "snat" || c.Acceleration != "disabled" {
 		t.Fatalf("defaults: %+v", c)
 	}
 }
@@ -66,12 +66,12 @@ func TestListsFromEnvAndFile(t *testing.T) {
 
 // Every error names its key, and all errors come at once.
 func TestErrorsNameTheKey(t *testing.T) {
-	_, err := load(t, []string{"--bpf-pin-dir", "relative", "--min-sync-period", "2m", "--service-map-size", "0", "--full-sync-period", "0s", "--load-balancer-mode", "direct"},
+	_, err := load(t, []string{"--bpf-pin-dir", "relative", "--min-sync-period", "2m", "--service-map-size", "0", "--full-sync-period", "0s", "--load-balancer-mode", "direct", "--acceleration", "fast"},
 		map[string]string{"KPR_CLUSTER_CIDR": "10.244.0.0/33"}, "")
 	if err == nil {
 		t.Fatal("no error")
 	}
-	for _, key := range []string{"bpfPinDir", "syncPeriod", "serviceMapSize", "clusterCIDR", "fullSyncPeriod", "loadBalancerMode"} {
+	for _, key := range []string{"bpfPinDir", "syncPeriod", "serviceMapSize", "clusterCIDR", "fullSyncPeriod", "loadBalancerMode", "acceleration"} {
 		if !strings.Contains(err.Error(), key+":") {
 			t.Errorf("error does not name %s:\n%v", key, err)
 		}
