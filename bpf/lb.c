@@ -841,12 +841,12 @@ static __always_inline int dec_ttl(struct __sk_buff *skb, const struct pkt *p)
  * unreachable: the stack decides). The FIB is asked before anything is
  * rewritten, so the TTL is only decremented for packets kpr forwards itself.
  */
-static __always_inline int fib_params(struct __sk_buff *skb, const struct pkt *p,
+static __always_inline int fib_params(void *ctx, __u32 ifindex, const struct pkt *p,
 				      const union addr16 *saddr, const union addr16 *daddr,
 				      __u32 tot_len, struct bpf_fib_lookup *fib)
 {
 	__builtin_memset(fib, 0, sizeof(*fib));
-	fib->ifindex = skb->ifindex;
+	fib->ifindex = ifindex;
 	fib->l4_protocol = p->proto;
 	if (p->v4) {
 		fib->family = AF_INET;
@@ -857,9 +857,9 @@ static __always_inline int fib_params(struct __sk_buff *skb, const struct pkt *p
 		__builtin_memcpy(fib->ipv6_src, saddr->w, 16);
 		__builtin_memcpy(fib->ipv6_dst, daddr->w, 16);
 	}
-	/* tot_len 0: the kernel checks the MTU against the skb, GSO aware. */
+	/* tot_len 0 (tc only): the kernel checks the MTU against the skb, GSO aware. */
 	fib->tot_len = tot_len;
-	return bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
+	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
 }
 
 static __always_inline int send_fib(struct __sk_buff *skb, const struct pkt *p, int rc,
@@ -876,6 +876,13 @@ static __always_inline int send_fib(struct __sk_buff *skb, const struct pkt *p, 
 #define VERDICT_TOO_BIG 100
 /* Likewise for a packet whose TTL (hop limit) would run out here: time exceeded. */
 #define VERDICT_TTL 101
+
+/* Whether a DSR flow's packet carries the option: TCP every SYN (a lost one is sent again),
+ * UDP every datagram (nothing tells which one arrived). */
+static __always_inline int dsr_carries_option(const struct pkt *p)
+{
+	return p->proto == IPPROTO_UDP || (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
+}
 
 /* translate_and_send's how. */
 #define XLATE_ANSWER 1 /* VERDICT_TOO_BIG and VERDICT_TTL instead of passing or dropping */
@@ -940,10 +947,8 @@ static __noinline int translate_and_send(struct __sk_buff *skb, struct pkt *p,
 	__u32 optlen = 0, tot_len = 0;
 	int rc, fwd;
 
-	/* TCP: on every SYN (a lost one is sent again); UDP: on every datagram (no state tells
-	 * which one arrived). A packet that already carries one (IPv6) keeps it. */
-	if ((how & XLATE_DSR) && !p->dsr6 &&
-	    (p->proto == IPPROTO_UDP || (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)) {
+	/* A packet that already carries one (IPv6) keeps it. */
+	if ((how & XLATE_DSR) && !p->dsr6 && dsr_carries_option(p)) {
 		optlen = p->v4 ? sizeof(struct dsr_opt4) : sizeof(struct dsr_opt6);
 		if (p->l4off - ETH_HLEN + optlen > IP4_MAX_HLEN && p->v4) {
 			/* The IPv4 header is full of options: no room to say where the flow goes. */
@@ -955,7 +960,7 @@ static __noinline int translate_and_send(struct __sk_buff *skb, struct pkt *p,
 		if (!skb->gso_size)
 			tot_len = p->l4off - ETH_HLEN + p->l4len + optlen;
 	}
-	rc = fib_params(skb, p, &t->saddr, &t->daddr, tot_len, &fib);
+	rc = fib_params(skb, skb->ifindex, p, &t->saddr, &t->daddr, tot_len, &fib);
 	fwd = rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH;
 
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && (how & XLATE_ANSWER)) {
@@ -1903,7 +1908,7 @@ static __noinline int icmp_err_send(struct __sk_buff *skb, struct icmp_scratch *
 	p.v4 = e->v4;
 	p.proto = e->v4 ? IPPROTO_ICMP : IPPROTO_ICMPV6;
 	p.ttl = e->ttl;
-	rc = fib_params(skb, &p, &n->osrc, &n->odst, 0, &fib);
+	rc = fib_params(skb, skb->ifindex, &p, &n->osrc, &n->odst, 0, &fib);
 	fwd = rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH;
 	if (fwd && p.ttl <= 1) {
 		count(STAT_DROP_TTL);
@@ -1982,6 +1987,38 @@ static __noinline int icmp_err_to_client(struct __sk_buff *skb)
 		return VERDICT_NOT_MINE;
 	icmp_err_target(&sc->n, rv->vip_addr, rv->vip_port, rv->client_addr, rv->client_port);
 	return icmp_err_send(skb, sc);
+}
+
+/*
+ * loadBalancerSourceRanges: whether the client of p may use the frontend sv.
+ * Checked before anything else is done for the packet, as kube-proxy's
+ * firewall chain does.
+ */
+static __always_inline int src_range_allowed(const struct svc_value *sv, const struct pkt *p)
+{
+	struct src_range_key rk = {.prefixlen = 32 + 128, .svc_id = sv->svc_id};
+
+	if (!(sv->flags & SVC_F_SRC_RANGES))
+		return 1;
+	__builtin_memcpy(rk.addr, p->saddr.b, 16);
+	return bpf_map_lookup_elem(&kpr_lb_src_ranges_v1, &rk) != NULL;
+}
+
+/* A backend's reply under the reverse entry rv: where it goes (t), and the flow's state. */
+static __always_inline void reply_of(struct snat_value *rv, const struct pkt *p,
+				     struct nat_target *t)
+{
+	__u32 now = now_sec();
+	__u16 flags = ct_flags_reply(p->tcp_flags);
+
+	__builtin_memcpy(t->saddr.b, rv->vip_addr, 16);
+	__builtin_memcpy(t->daddr.b, rv->client_addr, 16);
+	t->sport = rv->vip_port;
+	t->dport = rv->client_port;
+	if (rv->last_seen != now)
+		rv->last_seen = now;
+	if ((rv->flags | flags) != rv->flags)
+		rv->flags |= flags;
 }
 
 /*
@@ -2120,15 +2157,9 @@ int tc_nodeport(struct __sk_buff *skb)
 			dsr_learn(skb, &s->p);
 		return VERDICT_NOT_MINE;
 	}
-	if (sv->flags & SVC_F_SRC_RANGES) {
-		/* Before anything else is done for the packet, as kube-proxy's firewall chain. */
-		struct src_range_key rk = {.prefixlen = 32 + 128, .svc_id = sv->svc_id};
-
-		__builtin_memcpy(rk.addr, s->p.saddr.b, 16);
-		if (!bpf_map_lookup_elem(&kpr_lb_src_ranges_v1, &rk)) {
-			count(STAT_DROP_SOURCE_RANGE);
-			return TC_ACT_SHOT;
-		}
+	if (!src_range_allowed(sv, &s->p)) {
+		count(STAT_DROP_SOURCE_RANGE);
+		return TC_ACT_SHOT;
 	}
 	s->count = sv->count;
 	s->svc_id = sv->svc_id;
@@ -2195,8 +2226,6 @@ int tc_nodeport_reply(struct __sk_buff *skb)
 	struct flow_key rk;
 	struct snat_value *rv;
 	struct nat_target t;
-	__u32 now;
-	__u16 flags;
 	int parsed;
 
 	parsed = parse(skb, &p);
@@ -2209,18 +2238,7 @@ int tc_nodeport_reply(struct __sk_buff *skb)
 	rv = bpf_map_lookup_elem(&kpr_lb_snat_v1, &rk);
 	if (!rv)
 		return VERDICT_NOT_MINE;
-	__builtin_memcpy(t.saddr.b, rv->vip_addr, 16);
-	__builtin_memcpy(t.daddr.b, rv->client_addr, 16);
-	t.sport = rv->vip_port;
-	t.dport = rv->client_port;
-
-	now = now_sec();
-	if (rv->last_seen != now)
-		rv->last_seen = now;
-	flags = ct_flags_reply(p.tcp_flags);
-	if ((rv->flags | flags) != rv->flags)
-		rv->flags |= flags;
-
+	reply_of(rv, &p, &t);
 	count(STAT_REPLY);
 	return translate_and_send(skb, &p, &t, 0);
 }
@@ -2255,20 +2273,10 @@ static __always_inline int xdp_maybe_partial(struct xdp_md *ctx, const struct pk
 	void *end = (void *)(long)ctx->data_end;
 	__u16 *field = data + (p->v4 ? ETH_HLEN + sizeof(struct ip4_hdr) : ETH_HLEN + sizeof(struct ip6_hdr)) +
 		       (p->proto == IPPROTO_TCP ? TCP_CSUM_OFF : UDP_CSUM_OFF);
-	__s64 sum;
+	__s64 sum = pseudo_sum(p->v4, &p->saddr, &p->daddr, p->proto, p->l4len);
 
-	if ((void *)(field + 1) > end)
+	if ((void *)(field + 1) > end || sum < 0)
 		return 1;
-	if (p->v4)
-		sum = bpf_csum_diff(NULL, 0, (__be32 *)&p->saddr.w[3], 4, 0) +
-		      (__s64)bpf_csum_diff(NULL, 0, (__be32 *)&p->daddr.w[3], 4, 0);
-	else
-		sum = bpf_csum_diff(NULL, 0, (__be32 *)p->saddr.w, 16, 0) +
-		      (__s64)bpf_csum_diff(NULL, 0, (__be32 *)p->daddr.w, 16, 0);
-	if (sum < 0)
-		return 1;
-	sum += bpf_htons(p->proto) + bpf_htons((__u16)p->l4len);
-	sum = (sum & 0xffffffff) + (sum >> 32);
 	return *field == csum_fold32((__u32)sum);
 }
 
@@ -2348,20 +2356,8 @@ static __always_inline int xdp_parse(struct xdp_md *ctx, struct pkt *p)
 static __always_inline int xdp_route(struct xdp_md *ctx, const struct pkt *p,
 				     const struct nat_target *t, struct bpf_fib_lookup *fib)
 {
-	__builtin_memset(fib, 0, sizeof(*fib));
-	fib->ifindex = ctx->ingress_ifindex;
-	fib->l4_protocol = p->proto;
-	fib->tot_len = p->l4off - ETH_HLEN + p->l4len;
-	if (p->v4) {
-		fib->family = AF_INET;
-		fib->ipv4_src = t->saddr.w[3];
-		fib->ipv4_dst = t->daddr.w[3];
-	} else {
-		fib->family = AF_INET6;
-		__builtin_memcpy(fib->ipv6_src, t->saddr.w, 16);
-		__builtin_memcpy(fib->ipv6_dst, t->daddr.w, 16);
-	}
-	if (bpf_fib_lookup(ctx, fib, sizeof(*fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
+	if (fib_params(ctx, ctx->ingress_ifindex, p, &t->saddr, &t->daddr,
+		       p->l4off - ETH_HLEN + p->l4len, fib) != BPF_FIB_LKUP_RET_SUCCESS)
 		return -1;
 	if (fib->ifindex != ctx->ingress_ifindex || p->ttl <= 1)
 		return -1;
@@ -2464,25 +2460,15 @@ static __noinline int xdp_reply(struct xdp_md *ctx, struct fwd_state *s)
 {
 	struct snat_value *rv;
 	struct bpf_fib_lookup fib;
-	__u16 flags;
-	__u32 now;
 
 	flow_key_of(&s->rk, &s->p);
 	rv = bpf_map_lookup_elem(&kpr_lb_snat_v1, &s->rk);
 	if (!rv)
 		return XDP_PASS;
-	__builtin_memcpy(s->t.saddr.b, rv->vip_addr, 16);
-	__builtin_memcpy(s->t.daddr.b, rv->client_addr, 16);
-	s->t.sport = rv->vip_port;
-	s->t.dport = rv->client_port;
+	/* Passed on or not, the reply is the flow's (tc would note it the same way). */
+	reply_of(rv, &s->p, &s->t);
 	if (xdp_route(ctx, &s->p, &s->t, &fib))
 		return XDP_PASS;
-	now = now_sec();
-	if (rv->last_seen != now)
-		rv->last_seen = now;
-	flags = ct_flags_reply(s->p.tcp_flags);
-	if ((rv->flags | flags) != rv->flags)
-		rv->flags |= flags;
 	count(STAT_REPLY);
 	return xdp_rewrite(ctx, &s->p, &s->t, &fib);
 }
@@ -2512,19 +2498,12 @@ int xdp_nodeport(struct xdp_md *ctx)
 	sv = bpf_map_lookup_elem(&kpr_svc_v1, &s->key);
 	if (!sv)
 		return xdp_reply(ctx, s);
-	if (sv->flags & SVC_F_SRC_RANGES) {
-		struct src_range_key rk = {.prefixlen = 32 + 128, .svc_id = sv->svc_id};
-
-		__builtin_memcpy(rk.addr, s->p.saddr.b, 16);
-		if (!bpf_map_lookup_elem(&kpr_lb_src_ranges_v1, &rk)) {
-			count(STAT_DROP_SOURCE_RANGE);
-			return XDP_DROP;
-		}
+	if (!src_range_allowed(sv, &s->p)) {
+		count(STAT_DROP_SOURCE_RANGE);
+		return XDP_DROP;
 	}
 	/* Refusals, and DSR packets that carry the option: tc's. */
-	if (sv->count == 0 || ((sv->flags & SVC_F_DSR) &&
-			       (s->p.proto == IPPROTO_UDP ||
-				(s->p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)))
+	if (sv->count == 0 || ((sv->flags & SVC_F_DSR) && dsr_carries_option(&s->p)))
 		return XDP_PASS;
 	s->count = sv->count;
 	s->svc_id = sv->svc_id;

@@ -239,7 +239,11 @@ func (n *NodePort) DetachTC(ifindex int, hook TCHook) error {
 }
 
 func detachTC(pinDir string, ifindex int, hook TCHook) error {
-	pin := filepath.Join(pinDir, linksDir, tcPinName(hook, ifindex))
+	return detachPinned(filepath.Join(pinDir, linksDir, tcPinName(hook, ifindex)))
+}
+
+// detachPinned detaches the link pinned at pin and removes the pin; a missing pin is no error.
+func detachPinned(pin string) error {
 	l, err := link.LoadPinnedLink(pin, nil)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
@@ -349,7 +353,7 @@ func (n *NodePort) AttachXDP(ifindex int, mode XDPMode) error {
 	if ifindex <= 0 {
 		return fmt.Errorf("attach xdp_nodeport: invalid interface index %d", ifindex)
 	}
-	pin := filepath.Join(n.pinDir, linksDir, fmt.Sprintf("%s%d", xdpPinPrefix, ifindex))
+	pin := n.xdpPin(ifindex)
 	if old, err := link.LoadPinnedLink(pin, nil); err == nil {
 		defer old.Close()
 		info, ierr := old.Info()
@@ -387,19 +391,11 @@ func (n *NodePort) AttachXDP(ifindex int, mode XDPMode) error {
 // DetachXDP removes xdp_nodeport from ifindex and its pin; detaching what is not attached is
 // no error.
 func (n *NodePort) DetachXDP(ifindex int) error {
-	pin := filepath.Join(n.pinDir, linksDir, fmt.Sprintf("%s%d", xdpPinPrefix, ifindex))
-	l, err := link.LoadPinnedLink(pin, nil)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("open pinned link %s: %w", pin, err)
-	}
-	defer l.Close()
-	if err := l.Detach(); err != nil && !errors.Is(err, link.ErrNotSupported) {
-		return fmt.Errorf("detach %s: %w", pin, err)
-	}
-	return removeIfExists(pin)
+	return detachPinned(n.xdpPin(ifindex))
+}
+
+func (n *NodePort) xdpPin(ifindex int) string {
+	return filepath.Join(n.pinDir, linksDir, fmt.Sprintf("%s%d", xdpPinPrefix, ifindex))
 }
 
 // XDPAttached lists the interface indexes with a pinned XDP link in pinDir, sorted.

@@ -2,6 +2,7 @@ package bpf
 
 import (
 	"bytes"
+	"encoding/binary"
 	"fmt"
 	"net"
 	"net/netip"
@@ -130,8 +131,8 @@ func TestNodePortXDP(t *testing.T) {
 			if p.dst != tc.backend || p.src.Addr() != snat || p.src.Port() < DefaultSNATPorts.First {
 				t.Fatalf("sent %s -> %s, want %s:<SNAT port> -> %s", p.src, p.dst, snat, tc.backend)
 			}
-			if tc.noCsum && binary16(p.l4[6:]) != 0 {
-				t.Errorf("UDP checksum %#x, want it left 0 (none)", binary16(p.l4[6:]))
+			if tc.noCsum && binary.BigEndian.Uint16(p.l4[6:]) != 0 {
+				t.Errorf("UDP checksum %#x, want it left 0 (none)", binary.BigEndian.Uint16(p.l4[6:]))
 			}
 			f := e.flows()[tc.client]
 			if f.Backend != tc.backend || f.SNAT != p.src || f.NoReverse {
@@ -212,8 +213,6 @@ func TestNodePortXDP(t *testing.T) {
 		sentBack(t, in, ret, out, npNode2MAC, false)
 	})
 }
-
-func binary16(b []byte) uint16 { return uint16(b[0])<<8 | uint16(b[1]) }
 
 // TestNodePortXDPTraffic: real packets through xdp_nodeport attached in native mode to a veth.
 // The client's namespace also holds the "remote" backend address (10.244.2.5, routed by the

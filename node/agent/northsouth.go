@@ -221,14 +221,14 @@ func loadNorthSouth(cfg *config.Config, ns *northSouth, seed maglev.Seed) error 
 	if err != nil {
 		return fmt.Errorf("loading the north-south datapath: %w", err)
 	}
-	want := map[int]bool{}
+	want, index := map[int]bool{}, map[string]int{}
 	for _, d := range ns.devices {
 		ifc, err := net.InterfaceByName(d)
 		if err != nil {
 			np.Close()
 			return fmt.Errorf("devices: %s: %w", d, err)
 		}
-		want[ifc.Index] = true
+		want[ifc.Index], index[d] = true, ifc.Index
 		for _, h := range []bpf.TCHook{bpf.TCNodePort, bpf.TCReply} {
 			if err := np.AttachTC(ifc.Index, h); err != nil {
 				np.Close()
@@ -259,7 +259,7 @@ func loadNorthSouth(cfg *config.Config, ns *northSouth, seed maglev.Seed) error 
 		ns.np = nil
 		return err
 	}
-	if err := ns.attachXDP(cfg.BPFPinDir, cfg.Acceleration, want); err != nil {
+	if err := ns.attachXDP(cfg.BPFPinDir, cfg.Acceleration, index, want); err != nil {
 		np.Close()
 		ns.np = nil
 		return err
@@ -267,17 +267,14 @@ func loadNorthSouth(cfg *config.Config, ns *northSouth, seed maglev.Seed) error 
 	return nil
 }
 
-// attachXDP puts the XDP program on the devices as acceleration says (after the tc programs,
-// which take what XDP passes on) and takes it off every other device.
-func (ns *northSouth) attachXDP(pinDir, acceleration string, want map[int]bool) error {
+// attachXDP puts the XDP program on the devices (index: their interface indexes) as
+// acceleration says, after the tc programs, which take what XDP passes on, and takes it off
+// every other device (want: the devices' indexes).
+func (ns *northSouth) attachXDP(pinDir, acceleration string, index map[string]int, want map[int]bool) error {
 	ns.xdp = map[string]string{}
 	if acceleration != "disabled" {
 		for _, d := range ns.devices {
-			ifc, err := net.InterfaceByName(d)
-			if err != nil {
-				return fmt.Errorf("devices: %s: %w", d, err)
-			}
-			err = ns.np.AttachXDP(ifc.Index, bpf.XDPNative)
+			err := ns.np.AttachXDP(index[d], bpf.XDPNative)
 			switch {
 			case err == nil:
 				ns.xdp[d] = "native"
