@@ -385,6 +385,79 @@ func (e *npEnv) routeVia(ctx context.Context, ip netip.Addr, n *sandbox.Node) {
 	}
 }
 
+// xdpOnNode1 restarts node1's kpr with acceleration native and makes the LAN behave like a
+// wire for XDP (see below); the test's cleanup undoes both.
+//
+// veths differ from NICs in two ways that matter to XDP. A frame sent with XDP_TX reaches the
+// bridge only if the veth's other end has an XDP program (sandbox Node.AcceptXDPTx). And a veth's sender leaves TCP and UDP checksums to "the hardware"
+// (CHECKSUM_PARTIAL, the field holding only the pseudo-header sum) across bridges and nodes;
+// XDP cannot finish such a checksum and leaves those packets to tc. A NIC always delivers
+// complete checksums, so TX checksum offload goes off on the host's and the nodes' LAN devices.
+func (e *npEnv) xdpOnNode1(ctx context.Context, t *testing.T) {
+	t.Helper()
+	node1, k := e.nodes[0], e.kprs[0]
+	type offload struct {
+		what  string
+		set   func(sandbox.Offload, bool) error
+		o     sandbox.Offload
+		wired bool
+	}
+	offloads := []offload{
+		{"the host's eth0", func(o sandbox.Offload, on bool) error { return e.host.SetLANOffload(o, on) }, sandbox.TxChecksum, false},
+	}
+	for _, n := range e.nodes {
+		offloads = append(offloads, offload{n.Name + "'s eth0", func(o sandbox.Offload, on bool) error { return n.SetLANOffload(o, on) }, sandbox.TxChecksum, false})
+	}
+	if err := node1.AcceptXDPTx(true); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := node1.AcceptXDPTx(false); err != nil {
+			t.Error(err)
+		}
+	})
+	for _, o := range offloads {
+		if err := o.set(o.o, o.wired); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			if err := o.set(o.o, !o.wired); err != nil {
+				t.Errorf("restoring %s of %s: %v", o.o.Name, o.what, err)
+			}
+		})
+	}
+	restart := func(env []string) error {
+		if err := k.Stop(); err != nil {
+			return err
+		}
+		k.Env = env
+		return k.Start(ctx, 30*time.Second)
+	}
+	if err := restart([]string{"KPR_ACCELERATION=native"}); err != nil {
+		t.Fatalf("kpr on node1 with acceleration native: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := restart(nil); err != nil {
+			t.Errorf("restarting kpr on node1 without XDP: %v", err)
+		}
+	})
+}
+
+// xdpTx is how many packets node1's XDP program has sent back out (kpr's counter).
+func (e *npEnv) xdpTx(t *testing.T) uint64 {
+	t.Helper()
+	m, err := bpf.OpenNodePortMaps(e.kprs[0].PinDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	st, err := m.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.XDPTx
+}
+
 // TestNodePort runs kpr on two nodes of a real cluster and checks, from a host outside the
 // cluster on the same LAN, what a user of NodePort, ExternalIP and LoadBalancer Services
 // observes: kpr's tc programs (SNAT mode, Maglev) with the default configuration (devices: the
@@ -926,6 +999,40 @@ func TestNodePort(t *testing.T) {
 			if b := backends(rs); len(failures(rs)) > 0 || len(b) != 1 {
 				t.Errorf("%s, 20 new connections: %s; want every one answered by one pod", what, summary(rs))
 			}
+		}
+	})
+
+	t.Run("acceleration native: node1's XDP program sends flows to a pod on node2 straight back out of eth0", func(t *testing.T) {
+		e.xdpOnNode1(ctx, t)
+		xs := e.npService(ctx, "xdp", v1.ServiceTypeNodePort, nil, e.pods[2]) // np-c, on node2
+		status, err := e.kprs[0].Run(ctx, "status")
+		if err != nil || !strings.Contains(status, "XDP: eth0 native") {
+			t.Fatalf("kpr status on node1 does not show native XDP on eth0: %v\n%s", err, status)
+		}
+		before := e.xdpTx(t)
+		attempts := 0
+		for _, proto := range []string{"tcp", "udp"} {
+			p := v1.ProtocolTCP
+			if proto == "udp" {
+				p = v1.ProtocolUDP
+			}
+			for _, node := range []netip.Addr{node1.IPv4, node1.IPv6} {
+				dst := netip.AddrPortFrom(node, nodePortOf(t, xs, p))
+				what := e.flow(proto, dst, "NodePort of node1 with native XDP")
+				if err := e.serveWithin(proto, dst, npProgramWithin); err != nil {
+					t.Errorf("%s: %v", what, err)
+					continue
+				}
+				if err := checkServed(e.attempts(t, proto, dst, 30), dst, []string{"np-c"}, node); err != nil {
+					t.Errorf("%s, 30 attempts: %v", what, err)
+				}
+				attempts += 30
+			}
+		}
+		// Each attempt's request and answer cross node1 twice each way (to np-c and back):
+		// every one of those packets leaves by eth0, where it came in, so XDP sends it.
+		if sent := e.xdpTx(t) - before; sent < uint64(2*attempts) {
+			t.Errorf("node1's XDP program sent %d packets for %d answered attempts; want at least %d (a request and an answer each)", sent, attempts, 2*attempts)
 		}
 	})
 

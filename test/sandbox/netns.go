@@ -174,26 +174,55 @@ func dialInNetns(ctx context.Context, nsPath, network, address string) (net.Conn
 }
 
 func dialOnLockedThread(ctx context.Context, nsPath, network, address string) (conn net.Conn, restored bool, err error) {
+	restored, err = onLockedThreadIn(nsPath, func() error {
+		var d net.Dialer
+		var dialErr error
+		conn, dialErr = d.DialContext(ctx, network, address)
+		return dialErr
+	})
+	if !restored && conn != nil {
+		conn.Close()
+		conn = nil
+	}
+	return conn, restored, err
+}
+
+// onLockedThreadIn runs fn on the calling goroutine's OS thread, which the caller has locked,
+// after switching that thread into the network namespace at nsPath, then switches back.
+// restored is false when switching back failed: the caller must then leave the thread locked,
+// so the runtime ends it with the goroutine.
+func onLockedThreadIn(nsPath string, fn func() error) (restored bool, err error) {
 	orig, err := os.Open("/proc/thread-self/ns/net")
 	if err != nil {
-		return nil, true, err
+		return true, err
 	}
 	defer orig.Close()
 	target, err := os.Open(nsPath)
 	if err != nil {
-		return nil, true, err
+		return true, err
 	}
 	defer target.Close()
 	if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
-		return nil, true, fmt.Errorf("setns %s: %w", nsPath, err)
+		return true, fmt.Errorf("setns %s: %w", nsPath, err)
 	}
-	var d net.Dialer
-	conn, dialErr := d.DialContext(ctx, network, address)
+	fnErr := fn()
 	if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
-		if conn != nil {
-			conn.Close()
-		}
-		return nil, false, fmt.Errorf("returning from %s: %w", nsPath, err)
+		return false, fmt.Errorf("returning from %s: %w", nsPath, err)
 	}
-	return conn, true, dialErr
+	return true, fnErr
+}
+
+// inNetns runs fn on a locked OS thread inside the network namespace at nsPath (see
+// onLockedThreadIn); for work without a helper process, such as an ioctl on a device.
+func inNetns(nsPath string, fn func() error) error {
+	ch := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		restored, err := onLockedThreadIn(nsPath, fn)
+		if restored {
+			runtime.UnlockOSThread()
+		}
+		ch <- err
+	}()
+	return <-ch
 }

@@ -10,8 +10,10 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"sync"
 	"time"
 
+	"github.com/cilium/ebpf/link"
 	v1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/rest"
@@ -43,8 +45,11 @@ type Node struct {
 	// PodCIDRs are the node's pod ranges, IPv4 first.
 	PodCIDRs []netip.Prefix
 
-	cp    *ControlPlane
-	slots map[int]*Pod
+	cp        *ControlPlane
+	slots     map[int]*Pod
+	xdpMu     sync.Mutex
+	xdpPass   link.Link // AcceptXDPTx's program on the bridge port
+	xdpPushed bool      // its detach is on cp.cleanup
 }
 
 // Valid node indexes: 198.18.0.(10+index) must stay a host address of the /24.
