@@ -5,7 +5,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/kpr-dev/kpr/node/agent.Version=$(VERSION)
 K8S_BINDIR = $(shell hack/k8s.sh bindir)
 
-.PHONY: all build generate check-generate deps k8s-bins test unit e2e demo bench clean
+.PHONY: all build generate check-generate deps k8s-bins test unit e2e demo bench bench-clusterip bench-nodeport clean
 
 all: build
 
@@ -45,11 +45,16 @@ e2e: deps k8s-bins
 demo: deps k8s-bins
 	KPR_K8S_BINDIR=$(K8S_BINDIR) $(GO) run ./test/cmd/demo
 
-# The ClusterIP benchmark (kpr, kube-proxy nftables/iptables, direct; 1 and 10,000 Services):
-# prints the table and writes docs/bench/clusterip.md. BENCH_FLAGS=-quick for a short subset;
-# BENCH_SCALES, BENCH_PATHS and BENCH_ROUNDS select parts (see test/cmd/bench).
-bench: deps k8s-bins
-	KPR_K8S_BINDIR=$(K8S_BINDIR) $(GO) run ./test/cmd/bench $(BENCH_FLAGS)
+# The benchmarks: kpr against upstream kube-proxy (nftables, iptables) and the direct path.
+# bench-clusterip: a pod to a ClusterIP at 1 and 10,000 Services (docs/bench/clusterip.md);
+# bench-nodeport: a host outside the cluster to a NodePort whose pods are on another node,
+# through kpr's tc programs and kpr with XDP (docs/bench/nodeport.md). Each prints its table.
+# BENCH_FLAGS=-quick for a short subset (writes nothing); BENCH_FLAGS=-readme also rewrites the
+# README's part; BENCH_SCALES, BENCH_PATHS and BENCH_ROUNDS select parts (see test/cmd/bench).
+bench: bench-clusterip bench-nodeport
+
+bench-clusterip bench-nodeport: bench-%: deps k8s-bins
+	KPR_K8S_BINDIR=$(K8S_BINDIR) $(GO) run ./test/cmd/bench -scenario $* $(BENCH_FLAGS)
 
 clean:
 	rm -rf bin

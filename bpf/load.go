@@ -361,13 +361,23 @@ func Attached(pinDir string) ([]string, error) {
 }
 
 // RunStats returns the kernel's run-time statistics of each program whose link is pinned in
-// pinDir, by program name: how often it ran and for how long in total. The kernel counts only
+// pinDir, by program name for the socket hooks and by link name for the tc and XDP programs: how often it ran and for how long in total. The kernel counts only
 // while statistics are enabled (ebpf.EnableStats, or the kernel.bpf_stats_enabled sysctl);
 // otherwise both stay 0.
 func RunStats(pinDir string) (map[string]ebpf.ProgramStats, error) {
 	names, err := Attached(pinDir)
 	if err != nil {
 		return nil, err
+	}
+	// The north-south programs, by their links' names (tcx_<hook>_<ifindex>, xdp_<ifindex>).
+	entries, err := os.ReadDir(filepath.Join(pinDir, linksDir))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), tcPinPrefix) || strings.HasPrefix(e.Name(), xdpPinPrefix) {
+			names = append(names, e.Name())
+		}
 	}
 	out := make(map[string]ebpf.ProgramStats, len(names))
 	for _, name := range names {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"slices"
@@ -258,6 +259,12 @@ func TestNodePortXDPTraffic(t *testing.T) {
 	must(t, e.do(func() error { return e.n.AttachXDP(e.ext0, XDPNative) }))
 	if got, err := XDPAttached(e.pinDir); err != nil || !slices.Equal(got, []int{e.ext0}) {
 		t.Fatalf("XDPAttached = %v, %v; want [%d]", got, err, e.ext0)
+	}
+	// The benchmark reads the XDP program's run time through RunStats, by its link's name.
+	if st, err := RunStats(e.pinDir); err != nil {
+		t.Fatalf("RunStats: %v", err)
+	} else if _, ok := st[fmt.Sprintf("xdp_%d", e.ext0)]; !ok {
+		t.Errorf("RunStats has no entry for the XDP link xdp_%d: %v", e.ext0, slices.Collect(maps.Keys(st)))
 	}
 	t.Cleanup(func() {
 		// Detaching leaves no pin, and the device passes to tc alone.

@@ -27,10 +27,12 @@ type bench struct {
 	log func(format string, args ...any)
 	res *Results
 
-	cp       *sandbox.ControlPlane
-	node     *sandbox.Node
-	kpr      *sandbox.Kpr
-	client   *sandbox.Pod
+	cp   *sandbox.ControlPlane
+	node *sandbox.Node // where the proxy under test runs
+	kpr  *sandbox.Kpr
+	// client is where the load generator runs: a pod on node for ClusterIP, a host outside
+	// the cluster for NodePort.
+	client   clientNS
 	backends []*sandbox.Pod
 
 	loadgen   string // binaries
@@ -51,8 +53,16 @@ type bench struct {
 	// turns them off again); nil when they could not be enabled.
 	bpfStats io.Closer
 
-	vip     netip.Addr // the measured Service's ClusterIP
-	fillers int        // filler Services created so far
+	// svcTarget is the measured Service as the client reaches it: ClusterIP:80, or node1's
+	// address and the NodePort.
+	svcTarget string
+	fillers   int // filler Services created so far
+}
+
+// clientNS is a namespace the load generator runs in: sandbox.Pod or sandbox.Host.
+type clientNS interface {
+	StartCmd(ctx context.Context, c sandbox.Cmd) (*sandbox.Process, error)
+	Exec(ctx context.Context, cgroupFD int, name string, args ...string) ([]byte, error)
 }
 
 // Run builds the sandbox, measures every path at every scale and removes everything again,
@@ -76,7 +86,7 @@ func Run(ctx context.Context, cfg Config) (res *Results, err error) {
 		cfg.Prefix = "kpr-bench-" + hex.EncodeToString(buf)
 	}
 	b := &bench{cfg: cfg, log: cfg.Log}
-	b.res = &Results{Config: summarizeConfig(cfg), Started: time.Now(), Machine: describeMachine()}
+	b.res = &Results{Scenario: cfg.Scenario, Config: summarizeConfig(cfg), Started: time.Now(), Machine: describeMachine()}
 	res = b.res
 	rootBefore := snapshotRoot(ctx)
 
@@ -160,7 +170,7 @@ func (b *bench) setup(ctx context.Context) error {
 			b.res.Pinning = "clients on CPU 0, servers on CPUs " + b.serverCPUs
 		}
 	}
-	if slices.Contains(b.cfg.Paths, Kpr) {
+	if slices.ContainsFunc(b.cfg.Paths, Path.isKpr) {
 		// While this fd is open the kernel counts each BPF program's runs and run time (the
 		// count costs two clock reads per run, for every program on the machine); closing it
 		// turns counting off again unless something else holds it on.
@@ -178,9 +188,15 @@ func (b *bench) setup(ctx context.Context) error {
 	if b.plain, err = b.cp.NewCgroup("client"); err != nil {
 		return err
 	}
+	backendNode := b.node
+	if b.cfg.Scenario == NodePort {
+		if backendNode, err = b.cp.AddNode(ctx, "node2", 2); err != nil {
+			return err
+		}
+	}
 	for i := range backendPods {
 		name := fmt.Sprintf("web-%d", i)
-		p, err := b.node.AddPod(ctx, measuredNamespace, name, firstBackendSlot+i)
+		p, err := backendNode.AddPod(ctx, measuredNamespace, name, firstBackendSlot+i)
 		if err != nil {
 			return err
 		}
@@ -193,7 +209,11 @@ func (b *bench) setup(ctx context.Context) error {
 		}
 		b.backends = append(b.backends, p)
 	}
-	if b.client, err = b.node.AddPod(ctx, measuredNamespace, "client", clientSlot); err != nil {
+	if b.cfg.Scenario == NodePort {
+		if b.client, err = b.externalClient(ctx, backendNode); err != nil {
+			return err
+		}
+	} else if b.client, err = b.node.AddPod(ctx, measuredNamespace, "client", clientSlot); err != nil {
 		return err
 	}
 	for _, p := range b.backends {
@@ -202,7 +222,35 @@ func (b *bench) setup(ctx context.Context) error {
 			return fmt.Errorf("server in %s not answering: %v %+v", p.Name, err, r)
 		}
 	}
-	return b.createMeasured(ctx)
+	return b.createMeasured(ctx, backendNode)
+}
+
+// externalClient makes the NodePort scenario's client: a host on the LAN, outside the cluster,
+// whose route to the backends' pod CIDR (the direct path) goes straight to their node. The LAN
+// is made to behave like a wire for every path alike: TX checksum offload off on the LAN
+// devices, so every frame carries complete checksums as a NIC delivers them (a veth would pass
+// on CHECKSUM_PARTIAL frames that XDP has to leave to tc), and node1's bridge port takes what
+// an XDP program on node1 sends with XDP_TX (sandbox Node.AcceptXDPTx).
+func (b *bench) externalClient(ctx context.Context, backendNode *sandbox.Node) (*sandbox.Host, error) {
+	h, err := b.cp.AddExternalHost(ctx, "client", 0)
+	if err != nil {
+		return nil, err
+	}
+	v4, _ := sandbox.NodePodCIDRs(backendNode.Index)
+	if err := h.RouteVia(ctx, v4, backendNode); err != nil {
+		return nil, err
+	}
+	for _, set := range []func() error{
+		func() error { return h.SetLANOffload(sandbox.TxChecksum, false) },
+		func() error { return b.node.SetLANOffload(sandbox.TxChecksum, false) },
+		func() error { return backendNode.SetLANOffload(sandbox.TxChecksum, false) },
+		func() error { return b.node.AcceptXDPTx(true) },
+	} {
+		if err := set(); err != nil {
+			return nil, err
+		}
+	}
+	return h, nil
 }
 
 // noTimeWait makes a backend pod keep no TIME_WAIT sockets (net.ipv4.tcp_max_tw_buckets=0,
@@ -313,7 +361,7 @@ func (b *bench) runPath(ctx context.Context, services int, p Path, run *PathRun)
 	switch p {
 	case Direct:
 		return b.measure(ctx, Direct, b.plain.FD, b.podTargets(), run)
-	case Kpr:
+	case Kpr, KprTC, KprXDP:
 		return b.runKpr(ctx, run)
 	case KubeProxyNFTables:
 		return b.runKubeProxy(ctx, "nftables", run)

@@ -8,12 +8,34 @@ import (
 	"time"
 )
 
-// Path is one way from the client pod to the Service's pods.
+// Scenario is what the benchmark measures: a pod reaching a ClusterIP, or a host outside the
+// cluster reaching a NodePort.
+type Scenario string
+
+const (
+	ClusterIP Scenario = "clusterip"
+	NodePort  Scenario = "nodeport"
+)
+
+// ParseScenario accepts clusterip and nodeport.
+func ParseScenario(s string) (Scenario, error) {
+	switch Scenario(strings.TrimSpace(strings.ToLower(s))) {
+	case ClusterIP, "":
+		return ClusterIP, nil
+	case NodePort:
+		return NodePort, nil
+	}
+	return "", fmt.Errorf("unknown scenario %q (want clusterip or nodeport)", s)
+}
+
+// Path is one way from the client to the Service's pods.
 type Path string
 
 const (
 	Direct                  Path = "direct"
 	Kpr                     Path = "kpr"
+	KprTC                   Path = "kpr tc"  // NodePort: kpr's tc programs
+	KprXDP                  Path = "kpr XDP" // NodePort: kpr with acceleration native
 	KubeProxyNFTables       Path = "kube-proxy nftables"
 	KubeProxyIPTables       Path = "kube-proxy iptables"
 	measuredNamespace            = "bench"
@@ -31,26 +53,38 @@ const (
 	defaultFirstAnswerLimit      = 3 * time.Minute
 )
 
-// AllPaths in report order.
-var AllPaths = []Path{Direct, Kpr, KubeProxyNFTables, KubeProxyIPTables}
+// AllPaths in report order: of the ClusterIP scenario, and of the NodePort scenario.
+var (
+	AllPaths         = []Path{Direct, Kpr, KubeProxyNFTables, KubeProxyIPTables}
+	AllNodePortPaths = []Path{Direct, KprTC, KprXDP, KubeProxyNFTables, KubeProxyIPTables}
+)
 
-// ParsePath accepts the names above and the short forms nftables and iptables.
+// ParsePath accepts the names above and the short forms nftables, iptables, tc and xdp.
 func ParsePath(s string) (Path, error) {
 	switch strings.TrimSpace(strings.ToLower(s)) {
 	case "direct":
 		return Direct, nil
 	case "kpr":
 		return Kpr, nil
+	case "tc", "kpr-tc", string(KprTC):
+		return KprTC, nil
+	case "xdp", "kpr-xdp", "kpr xdp":
+		return KprXDP, nil
 	case "nftables", "kube-proxy-nftables", string(KubeProxyNFTables):
 		return KubeProxyNFTables, nil
 	case "iptables", "kube-proxy-iptables", string(KubeProxyIPTables):
 		return KubeProxyIPTables, nil
 	}
-	return "", fmt.Errorf("unknown path %q (want direct, kpr, nftables or iptables)", s)
+	return "", fmt.Errorf("unknown path %q (want direct, kpr, tc, xdp, nftables or iptables)", s)
 }
+
+// isKpr: the path runs kpr.
+func (p Path) isKpr() bool { return p == Kpr || p == KprTC || p == KprXDP }
 
 // Config is one benchmark run.
 type Config struct {
+	// Scenario: ClusterIP (the default) or NodePort.
+	Scenario Scenario
 	// Scales are the Service counts to measure at, ascending (the measured Service included).
 	Scales []int
 	// Paths to measure; every round runs each of them once.
@@ -106,6 +140,7 @@ type Config struct {
 // DefaultConfig is what `make bench` runs.
 func DefaultConfig() Config {
 	return Config{
+		Scenario:                  ClusterIP,
 		Scales:                    []int{1, 10000},
 		Paths:                     slices.Clone(AllPaths),
 		Rounds:                    3,
@@ -128,9 +163,18 @@ func DefaultConfig() Config {
 	}
 }
 
-// QuickConfig is a short subset for development: 1 Service, one round, short windows.
-func QuickConfig() Config {
+// DefaultNodePortConfig is what `make bench-nodeport` runs: the ClusterIP defaults with the
+// NodePort paths and one Service.
+func DefaultNodePortConfig() Config {
 	c := DefaultConfig()
+	c.Scenario = NodePort
+	c.Scales = []int{1}
+	c.Paths = slices.Clone(AllNodePortPaths)
+	return c
+}
+
+// Quick shortens c to a development subset: 1 Service, one round, short windows.
+func Quick(c Config) Config {
 	c.Scales = []int{1}
 	c.Rounds = 1
 	c.Pairs = 2
@@ -140,6 +184,9 @@ func QuickConfig() Config {
 	c.LatencyDuration = 1500 * time.Millisecond
 	return c
 }
+
+// QuickConfig is a short subset for development: 1 Service, one round, short windows.
+func QuickConfig() Config { return Quick(DefaultConfig()) }
 
 // Validate checks bounds, so a typo cannot start an endless run.
 func (c *Config) Validate() error {
@@ -157,6 +204,22 @@ func (c *Config) Validate() error {
 	}
 	if len(c.Paths) == 0 {
 		errs = append(errs, errors.New("paths: none"))
+	}
+	valid := AllPaths
+	switch c.Scenario {
+	case ClusterIP:
+	case NodePort:
+		valid = AllNodePortPaths
+		if len(c.Scales) != 1 || c.Scales[0] != 1 {
+			errs = append(errs, fmt.Errorf("scales: the NodePort scenario measures 1 Service, got %v", c.Scales))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("scenario: unknown %q", c.Scenario))
+	}
+	for _, p := range c.Paths {
+		if !slices.Contains(valid, p) {
+			errs = append(errs, fmt.Errorf("paths: %q is not a path of the %s scenario (%v)", p, c.Scenario, valid))
+		}
 	}
 	if c.Rounds < 1 || c.Rounds > maxRounds {
 		errs = append(errs, fmt.Errorf("rounds: %d out of range 1..%d", c.Rounds, maxRounds))
@@ -205,7 +268,7 @@ func (c *Config) Validate() error {
 
 // firstAnswerLimit is how long path p may take to answer after it starts.
 func (c *Config) firstAnswerLimit(p Path) time.Duration {
-	if p == Kpr {
+	if p.isKpr() {
 		return c.KprFirstAnswerLimit
 	}
 	return c.KubeProxyFirstAnswerLimit

@@ -231,7 +231,7 @@ func truncate(s string, n int) string {
 // polls, so the proxy can be started right after.
 func (b *bench) startPoller(ctx context.Context, cgroupFD int, limit time.Duration) (*sandbox.Process, error) {
 	p, err := b.client.StartCmd(ctx, sandbox.Cmd{Name: b.loadgen, CgroupFD: cgroupFD, Args: []string{
-		"first", "--targets", target(b.vip, servicePort), "--timeout", limit.String(),
+		"first", "--targets", b.svcTarget, "--timeout", limit.String(),
 		"--interval", pollInterval.String(), "--attempt-timeout", pollAttemptTimeout.String(),
 	}})
 	if err != nil {
@@ -362,7 +362,7 @@ func parseStatus(data []byte) (Mem, error) {
 // kprRunStats reads the run-time statistics of kpr's programs before a measurement in which
 // kpr's client runs alone; nil when the statistics are off or the clients are others'.
 func (b *bench) kprRunStats(clients []clientSpec) map[string]ebpf.ProgramStats {
-	if b.bpfStats == nil || len(clients) != 1 || clients[0].path != Kpr {
+	if b.bpfStats == nil || len(clients) != 1 || !clients[0].path.isKpr() {
 		return nil
 	}
 	st, err := bpf.RunStats(b.kpr.PinDir)

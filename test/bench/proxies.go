@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/kpr-dev/kpr/bpf"
 	"github.com/kpr-dev/kpr/node/agent"
 	"github.com/kpr-dev/kpr/test/sandbox"
 )
@@ -23,9 +24,20 @@ const (
 	execTimeout    = 30 * time.Second
 )
 
-// runKpr: `kpr cleanup` (a fresh pin directory), the poller in kpr's cgroup, `kpr run`, then
-// the measurements from kpr's cgroup, then stop and clean up again.
+// runKpr: `kpr cleanup` (a fresh pin directory), the poller, `kpr run` (with acceleration
+// native for KprXDP), then the measurements, then stop and clean up again. The ClusterIP
+// scenario's client runs in kpr's cgroup, where the socket hooks translate its connect(); the
+// NodePort scenario's is outside the cluster, and kpr's tc (and XDP) programs on node1's eth0
+// serve it.
 func (b *bench) runKpr(ctx context.Context, run *PathRun) (err error) {
+	b.kpr.Env = nil
+	if run.Path == KprXDP {
+		b.kpr.Env = []string{"KPR_ACCELERATION=native"}
+	}
+	clientFD := b.kpr.CgroupFD
+	if b.cfg.Scenario == NodePort {
+		clientFD = b.plain.FD
+	}
 	if out, err := b.kpr.Run(ctx, "cleanup"); err != nil {
 		return fmt.Errorf("kpr cleanup: %w: %s", err, out)
 	}
@@ -39,8 +51,8 @@ func (b *bench) runKpr(ctx context.Context, run *PathRun) (err error) {
 			err = errors.Join(err, fmt.Errorf("kpr cleanup: %w: %s", cerr, out))
 		}
 	}()
-	limit := b.cfg.firstAnswerLimit(Kpr)
-	poller, err := b.startPoller(ctx, b.kpr.CgroupFD, limit)
+	limit := b.cfg.firstAnswerLimit(run.Path)
+	poller, err := b.startPoller(ctx, clientFD, limit)
 	if err != nil {
 		return err
 	}
@@ -63,6 +75,12 @@ func (b *bench) runKpr(ctx context.Context, run *PathRun) (err error) {
 	}
 	if st, err := agent.ReadStatus(b.kpr.RunDir); err == nil {
 		run.Programmed = fmt.Sprintf("%d frontends, %d backends, last sync took %s", st.Frontends, st.Backends, st.LastSyncDuration)
+		if b.cfg.Scenario == NodePort {
+			run.Programmed += "; " + st.NorthSouth
+			if run.Path == KprXDP && !strings.Contains(st.NorthSouth, "XDP: eth0 native") {
+				return fmt.Errorf("kpr does not run XDP natively on eth0: %s", st.NorthSouth)
+			}
+		}
 	}
 	run.MapMemlock = pinnedMapMemlock(ctx, b.kpr.PinDir)
 	b.countNftRules(ctx, run)
@@ -73,17 +91,36 @@ func (b *bench) runKpr(ctx context.Context, run *PathRun) (err error) {
 	// direct first, ...): the direct client runs in a cgroup without kpr's programs, so its path
 	// is the floor. A comparison within a few percent needs both sides measured on the same
 	// machine within seconds; alternating the order cancels the advantage of going second.
-	vip := []string{target(b.vip, servicePort)}
 	for i := range b.cfg.Pairs {
-		if err := b.measurePair(ctx, clientSpec{path: Kpr, cgroupFD: b.kpr.CgroupFD, targets: vip}, i%2 == 1, run); err != nil {
+		if err := b.measurePair(ctx, clientSpec{path: run.Path, cgroupFD: clientFD, targets: []string{b.svcTarget}}, i%2 == 1, run); err != nil {
 			return err
 		}
+	}
+	if b.cfg.Scenario == NodePort {
+		b.northSouthCounters(run)
 	}
 	if b.kpr.Proc != nil {
 		b.fullSync(ctx, run)
 		run.MemAfterTraffic = readMem(b.kpr.Proc.Pid())
 	}
 	return nil
+}
+
+// northSouthCounters records what kpr's tc and XDP programs counted over the run, to show that
+// the traffic took the path the run is named after (XDP: nearly every packet sent by XDP).
+func (b *bench) northSouthCounters(run *PathRun) {
+	m, err := bpf.OpenNodePortMaps(b.kpr.PinDir)
+	if err != nil {
+		run.Notes = append(run.Notes, fmt.Sprintf("north-south counters: %v", err))
+		return
+	}
+	defer m.Close()
+	st, err := m.Stats()
+	if err != nil {
+		run.Notes = append(run.Notes, fmt.Sprintf("north-south counters: %v", err))
+		return
+	}
+	run.NorthSouth = &NorthSouthCounters{Flows: st.NewFlows, Forwarded: st.Forwarded, Replies: st.Replies, XDPTx: st.XDPTx}
 }
 
 // fullSyncTimeout bounds the wait for the full sync fullSync asks for.
@@ -170,7 +207,7 @@ func (b *bench) runKubeProxy(ctx context.Context, mode string, run *PathRun) (er
 	if path == KubeProxyNFTables {
 		b.countNftRules(ctx, run)
 	}
-	if err := b.measure(ctx, path, b.plain.FD, []string{target(b.vip, servicePort)}, run); err != nil {
+	if err := b.measure(ctx, path, b.plain.FD, []string{b.svcTarget}, run); err != nil {
 		return err
 	}
 	run.MemAfterTraffic = readMem(kp.Pid())
@@ -262,6 +299,16 @@ func (b *bench) checkClean(ctx context.Context) error {
 	}
 	if rules, err := b.nodeCmd(ctx, "nft", "list", "ruleset"); err != nil || strings.TrimSpace(rules) != "" {
 		errs = append(errs, fmt.Errorf("the ruleset of %s is not empty: %v\n%s", b.node.NS, err, rules))
+	}
+	if b.cfg.Scenario == NodePort {
+		// kpr's tc programs hang on pinned links, which `kpr cleanup` removed with the pin
+		// directory; an XDP program would show on the device.
+		if _, err := os.Stat(b.kpr.PinDir); !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("kpr's pin directory %s is still there (%v)", b.kpr.PinDir, err))
+		}
+		if out, err := b.nodeCmd(ctx, "ip", "-d", "link", "show", "dev", "eth0"); err != nil || strings.Contains(out, "prog/xdp") {
+			errs = append(errs, fmt.Errorf("eth0 of %s still has an XDP program (%v): %s", b.node.NS, err, out))
+		}
 	}
 	return errors.Join(errs...)
 }

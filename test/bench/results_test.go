@@ -258,13 +258,63 @@ func TestMarkdown(t *testing.T) {
 		}
 	}
 	readme := r.ReadmeSection("docs/bench/clusterip.md")
-	if !strings.HasPrefix(readme, "## Performance\n") || !strings.Contains(readme, "(docs/bench/clusterip.md)") {
+	if !strings.HasPrefix(readme, "### ClusterIP") || !strings.Contains(readme, "(docs/bench/clusterip.md)") {
 		t.Errorf("README section:\n%s", readme)
 	}
 }
 
+// TestNodePortReport: the NodePort results name their paths, compare each kpr path with the
+// direct samples taken beside it, say how much XDP sent, and judge only failed requests.
+func TestNodePortReport(t *testing.T) {
+	run := func(p Path, perSec float64, ns *NorthSouthCounters, failed int64) *PathRun {
+		own := sample(p, perSec, 100, 30)
+		own.Rate.Failed = failed
+		own.RateBusySeconds, own.RateSpanSeconds = 2*4*perSec/1000, 4 // 2 ms of CPU per connection
+		own.RateBPF = &BPFRun{Runs: uint64(10 * 4 * perSec), Nanos: uint64(10 * 4 * perSec * 150)}
+		return &PathRun{Path: p, Round: 1, HasFirstAnswer: true, Answered: true, FirstAnswer: 300 * time.Millisecond,
+			FirstAnswerLimit: time.Minute, NorthSouth: ns, MemAfterSync: Mem{RSS: 30 << 20, HWM: 31 << 20},
+			Pairs: []*Pair{{own, sample(Direct, 1000, 80, 25), false}}}
+	}
+	r := &Results{
+		Scenario: NodePort,
+		Command:  "make bench-nodeport",
+		Machine:  Machine{CPUs: 2, CPUModel: "Test CPU", Kernel: "6.18"},
+		Config:   ConfigSummary{Rounds: 1, Pairs: 1, OthersLimit: 0.05},
+		Started:  time.Unix(0, 0), Finished: time.Unix(600, 0),
+		Scales: []*ScaleResult{{Services: 1, Paths: []*PathResult{
+			{Path: Direct, Runs: []*PathRun{{Path: Direct, Round: 1, Samples: []*Sample{sample(Direct, 1000, 80, 25)}}}},
+			{Path: KprTC, Runs: []*PathRun{run(KprTC, 800, &NorthSouthCounters{Flows: 10, Forwarded: 50, Replies: 50}, 0)}},
+			{Path: KprXDP, Runs: []*PathRun{run(KprXDP, 900, &NorthSouthCounters{Flows: 10, Forwarded: 50, Replies: 50, XDPTx: 99}, 2)}},
+		}}},
+	}
+	md := r.Markdown()
+	for _, want := range []string{
+		"# NodePort benchmark", "kpr tc against the direct path, paired", "kpr XDP against the direct path, paired",
+		"the XDP program sent 99 of the 100 packets", "host outside the cluster", "kpr counters: 10 flows",
+		"kpr XDP 2,000 µs", "kpr XDP's programs, from the kernel's BPF run-time statistics", "150 ns per program run", "10.0 runs per new connection",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("the results file lacks %q", want)
+		}
+	}
+	if strings.Contains(md, "connect4") || strings.Contains(md, "3% target") {
+		t.Errorf("the NodePort results describe the ClusterIP method:\n%s", md)
+	}
+	targets := r.Targets()
+	if len(targets) != 2 || targets[0].Met == nil || !*targets[0].Met || targets[1].Met == nil || *targets[1].Met {
+		t.Errorf("targets: want tc met (no failure) and XDP missed (2 failed): %+v", targets)
+	}
+	readme := r.ReadmeSection("docs/bench/nodeport.md")
+	for _, want := range []string{"### NodePort", "| kpr XDP | 0.30 s | 900 |", "90.0%, 125.0% / 120.0% of direct | 2,000 µs", "(docs/bench/nodeport.md)"} {
+		if !strings.Contains(readme, want) {
+			t.Errorf("README part lacks %q:\n%s", want, readme)
+		}
+	}
+}
+
 func TestConfigs(t *testing.T) {
-	for name, c := range map[string]Config{"default": DefaultConfig(), "quick": QuickConfig()} {
+	np := DefaultNodePortConfig()
+	for name, c := range map[string]Config{"default": DefaultConfig(), "quick": QuickConfig(), "nodeport": np, "nodeport quick": Quick(np)} {
 		c.WorkDir = t.TempDir()
 		if err := c.Validate(); err != nil {
 			t.Errorf("%s: %v", name, err)
@@ -277,6 +327,15 @@ func TestConfigs(t *testing.T) {
 	for _, want := range []string{"ascending", "rounds", "work dir"} {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("Validate() = %v, want it to name %q", err, want)
+		}
+	}
+	np.WorkDir = t.TempDir()
+	np.Scales = []int{1, 10000}
+	np.Paths = append(np.Paths, Kpr)
+	err = np.Validate()
+	for _, want := range []string{"measures 1 Service", `"kpr" is not a path of the nodeport scenario`} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("NodePort Validate() = %v, want it to name %q", err, want)
 		}
 	}
 }

@@ -17,6 +17,8 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/utils/ptr"
+
+	"github.com/kpr-dev/kpr/test/sandbox"
 )
 
 // Filler endpoints take addresses from the pod CIDR 10.244.0.0/16 after node1's 10.244.1.0/24:
@@ -72,25 +74,40 @@ func endpointSlice(namespace, service string, port int32, addrs []netip.Addr, no
 	return s
 }
 
-// createMeasured creates bench/web with the backend pods as its endpoints.
-func (b *bench) createMeasured(ctx context.Context) error {
+// createMeasured creates bench/web with the backend pods (on backendNode) as its endpoints:
+// a ClusterIP Service, or for the NodePort scenario a NodePort one (externalTrafficPolicy
+// Cluster, so node1 forwards to node2's pods with SNAT).
+func (b *bench) createMeasured(ctx context.Context, backendNode *sandbox.Node) error {
 	api := b.cp.Client
-	svc, err := api.CoreV1().Services(measuredNamespace).Create(ctx, clusterIPService(measuredNamespace, measuredService), metav1.CreateOptions{})
+	want := clusterIPService(measuredNamespace, measuredService)
+	if b.cfg.Scenario == NodePort {
+		want.Spec.Type = v1.ServiceTypeNodePort
+		want.Spec.ExternalTrafficPolicy = v1.ServiceExternalTrafficPolicyCluster
+	}
+	svc, err := api.CoreV1().Services(measuredNamespace).Create(ctx, want, metav1.CreateOptions{})
 	if err != nil {
 		return fmt.Errorf("Service %s/%s: %w", measuredNamespace, measuredService, err)
 	}
-	if b.vip, err = netip.ParseAddr(svc.Spec.ClusterIP); err != nil {
+	vip, err := netip.ParseAddr(svc.Spec.ClusterIP)
+	if err != nil {
 		return fmt.Errorf("Service %s/%s ClusterIP %q: %w", measuredNamespace, measuredService, svc.Spec.ClusterIP, err)
+	}
+	b.svcTarget = target(vip, servicePort)
+	if b.cfg.Scenario == NodePort {
+		if len(svc.Spec.Ports) != 1 || svc.Spec.Ports[0].NodePort == 0 {
+			return fmt.Errorf("Service %s/%s: no nodePort allocated: %+v", measuredNamespace, measuredService, svc.Spec.Ports)
+		}
+		b.svcTarget = target(b.node.IPv4, int(svc.Spec.Ports[0].NodePort))
 	}
 	var addrs []netip.Addr
 	for _, p := range b.backends {
 		addrs = append(addrs, p.IPv4)
 	}
 	if _, err := api.DiscoveryV1().EndpointSlices(measuredNamespace).Create(ctx,
-		endpointSlice(measuredNamespace, measuredService, backendPort, addrs, b.node.Name), metav1.CreateOptions{}); err != nil {
+		endpointSlice(measuredNamespace, measuredService, backendPort, addrs, backendNode.Name), metav1.CreateOptions{}); err != nil {
 		return fmt.Errorf("EndpointSlice of %s/%s: %w", measuredNamespace, measuredService, err)
 	}
-	b.log("Service %s/%s: ClusterIP %s:%d -> %d pods:%d", measuredNamespace, measuredService, b.vip, servicePort, len(addrs), backendPort)
+	b.log("Service %s/%s (%s): %s -> %d pods:%d on %s", measuredNamespace, measuredService, svc.Spec.Type, b.svcTarget, len(addrs), backendPort, backendNode.Name)
 	return nil
 }
 

@@ -1,13 +1,22 @@
-// Command bench is `make bench`: the ClusterIP benchmark of kpr against upstream kube-proxy
-// (nftables and iptables modes) and the direct path, at 1 and at 10,000 Services, on a sandbox
-// cluster made of network namespaces (see package test/bench). It prints the results table and
-// writes docs/bench/clusterip.md (and .json); everything it creates is removed when it ends,
-// also on Ctrl-C.
+// Command bench is `make bench`: kpr against upstream kube-proxy (nftables and iptables modes)
+// and the direct path, on a sandbox cluster made of network namespaces (see package
+// test/bench), in one of two scenarios:
 //
-//	make bench                               the full run (about 17 minutes)
+//   - clusterip (the default): a pod reaching a ClusterIP, at 1 and at 10,000 Services; writes
+//     docs/bench/clusterip.md (and .json).
+//   - nodeport (-scenario nodeport): a host outside the cluster reaching a NodePort whose pods
+//     are on another node, through kpr's tc programs and through kpr with XDP; writes
+//     docs/bench/nodeport.md (and .json).
+//
+// It prints the results table; everything it creates is removed when it ends, also on Ctrl-C.
+//
+//	make bench                               both scenarios, the full runs (about 25 minutes)
+//	make bench-clusterip, make bench-nodeport one of them
 //	make bench BENCH_FLAGS=-quick            1 Service, one round, short windows; writes nothing
-//	BENCH_SCALES=1 BENCH_ROUNDS=1 make bench a subset through the environment
-//	BENCH_PATHS=direct,kpr make bench        only some paths (direct, kpr, nftables, iptables)
+//	BENCH_SCALES=1 BENCH_ROUNDS=1 make bench-clusterip
+//	                                         a subset through the environment
+//	BENCH_PATHS=direct,kpr make bench-clusterip
+//	                                         only some paths (direct, kpr, tc, xdp, nftables, iptables)
 //	go run ./test/cmd/bench -render docs/bench/clusterip.json -readme
 //	                                         rewrite the Markdown and the README section from a run's JSON
 package main
@@ -40,6 +49,7 @@ func main() {
 }
 
 func run() error {
+	scenario := flag.String("scenario", "clusterip", "what to measure: clusterip (a pod to a ClusterIP) or nodeport (a host outside the cluster to a NodePort)")
 	quick := flag.Bool("quick", false, "a short subset: 1 Service, one round, short windows; writes no file unless -out is given")
 	scales := flag.String("scales", os.Getenv("BENCH_SCALES"), "comma-separated Service counts (env BENCH_SCALES; default 1,10000)")
 	paths := flag.String("paths", os.Getenv("BENCH_PATHS"), "comma-separated paths: direct, kpr, nftables, iptables (env BENCH_PATHS; default all)")
@@ -60,11 +70,17 @@ func run() error {
 	if *render != "" {
 		return rerender(*render, *out, *readme)
 	}
-	cfg := bench.DefaultConfig()
-	if *quick {
-		cfg = bench.QuickConfig()
+	sc, err := bench.ParseScenario(*scenario)
+	if err != nil {
+		return fmt.Errorf("-scenario: %w", err)
 	}
-	var err error
+	cfg := bench.DefaultConfig()
+	if sc == bench.NodePort {
+		cfg = bench.DefaultNodePortConfig()
+	}
+	if *quick {
+		cfg = bench.Quick(cfg)
+	}
 	if *scales != "" {
 		if cfg.Scales, err = parseInts(*scales); err != nil {
 			return fmt.Errorf("-scales: %w", err)
@@ -108,7 +124,7 @@ func run() error {
 	}
 	outFile := *out
 	if outFile == "" && !*quick {
-		outFile = filepath.Join(root, "docs", "bench", "clusterip.md")
+		outFile = filepath.Join(root, "docs", "bench", string(sc)+".md")
 	}
 
 	work, err := os.MkdirTemp("", "kpr-bench-")
@@ -152,7 +168,7 @@ func run() error {
 		fmt.Printf("\nresults: %s\n", outFile)
 		if *readme {
 			rel, _ := filepath.Rel(root, outFile)
-			if err := updateReadme(filepath.Join(root, "README.md"), res.ReadmeSection(filepath.ToSlash(rel))); err != nil {
+			if err := updateReadme(filepath.Join(root, "README.md"), res.Scenario, res.ReadmeSection(filepath.ToSlash(rel))); err != nil {
 				return errors.Join(runErr, err)
 			}
 			fmt.Println("README.md: performance section updated")
@@ -192,7 +208,7 @@ func rerender(jsonFile, mdFile string, readme bool) error {
 		return err
 	}
 	rel, _ := filepath.Rel(root, abs)
-	if err := updateReadme(filepath.Join(root, "README.md"), res.ReadmeSection(filepath.ToSlash(rel))); err != nil {
+	if err := updateReadme(filepath.Join(root, "README.md"), res.Scenario, res.ReadmeSection(filepath.ToSlash(rel))); err != nil {
 		return err
 	}
 	fmt.Println("README.md: performance section updated")
@@ -213,8 +229,13 @@ func write(mdFile string, res *bench.Results) error {
 	return os.WriteFile(strings.TrimSuffix(mdFile, filepath.Ext(mdFile))+".json", append(js, '\n'), 0o644)
 }
 
-// updateReadme replaces the "## Performance" section (up to the next "## ") with section.
-func updateReadme(path, section string) error {
+// updateReadme puts block, the README's part for one scenario, into the "## Performance"
+// section (up to the next "## "), between the markers <!-- bench:<scenario> --> and
+// <!-- /bench:<scenario> -->: in place of what they held, or at the end of the section.
+func updateReadme(path string, scenario bench.Scenario, block string) error {
+	if scenario == "" {
+		scenario = bench.ClusterIP
+	}
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return err
@@ -231,7 +252,19 @@ func updateReadme(path, section string) error {
 	} else {
 		end += start + 2
 	}
-	return os.WriteFile(path, []byte(s[:start]+section+"\n"+s[end:]), 0o644)
+	section := s[start:end]
+	open, closing := "<!-- bench:"+string(scenario)+" -->\n", "<!-- /bench:"+string(scenario)+" -->\n"
+	marked := open + strings.TrimRight(block, "\n") + "\n" + closing
+	i, j := strings.Index(section, open), strings.Index(section, closing)
+	switch {
+	case i >= 0 && j > i:
+		section = section[:i] + marked + section[j+len(closing):]
+	case i >= 0 || j >= 0:
+		return fmt.Errorf("%s: the %s markers of the Performance section are unbalanced", path, scenario)
+	default:
+		section = strings.TrimRight(section, "\n") + "\n\n" + marked + "\n"
+	}
+	return os.WriteFile(path, []byte(s[:start]+section+s[end:]), 0o644)
 }
 
 // command is how the run was started, for the results file: make's target when make ran it.
@@ -244,9 +277,15 @@ func command() string {
 	}
 	cmd := "go run ./test/cmd/bench " + strings.Join(os.Args[1:], " ")
 	if os.Getenv("MAKELEVEL") != "" {
-		cmd = "make bench"
-		if len(os.Args) > 1 {
-			cmd += " BENCH_FLAGS='" + strings.Join(os.Args[1:], " ") + "'"
+		// The Makefile's bench-<scenario> target passes -scenario <scenario> before BENCH_FLAGS.
+		args := os.Args[1:]
+		scenario := "clusterip"
+		if len(args) >= 2 && args[0] == "-scenario" {
+			scenario, args = args[1], args[2:]
+		}
+		cmd = "make bench-" + scenario
+		if len(args) > 0 {
+			cmd += " BENCH_FLAGS='" + strings.Join(args, " ") + "'"
 		}
 	}
 	return strings.TrimSpace(strings.Join(append(env, cmd), " "))
