@@ -1,11 +1,16 @@
 # kpr: build, generate, test, demo, bench. `make test` and `make demo` install what they need.
 SHELL := /bin/bash
 GO ?= go
-VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
-LDFLAGS := -X github.com/kpr-dev/kpr/node/agent.Version=$(VERSION)
+VERSION ?= $(shell hack/version.sh)
+COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+# The commit's date unless SOURCE_DATE_EPOCH says otherwise, so a rebuild is identical.
+BUILD_DATE ?= $(shell date -u -d @$${SOURCE_DATE_EPOCH:-$$(git show -s --format=%ct HEAD 2>/dev/null || date +%s)} +%Y-%m-%dT%H:%M:%SZ)
+LDFLAGS := -X github.com/kpr-dev/kpr/node/agent.Version=$(VERSION) -X github.com/kpr-dev/kpr/node/agent.Commit=$(COMMIT) -X github.com/kpr-dev/kpr/node/agent.BuildDate=$(BUILD_DATE)
+# Debian's and RPM's names of the build machine's architecture.
+DEB_ARCH := $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
 K8S_BINDIR = $(shell hack/k8s.sh bindir)
 
-.PHONY: all build generate check-generate deps k8s-bins test unit e2e demo bench bench-clusterip bench-nodeport clean
+.PHONY: all build generate check-generate deps k8s-bins test unit e2e demo bench bench-clusterip bench-nodeport package clean
 
 all: build
 
@@ -32,9 +37,9 @@ deps:
 k8s-bins:
 	@hack/k8s.sh bins >/dev/null
 
-test: deps k8s-bins check-generate
+test: deps k8s-bins check-generate package
 	$(GO) vet ./...
-	KPR_E2E=1 KPR_K8S_BINDIR=$(K8S_BINDIR) $(GO) test -count=1 -timeout 30m ./...
+	KPR_E2E=1 KPR_K8S_BINDIR=$(K8S_BINDIR) KPR_PACKAGE_DIR=$(CURDIR)/dist $(GO) test -count=1 -timeout 30m ./...
 
 unit:
 	$(GO) test ./node/... ./kubeadm/...
@@ -56,5 +61,17 @@ bench: bench-clusterip bench-nodeport
 bench-clusterip bench-nodeport: bench-%: deps k8s-bins
 	KPR_K8S_BINDIR=$(K8S_BINDIR) $(GO) run ./test/cmd/bench -scenario $* $(BENCH_FLAGS)
 
+# kpr_<version>_<arch>.deb and kpr-<version>.<arch>.rpm in dist/, with nfpm (hack/nfpm.sh).
+package:
+	rm -rf dist && mkdir -p dist
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w $(LDFLAGS)" -o dist/kpr ./cmd/kpr
+	dist/kpr config defaults > dist/kpr.yaml
+	mkdir -p dist/man && dist/kpr man dist/man && gzip -n -9 dist/man/*.8
+	hack/changelog.sh '$(VERSION)-1' | gzip -n -9 > dist/changelog.Debian.gz
+	nfpm=$$(hack/nfpm.sh) && for p in deb rpm; do \
+		VERSION='$(VERSION)' ARCH='$(DEB_ARCH)' SOURCE_DATE_EPOCH=$$(git show -s --format=%ct HEAD) \
+			$$nfpm package --config nfpm.yaml --packager $$p --target dist/ || exit 1; done
+	ls -l dist/*.deb dist/*.rpm
+
 clean:
-	rm -rf bin
+	rm -rf bin dist

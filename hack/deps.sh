@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages that building, testing and the demo need, once.
 set -euo pipefail
-pkgs=(clang llvm libbpf-dev bpftool iproute2 util-linux nftables etcd-server curl iptables conntrack)
+pkgs=(clang llvm libbpf-dev bpftool iproute2 util-linux nftables etcd-server curl iptables conntrack rpm lintian)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

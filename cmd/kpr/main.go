@@ -20,6 +20,8 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/cobra/doc"
+	"github.com/spf13/pflag"
 
 	"github.com/kpr-dev/kpr/bpf"
 	"github.com/kpr-dev/kpr/node/agent"
@@ -43,7 +45,7 @@ func newRoot(out io.Writer) *cobra.Command {
 		SilenceErrors: true,
 	}
 	root.SetOut(out)
-	root.AddCommand(runCmd(), statusCmd(out), serviceCmd(out), cleanupCmd(out), versionCmd(out))
+	root.AddCommand(runCmd(), statusCmd(out), serviceCmd(out), cleanupCmd(out), configCmd(out), versionCmd(out), manCmd(root))
 	return root
 }
 
@@ -372,11 +374,60 @@ func cleanupCmd(out io.Writer) *cobra.Command {
 	return c
 }
 
+func configCmd(out io.Writer) *cobra.Command {
+	c := &cobra.Command{Use: "config", Short: "print the documented default configuration, or check a configuration file"}
+	c.AddCommand(&cobra.Command{
+		Use:   "defaults",
+		Short: "print a configuration file with every key, what it does and its default, commented out (what packages install as " + config.DefaultFile + ")",
+		Args:  cobra.NoArgs,
+		Run:   func(*cobra.Command, []string) { fmt.Fprint(out, config.DefaultFileText()) },
+	})
+	c.AddCommand(&cobra.Command{
+		Use:   "validate [FILE]",
+		Short: "check a configuration file (default " + config.DefaultFile + ") with the KPR_* environment, as kpr run would; every problem at once, each naming its key",
+		Args:  cobra.MaximumNArgs(1),
+		RunE: func(c *cobra.Command, args []string) error {
+			file := config.DefaultFile
+			if len(args) == 1 {
+				file = args[0]
+			}
+			fs := pflag.NewFlagSet("validate", pflag.ContinueOnError)
+			config.AddFlags(fs)
+			if err := fs.Parse([]string{"--config", file}); err != nil {
+				return err
+			}
+			if _, err := config.Load(fs); err != nil {
+				return fmt.Errorf("%s is not valid:\n%w", file, err)
+			}
+			fmt.Fprintf(out, "%s: valid\n", file)
+			return nil
+		},
+	})
+	return c
+}
+
+// manCmd writes the manual pages that packages install (kpr.8 and one per subcommand); hidden,
+// since it is for building packages.
+func manCmd(root *cobra.Command) *cobra.Command {
+	return &cobra.Command{
+		Use:    "man DIR",
+		Short:  "write kpr's manual pages into DIR",
+		Hidden: true,
+		Args:   cobra.ExactArgs(1),
+		RunE: func(_ *cobra.Command, args []string) error {
+			root.DisableAutoGenTag = true
+			return doc.GenManTree(root, &doc.GenManHeader{Title: "KPR", Section: "8", Source: "kpr " + agent.Version, Manual: "kpr"}, args[0])
+		},
+	}
+}
+
 func versionCmd(out io.Writer) *cobra.Command {
 	return &cobra.Command{
 		Use:   "version",
 		Short: "print kpr's version",
 		Args:  cobra.NoArgs,
-		Run:   func(*cobra.Command, []string) { fmt.Fprintln(out, "kpr", agent.Version) },
+		Run: func(*cobra.Command, []string) {
+			fmt.Fprintf(out, "kpr %s (commit %s, built %s)\n", agent.Version, agent.Commit, agent.BuildDate)
+		},
 	}
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"net/netip"
+	"os"
 	"strings"
 	"testing"
 
@@ -99,5 +100,40 @@ func TestNorthSouthCounters(t *testing.T) {
 	}
 	if got := northSouthCounters(bpf.NodePortStats{}); strings.Contains(got, "dropped") || strings.Contains(got, "DSR") {
 		t.Errorf("no drops, yet %q", got)
+	}
+}
+
+// kpr config validate: the printed defaults are valid; a bad file fails with every problem,
+// each naming its key.
+func TestConfigValidate(t *testing.T) {
+	dir := t.TempDir()
+	run := func(args ...string) (string, error) {
+		var out bytes.Buffer
+		c := configCmd(&out)
+		c.SetArgs(args)
+		c.SetOut(&out)
+		c.SetErr(&out)
+		err := c.Execute()
+		return out.String(), err
+	}
+	defaults, err := run("defaults")
+	if err != nil || !strings.Contains(defaults, "# loadBalancerMode: \"snat\"") {
+		t.Fatalf("config defaults: %v\n%s", err, defaults)
+	}
+	good, bad := dir+"/good.yaml", dir+"/bad.yaml"
+	if err := os.WriteFile(good, []byte(defaults+"nodeName: n1\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := run("validate", good); err != nil || !strings.Contains(out, good+": valid") {
+		t.Fatalf("validate of the defaults: %v\n%s", err, out)
+	}
+	if err := os.WriteFile(bad, []byte("bpfPinDri: /x\nacceleration: fast\nmaglevTableSize: 100\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, err = run("validate", bad)
+	for _, want := range []string{bad + " is not valid", `"bpfpindri"`, "acceleration:", "maglevTableSize:"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("validate of a bad file: %v; want it to name %q", err, want)
+		}
 	}
 }

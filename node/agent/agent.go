@@ -41,8 +41,12 @@ import (
 	"github.com/kpr-dev/kpr/systemd"
 )
 
-// Version is stamped by the build.
-var Version = "dev"
+// Version, Commit and BuildDate are stamped by the build (make build, make package).
+var (
+	Version   = "dev"
+	Commit    = "unknown"
+	BuildDate = "unknown"
+)
 
 // Agent is one running kpr on one node.
 type Agent struct {

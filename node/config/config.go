@@ -172,6 +172,7 @@ func Load(fs *pflag.FlagSet) (*Config, error) {
 			}
 		}
 	}
+	var keyErr error
 	file := DefaultFile
 	explicit := false
 	if f := fs.Lookup("config"); f != nil {
@@ -188,8 +189,9 @@ func Load(fs *pflag.FlagSet) (*Config, error) {
 			if explicit || !(errors.As(err, &notFound) || errors.Is(err, os.ErrNotExist)) {
 				return nil, fmt.Errorf("config file %s: %w", file, err)
 			}
-		} else if err := checkKeys(v, file); err != nil {
-			return nil, err
+		} else {
+			// Unknown keys are reported together with every other problem below.
+			keyErr = checkKeys(v, file)
 		}
 	}
 	var c Config
@@ -197,9 +199,9 @@ func Load(fs *pflag.FlagSet) (*Config, error) {
 		dc.DecodeHook = mapstructure.ComposeDecodeHookFunc(mapstructure.StringToTimeDurationHookFunc(), mapstructure.StringToSliceHookFunc(","))
 	})
 	if err != nil {
-		return nil, fmt.Errorf("configuration: %w", err)
+		return nil, errors.Join(keyErr, fmt.Errorf("configuration: %w", err))
 	}
-	if err := c.Validate(); err != nil {
+	if err := errors.Join(keyErr, c.Validate()); err != nil {
 		return nil, err
 	}
 	return &c, nil
@@ -311,6 +313,59 @@ func (c *Config) Validate() error {
 	// Map iteration above is random; give the user a stable order.
 	slices.SortFunc(errs, func(a, b error) int { return strings.Compare(a.Error(), b.Error()) })
 	return errors.Join(errs...)
+}
+
+// DefaultFileText is the configuration file that packages install: every key, what it does
+// and its default, all commented out, so the file changes nothing until a line is enabled.
+func DefaultFileText() string {
+	var b strings.Builder
+	b.WriteString("# kpr's configuration (" + DefaultFile + "). Every key is listed with what it does and\n" +
+		"# its default, commented out; enable a line to change it. A command-line flag or a KPR_*\n" +
+		"# environment variable (e.g. in /etc/default/kpr) wins over this file.\n" +
+		"# `kpr config validate` checks the file; kpr refuses to start with an invalid one and names\n" +
+		"# the key.\n")
+	for _, s := range settings {
+		b.WriteString("\n")
+		for _, line := range wrap(s.usage+" (flag --"+s.flag+", environment "+EnvName(s.key)+")", 88) {
+			b.WriteString("# " + line + "\n")
+		}
+		fmt.Fprintf(&b, "# %s: %s\n", s.key, yamlValue(s.def))
+	}
+	return b.String()
+}
+
+// yamlValue writes a default as YAML that Load reads back to the same value.
+func yamlValue(v any) string {
+	switch d := v.(type) {
+	case string:
+		return fmt.Sprintf("%q", d)
+	case []string:
+		q := make([]string, len(d))
+		for i, s := range d {
+			q[i] = fmt.Sprintf("%q", s)
+		}
+		return "[" + strings.Join(q, ", ") + "]"
+	case time.Duration:
+		return d.String()
+	}
+	return fmt.Sprint(v)
+}
+
+// wrap splits text into lines of at most width characters at spaces.
+func wrap(text string, width int) []string {
+	var lines []string
+	line := ""
+	for _, w := range strings.Fields(text) {
+		if line != "" && len(line)+1+len(w) > width {
+			lines = append(lines, line)
+			line = ""
+		}
+		if line != "" {
+			line += " "
+		}
+		line += w
+	}
+	return append(lines, line)
 }
 
 // Keys lists the configuration keys, for documentation and tests.

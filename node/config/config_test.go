@@ -1,8 +1,10 @@
 package config
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -106,5 +108,46 @@ func TestEnvName(t *testing.T) {
 		if got := EnvName(key); got != want {
 			t.Errorf("EnvName(%s) = %s, want %s", key, got, want)
 		}
+	}
+}
+
+// The packaged file documents every key with its default: it loads as the defaults do, and
+// with every line enabled it still does.
+func TestDefaultFileText(t *testing.T) {
+	text := DefaultFileText()
+	want, err := load(t, nil, nil, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := load(t, nil, nil, text); err != nil || !reflect.DeepEqual(got, want) {
+		t.Fatalf("the file as shipped: %+v, %v; want the defaults %+v", got, err, want)
+	}
+	var enabled []string
+	for _, line := range strings.Split(text, "\n") {
+		for _, k := range Keys() {
+			if rest, ok := strings.CutPrefix(line, "# "+k+": "); ok {
+				enabled = append(enabled, k+": "+rest)
+			}
+		}
+	}
+	if len(enabled) != len(Keys()) {
+		t.Fatalf("the file has %d key lines for %d keys:\n%s", len(enabled), len(Keys()), text)
+	}
+	got, err := load(t, nil, nil, strings.Join(enabled, "\n")+"\n")
+	if err != nil {
+		t.Fatalf("every line enabled: %v", err)
+	}
+	// Empty lists come back as empty, not nil.
+	norm := func(c *Config) string { return strings.ReplaceAll(fmt.Sprintf("%+v", *c), "[]", "") }
+	if norm(got) != norm(want) {
+		t.Fatalf("every line enabled:\n%+v\nwant the defaults:\n%+v", got, want)
+	}
+}
+
+// An unknown key and a bad value are reported together.
+func TestAllErrorsAtOnce(t *testing.T) {
+	_, err := load(t, nil, nil, "bpfPinDri: /x\nloadBalancerMode: direct\n")
+	if err == nil || !strings.Contains(err.Error(), `"bpfpindri"`) || !strings.Contains(err.Error(), "loadBalancerMode:") {
+		t.Fatalf("want both the unknown key and loadBalancerMode named, got %v", err)
 	}
 }

@@ -86,11 +86,17 @@ func newNPEnv(t *testing.T, ctx context.Context) *npEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// kpr runs with only the capabilities kpr.service gives it.
+	caps, err := sandbox.UnitCaps()
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, n := range e.nodes {
 		k, err := n.NewKpr(bin)
 		if err != nil {
 			t.Fatal(err)
 		}
+		k.Caps = caps
 		e.kprs = append(e.kprs, k)
 		// Registered after the sandbox's, so it runs first: kpr and its datapath go first.
 		t.Cleanup(func() {

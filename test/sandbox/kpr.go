@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -26,6 +27,10 @@ type Kpr struct {
 	PinDir   string
 	RunDir   string
 	Env      []string // extra environment for `kpr run` (e.g. NOTIFY_SOCKET)
+	// Caps, when set, are the only capabilities `kpr run` keeps (as kpr.service's
+	// CapabilityBoundingSet does): it starts under setpriv with this bounding set, e.g.
+	// []string{"CAP_BPF", "CAP_NET_ADMIN"}.
+	Caps []string
 	Proc     *Process // the running `kpr run`, nil when stopped
 
 	bpffs string
@@ -98,7 +103,16 @@ func (k *Kpr) Start(ctx context.Context, timeout time.Duration) error {
 		return errors.New("sandbox: kpr already running")
 	}
 	started := time.Now()
-	p, err := k.Node.StartCmd(ctx, Cmd{Name: k.Bin, Args: append([]string{"run"}, k.Args()...), Env: k.Env})
+	cmd := Cmd{Name: k.Bin, Args: append([]string{"run"}, k.Args()...), Env: k.Env}
+	if len(k.Caps) > 0 {
+		set := "-all"
+		for _, c := range k.Caps {
+			set += ",+" + strings.ToLower(strings.TrimPrefix(c, "CAP_"))
+		}
+		cmd.Args = append([]string{"--bounding-set=" + set, "--", cmd.Name}, cmd.Args...)
+		cmd.Name = "setpriv"
+	}
+	p, err := k.Node.StartCmd(ctx, cmd)
 	if err != nil {
 		return err
 	}
@@ -121,6 +135,27 @@ func (k *Kpr) Start(ctx context.Context, timeout time.Duration) error {
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+}
+
+// UnitCaps returns the capabilities kpr.service keeps (its CapabilityBoundingSet line in
+// systemd/kpr.service), so tests can run kpr with those and no others. A capability the
+// machine's own bounding set lacks stays out too (this VM's root has no CAP_SYS_RESOURCE,
+// which kpr only needs on kernels that charge BPF memory to RLIMIT_MEMLOCK).
+func UnitCaps() ([]string, error) {
+	root, err := moduleRoot()
+	if err != nil {
+		return nil, err
+	}
+	data, err := os.ReadFile(filepath.Join(root, "systemd", "kpr.service"))
+	if err != nil {
+		return nil, err
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "CapabilityBoundingSet="); ok {
+			return strings.Fields(v), nil
+		}
+	}
+	return nil, errors.New("sandbox: systemd/kpr.service has no CapabilityBoundingSet line")
 }
 
 // Stop sends SIGTERM and waits for kpr to exit; it must exit cleanly (status 0).
