@@ -77,6 +77,7 @@ type Agent struct {
 	// hc serves the healthCheckNodePorts (with the north-south datapath only); health is what
 	// it should serve, kept by frontends(), and healthErr the last problem reported.
 	hc            *healthcheck.Server
+	proxyHealth   *healthcheck.ProxyHealth // kube-proxy's /healthz and /livez; nil when off
 	health        map[string]healthcheck.Service
 	healthChanged bool
 	healthErr     string
@@ -126,9 +127,24 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.notify.Status("datapath loaded; waiting for the API server")
 	a.log.Info("datapath ready", "pinDir", a.cfg.BPFPinDir, "cgroup", a.status.get().Cgroup, "restoredFrontends", a.status.get().Frontends)
 
+	if a.cfg.HealthzBindAddress != "" {
+		ph := healthcheck.NewProxyHealth(2*a.cfg.SyncPeriod, a.nodeObject)
+		if err := ph.Serve(a.cfg.HealthzBindAddress); err != nil {
+			// As kube-proxy: the datapath matters more than its health server.
+			a.log.Error("health server not started; load balancers probing it will see this node as down", "err", err)
+		} else {
+			a.proxyHealth = ph
+			defer ph.Close()
+		}
+	}
 	r := newRunner(a.syncOnce, a.cfg.MinSyncPeriod, a.cfg.SyncPeriod)
 	a.tracker.mu.Lock()
-	a.tracker.onChange = r.Run
+	a.tracker.onChange = func() {
+		if a.proxyHealth != nil {
+			a.proxyHealth.QueuedUpdate()
+		}
+		r.Run()
+	}
 	a.tracker.mu.Unlock()
 	a.mu.Lock()
 	a.runner = r
@@ -547,6 +563,9 @@ func (a *Agent) syncOnce() error {
 		a.log.Error("datapath sync failed; will retry", "err", err)
 		return err
 	}
+	if a.proxyHealth != nil {
+		a.proxyHealth.Updated(start)
+	}
 	if st.Drift || st.RevNatsFixed > 0 {
 		a.log.Warn("the BPF maps differed from what kpr had programmed (changed outside kpr, or a failed write); corrected",
 			"reread", st.Drift, "revnatFixed", st.RevNatsFixed)
@@ -731,6 +750,19 @@ func dropMaglevTables(m *bpf.NodePortMaps) error {
 		errs = append(errs, m.DeleteMaglevTable(id))
 	}
 	return errors.Join(errs...)
+}
+
+// nodeObject is this node's object from the informer, nil until it is known.
+func (a *Agent) nodeObject() *v1.Node {
+	if a.nodes == nil {
+		return nil
+	}
+	obj, ok, err := a.nodes.GetStore().GetByKey(a.node.Name)
+	if err != nil || !ok {
+		return nil
+	}
+	n, _ := obj.(*v1.Node)
+	return n
 }
 
 // Healthy is true while the sync loop runs and the datapath accepts writes. An unreachable API

@@ -7,10 +7,12 @@ package config
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -81,6 +83,8 @@ type Config struct {
 
 	// RunDir holds the agent's status file for `kpr status`.
 	RunDir string `mapstructure:"runDir"`
+	// HealthzBindAddress is kube-proxy's health server (/healthz, /livez); empty: off.
+	HealthzBindAddress string `mapstructure:"healthzBindAddress"`
 }
 
 type setting struct {
@@ -119,6 +123,7 @@ var settings = []setting{
 	{"minSyncPeriod", "min-sync-period", "shortest interval between two syncs; changes within it are batched", time.Second},
 	{"fullSyncPeriod", "full-sync-period", "how often a sync recomputes every Service and checks the BPF maps against what kpr programmed, correcting whatever differs", time.Hour},
 	{"runDir", "run-dir", "directory for the agent's status file", "/run/kpr"},
+	{"healthzBindAddress", "healthz-bind-address", "address and port of the health server that load balancers probe, as kube-proxy's: /healthz and /livez answer 200, or 503 when a change has waited more than 2 × syncPeriod for the datapath (/healthz also while the node is being deleted or tainted ToBeDeletedByClusterAutoscaler); empty turns it off", "0.0.0.0:10256"},
 }
 
 // EnvName is the environment variable of a key: KPR_ plus the key in upper snake case, a
@@ -247,6 +252,14 @@ func (c *Config) Validate() error {
 	if c.CgroupPath != "" && !filepath.IsAbs(c.CgroupPath) {
 		bad("cgroupPath", "%q must be an absolute path", c.CgroupPath)
 	}
+	if c.HealthzBindAddress != "" {
+		host, port, err := net.SplitHostPort(c.HealthzBindAddress)
+		if err != nil {
+			bad("healthzBindAddress", "%q: want IP:port, e.g. 0.0.0.0:10256 (empty turns the server off): %v", c.HealthzBindAddress, err)
+		} else if _, perr := netip.ParseAddr(host); (host != "" && perr != nil) || !validPort(port) {
+			bad("healthzBindAddress", "%q: want an IP address and a port from 1 to 65535", c.HealthzBindAddress)
+		}
+	}
 	if c.RunDir == "" || !filepath.IsAbs(c.RunDir) {
 		bad("runDir", "%q must be an absolute path", c.RunDir)
 	}
@@ -366,6 +379,11 @@ func wrap(text string, width int) []string {
 		line += w
 	}
 	return append(lines, line)
+}
+
+func validPort(s string) bool {
+	n, err := strconv.Atoi(s)
+	return err == nil && n >= 1 && n <= 65535
 }
 
 // Keys lists the configuration keys, for documentation and tests.

@@ -1008,6 +1008,60 @@ func TestNodePort(t *testing.T) {
 		}
 	})
 
+	t.Run("kube-proxy's health server on :10256: 200, 503 while the node is tainted ToBeDeletedByClusterAutoscaler", func(t *testing.T) {
+		client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DialContext: e.host.DialContext, DisableKeepAlives: true}}
+		probe := func(path string) (int, map[string]any, error) {
+			resp, err := client.Get("http://" + netip.AddrPortFrom(node1.IPv4, 10256).String() + path)
+			if err != nil {
+				return 0, nil, err
+			}
+			defer resp.Body.Close()
+			var body map[string]any
+			err = json.NewDecoder(resp.Body).Decode(&body)
+			return resp.StatusCode, body, err
+		}
+		waitFor := func(path string, want int) map[string]any {
+			t.Helper()
+			deadline := time.Now().Add(npProgramWithin)
+			for {
+				code, body, err := probe(path)
+				if err == nil && code == want {
+					return body
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("GET %s on node1: %d %v %v, want %d", path, code, body, err, want)
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+		}
+		if body := waitFor("/healthz", 200); body["nodeEligible"] != true || body["healthy"] != true {
+			t.Errorf("/healthz: %v, want healthy and nodeEligible", body)
+		}
+		nodes := e.cp.Client.CoreV1().Nodes()
+		taint := func(on bool) {
+			t.Helper()
+			n, err := nodes.Get(ctx, node1.Name, metav1.GetOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			n.Spec.Taints = nil
+			if on {
+				n.Spec.Taints = []v1.Taint{{Key: "ToBeDeletedByClusterAutoscaler", Value: "1", Effect: v1.TaintEffectNoSchedule}}
+			}
+			if _, err := nodes.Update(ctx, n, metav1.UpdateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		taint(true)
+		defer taint(false)
+		if body := waitFor("/healthz", 503); body["nodeEligible"] != false {
+			t.Errorf("/healthz of a tainted node: %v, want nodeEligible false", body)
+		}
+		waitFor("/livez", 200) // the proxy itself is fine
+		taint(false)
+		waitFor("/healthz", 200)
+	})
+
 	t.Run("acceleration native: node1's XDP program sends flows to a pod on node2 straight back out of eth0", func(t *testing.T) {
 		e.xdpOnNode1(ctx, t)
 		xs := e.npService(ctx, "xdp", v1.ServiceTypeNodePort, nil, e.pods[2]) // np-c, on node2
