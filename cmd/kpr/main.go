@@ -383,6 +383,29 @@ func configCmd(out io.Writer) *cobra.Command {
 		Run:   func(*cobra.Command, []string) { fmt.Fprint(out, config.DefaultFileText()) },
 	})
 	c.AddCommand(&cobra.Command{
+		Use:   "import-kube-proxy FILE",
+		Short: "convert kube-proxy's configuration (a KubeProxyConfiguration, or kubeadm's kube-proxy ConfigMap) into kpr settings on stdout; what has no equivalent is listed on stderr",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(c *cobra.Command, args []string) error {
+			data, err := os.ReadFile(args[0])
+			if err != nil {
+				return err
+			}
+			im, err := config.ImportKubeProxy(data)
+			if err != nil {
+				return fmt.Errorf("%s: %w", args[0], err)
+			}
+			fmt.Fprint(out, im.YAML(args[0]))
+			if len(im.Unmatched) > 0 {
+				fmt.Fprintf(c.ErrOrStderr(), "kube-proxy settings in %s without an equivalent in kpr:\n", args[0])
+				for _, u := range im.Unmatched {
+					fmt.Fprintf(c.ErrOrStderr(), "  - %s\n", u)
+				}
+			}
+			return nil
+		},
+	})
+	c.AddCommand(&cobra.Command{
 		Use:   "validate [FILE]",
 		Short: "check a configuration file (default " + config.DefaultFile + ") with the KPR_* environment, as kpr run would; every problem at once, each naming its key",
 		Args:  cobra.MaximumNArgs(1),

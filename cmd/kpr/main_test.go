@@ -137,3 +137,28 @@ func TestConfigValidate(t *testing.T) {
 		}
 	}
 }
+
+// kpr config import-kube-proxy prints a kpr configuration that kpr config validate accepts,
+// and lists what it could not carry over on stderr.
+func TestConfigImportKubeProxy(t *testing.T) {
+	var out, errOut bytes.Buffer
+	c := configCmd(&out)
+	c.SetArgs([]string{"import-kube-proxy", "../../kubeadm/testdata/kubeadm-print/init-defaults-component-configs.yaml"})
+	c.SetErr(&errOut)
+	if err := c.Execute(); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out.String(), `nodePortAddresses: ["all"]`) || !strings.Contains(errOut.String(), "without an equivalent in kpr") {
+		t.Fatalf("stdout:\n%s\nstderr:\n%s", out.String(), errOut.String())
+	}
+	file := t.TempDir() + "/kpr.yaml"
+	if err := os.WriteFile(file, out.Bytes(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var vout bytes.Buffer
+	v := configCmd(&vout)
+	v.SetArgs([]string{"validate", file})
+	if err := v.Execute(); err != nil {
+		t.Fatalf("validate of the imported file: %v", err)
+	}
+}
