@@ -24,6 +24,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/kpr-dev/kpr/bpf"
+	"github.com/kpr-dev/kpr/kubeadm"
 	"github.com/kpr-dev/kpr/node/agent"
 	"github.com/kpr-dev/kpr/node/config"
 	"github.com/kpr-dev/kpr/node/datapath"
@@ -45,7 +46,7 @@ func newRoot(out io.Writer) *cobra.Command {
 		SilenceErrors: true,
 	}
 	root.SetOut(out)
-	root.AddCommand(runCmd(), statusCmd(out), serviceCmd(out), cleanupCmd(out), configCmd(out), versionCmd(out), manCmd(root))
+	root.AddCommand(runCmd(), statusCmd(out), serviceCmd(out), cleanupCmd(out), configCmd(out), kubeadmCmd(out), versionCmd(out), manCmd(root))
 	return root
 }
 
@@ -426,6 +427,50 @@ func configCmd(out io.Writer) *cobra.Command {
 			return nil
 		},
 	})
+	return c
+}
+
+func kubeadmCmd(out io.Writer) *cobra.Command {
+	c := &cobra.Command{Use: "kubeadm", Short: "fit kpr into kubeadm's flow: a cluster without kube-proxy"}
+	var write bool
+	initConfig := &cobra.Command{
+		Use:   "init-config [FILE]",
+		Short: "print a kubeadm config for `kubeadm init` without kube-proxy, or FILE changed so (v1beta4: proxy.disabled: true; v1beta3: skipPhases: [addon/kube-proxy]); -w writes FILE in place",
+		Args:  cobra.MaximumNArgs(1),
+		RunE: func(c *cobra.Command, args []string) error {
+			if len(args) == 0 {
+				if write {
+					return errors.New("-w needs a FILE to write")
+				}
+				fmt.Fprint(out, kubeadm.DefaultInitConfig)
+				return nil
+			}
+			data, changes, err := kubeadm.SkipKubeProxy(args[0])
+			if err != nil {
+				return err
+			}
+			for _, ch := range changes {
+				fmt.Fprintln(c.ErrOrStderr(), "changed:", ch)
+			}
+			if len(changes) == 0 {
+				fmt.Fprintf(c.ErrOrStderr(), "%s already keeps kubeadm init from installing kube-proxy\n", args[0])
+			}
+			if !write {
+				_, err := out.Write(data)
+				return err
+			}
+			if len(changes) == 0 {
+				return nil
+			}
+			st, err := os.Stat(args[0])
+			if err != nil {
+				return err
+			}
+			return os.WriteFile(args[0], data, st.Mode().Perm())
+		},
+	}
+	initConfig.Flags().BoolVarP(&write, "write", "w", false, "write the change into FILE instead of printing it")
+	c.AddCommand(initConfig)
 	return c
 }
 

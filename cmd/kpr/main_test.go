@@ -162,3 +162,34 @@ func TestConfigImportKubeProxy(t *testing.T) {
 		t.Fatalf("validate of the imported file: %v", err)
 	}
 }
+
+// kpr kubeadm init-config -w changes the file in place, once.
+func TestKubeadmInitConfigWrite(t *testing.T) {
+	data, err := os.ReadFile("../../kubeadm/testdata/kubeadm-print/init-defaults.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	file := t.TempDir() + "/kubeadm.yaml"
+	if err := os.WriteFile(file, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for i, want := range []string{"changed: kubeadm.yaml: ClusterConfiguration", "already keeps kubeadm init from installing kube-proxy"} {
+		var out, errOut bytes.Buffer
+		c := kubeadmCmd(&out)
+		c.SetArgs([]string{"init-config", "-w", file})
+		c.SetErr(&errOut)
+		if err := c.Execute(); err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(errOut.String(), want) || out.Len() != 0 {
+			t.Errorf("run %d: stderr %q, stdout %q; want %q on stderr only", i+1, errOut.String(), out.String(), want)
+		}
+	}
+	got, _ := os.ReadFile(file)
+	if !strings.Contains(string(got), "proxy:\n  disabled: true") {
+		t.Errorf("the file was not changed:\n%s", got)
+	}
+	if st, _ := os.Stat(file); st.Mode().Perm() != 0o600 {
+		t.Errorf("mode %v, want the file's own 0600", st.Mode().Perm())
+	}
+}
