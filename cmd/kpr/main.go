@@ -22,6 +22,8 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/cobra/doc"
 	"github.com/spf13/pflag"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/kpr-dev/kpr/bpf"
 	"github.com/kpr-dev/kpr/kubeadm"
@@ -471,6 +473,32 @@ func kubeadmCmd(out io.Writer) *cobra.Command {
 	}
 	initConfig.Flags().BoolVarP(&write, "write", "w", false, "write the change into FILE instead of printing it")
 	c.AddCommand(initConfig)
+
+	var adminConf string
+	setup := &cobra.Command{
+		Use:   "setup",
+		Short: "on a control-plane node: create the RBAC kpr needs in place of kube-proxy's addon (ClusterRole system:node-proxier for the group system:nodes, so kpr works with each node's kubelet credentials); idempotent",
+		Args:  cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			cfg, err := clientcmd.BuildConfigFromFlags("", adminConf)
+			if err != nil {
+				return fmt.Errorf("admin kubeconfig %s: %w", adminConf, err)
+			}
+			client, err := kubernetes.NewForConfig(cfg)
+			if err != nil {
+				return err
+			}
+			ctx, cancel := context.WithTimeout(c.Context(), time.Minute)
+			defer cancel()
+			done, err := kubeadm.Setup(ctx, client)
+			for _, d := range done {
+				fmt.Fprintln(out, d)
+			}
+			return err
+		},
+	}
+	setup.Flags().StringVar(&adminConf, "kubeconfig", "/etc/kubernetes/admin.conf", "kubeconfig with the rights to create ClusterRoleBindings (kubeadm's admin.conf)")
+	c.AddCommand(setup)
 	return c
 }
 

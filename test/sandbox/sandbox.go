@@ -66,6 +66,10 @@ type Options struct {
 	APIServerArgs []string
 	// Log receives progress messages (e.g. t.Logf); optional.
 	Log func(format string, args ...any)
+	// NoProxyRBAC leaves out the ClusterRoleBinding of system:node-proxier to the group
+	// system:nodes, which the sandbox otherwise creates so each node's kpr can read Services
+	// and EndpointSlices with the node's credentials (what `kpr kubeadm setup` creates).
+	NoProxyRBAC bool
 }
 
 // ControlPlane is the sandbox cluster: etcd and kube-apiserver in their own network namespace,
@@ -330,8 +334,10 @@ func (cp *ControlPlane) bootstrapObjects(ctx context.Context) error {
 		RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: "system:node-proxier"},
 		Subjects:   []rbacv1.Subject{{APIGroup: rbacv1.GroupName, Kind: rbacv1.GroupKind, Name: "system:nodes"}},
 	}
-	if _, err := cp.Client.RbacV1().ClusterRoleBindings().Create(ctx, crb, metav1.CreateOptions{}); err != nil {
-		return fmt.Errorf("ClusterRoleBinding %s: %w", crb.Name, err)
+	if !cp.opts.NoProxyRBAC {
+		if _, err := cp.Client.RbacV1().ClusterRoleBindings().Create(ctx, crb, metav1.CreateOptions{}); err != nil {
+			return fmt.Errorf("ClusterRoleBinding %s: %w", crb.Name, err)
+		}
 	}
 	cm := &v1.ConfigMap{
 		ObjectMeta: metav1.ObjectMeta{Name: "kubeadm-config", Namespace: metav1.NamespaceSystem},
