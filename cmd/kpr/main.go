@@ -499,6 +499,41 @@ func kubeadmCmd(out io.Writer) *cobra.Command {
 	}
 	setup.Flags().StringVar(&adminConf, "kubeconfig", "/etc/kubernetes/admin.conf", "kubeconfig with the rights to create ClusterRoleBindings (kubeadm's admin.conf)")
 	c.AddCommand(setup)
+
+	var backupDir string
+	for _, step := range []struct {
+		use, short string
+		fn         func(context.Context, kubernetes.Interface, string) ([]string, error)
+	}{
+		{"migrate", "on a control-plane node: take the cluster off kube-proxy: kpr kubeadm setup, then save the kube-proxy DaemonSet and ConfigMap to the backup directory and delete them, and set proxy.disabled in kubeadm-config so kubeadm upgrade does not reinstall it", kubeadm.Migrate},
+		{"rollback", "on the control-plane node that migrated: restore kube-proxy (its ConfigMap and DaemonSet, and kubeadm-config) from the backup directory", kubeadm.Rollback},
+	} {
+		cmd := &cobra.Command{
+			Use:   step.use,
+			Short: step.short,
+			Args:  cobra.NoArgs,
+			RunE: func(c *cobra.Command, _ []string) error {
+				cfg, err := clientcmd.BuildConfigFromFlags("", adminConf)
+				if err != nil {
+					return fmt.Errorf("admin kubeconfig %s: %w", adminConf, err)
+				}
+				client, err := kubernetes.NewForConfig(cfg)
+				if err != nil {
+					return err
+				}
+				ctx, cancel := context.WithTimeout(c.Context(), time.Minute)
+				defer cancel()
+				done, err := step.fn(ctx, client, backupDir)
+				for _, d := range done {
+					fmt.Fprintln(out, d)
+				}
+				return err
+			},
+		}
+		cmd.Flags().StringVar(&adminConf, "kubeconfig", "/etc/kubernetes/admin.conf", "kubeconfig with cluster-admin rights (kubeadm's admin.conf)")
+		cmd.Flags().StringVar(&backupDir, "backup-dir", kubeadm.DefaultBackupDir, "where migrate saves what it removes and rollback finds it")
+		c.AddCommand(cmd)
+	}
 	return c
 }
 

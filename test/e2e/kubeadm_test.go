@@ -2,15 +2,25 @@ package e2e
 
 import (
 	"context"
+	"maps"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	appsv1 "k8s.io/api/apps/v1"
+	v1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
+	"sigs.k8s.io/yaml"
 
+	"github.com/kpr-dev/kpr/kubeadm"
 	"github.com/kpr-dev/kpr/test/sandbox"
 )
 
@@ -110,5 +120,197 @@ func TestKubeadmSetup(t *testing.T) {
 	}
 	if crb, err := crbs.Get(ctx, "kpr:node-proxier", metav1.GetOptions{}); err != nil || len(crb.Subjects) != 1 || crb.Subjects[0].Name != "system:nodes" {
 		t.Errorf("binding after setup: %+v %v", crb, err)
+	}
+}
+
+// kubeadmAddonObjects renders kubeadm's kube-proxy addon with the real kubeadm (`kubeadm init
+// --dry-run`, its files kept in a temporary directory) and returns the objects kubeadm would
+// create for it, as YAML by "Kind/name".
+func kubeadmAddonObjects(t *testing.T) map[string][]byte {
+	t.Helper()
+	dir, ok := sandbox.K8sBinDir()
+	if !ok {
+		t.Fatal("no kubeadm binary")
+	}
+	kubeadmBin := filepath.Join(dir, "kubeadm")
+	tmp := t.TempDir()
+	defaults, err := exec.Command(kubeadmBin, "config", "print", "init-defaults").Output()
+	if err != nil {
+		t.Fatalf("kubeadm config print init-defaults: %v", err)
+	}
+	cfg := filepath.Join(tmp, "init.yaml")
+	if err := os.WriteFile(cfg, defaults, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(kubeadmBin, "init", "--dry-run", "--config", cfg, "--skip-phases", "preflight")
+	cmd.Env = append(os.Environ(), "KUBEADM_INIT_DRYRUN_DIR="+filepath.Join(tmp, "dryrun"))
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("kubeadm init --dry-run: %v\n%s", err, out)
+	}
+	objs := map[string][]byte{}
+	for _, block := range strings.Split(string(out), "[dryrun] Attached object:\n")[1:] {
+		// The object runs up to the next line that kubeadm prints itself.
+		var lines []string
+		for _, line := range strings.Split(block, "\n") {
+			if strings.HasPrefix(line, "[") {
+				break
+			}
+			lines = append(lines, line)
+		}
+		doc := []byte(strings.Join(lines, "\n"))
+		var meta struct {
+			Kind     string `json:"kind"`
+			Metadata struct {
+				Name string `json:"name"`
+			} `json:"metadata"`
+		}
+		if err := yaml.Unmarshal(doc, &meta); err != nil || meta.Kind == "" {
+			continue
+		}
+		key := meta.Kind + "/" + meta.Metadata.Name
+		switch key {
+		case "ConfigMap/kube-proxy", "DaemonSet/kube-proxy", "ServiceAccount/kube-proxy", "ClusterRoleBinding/kubeadm:node-proxier", "Role/kube-proxy", "RoleBinding/kube-proxy":
+			objs[key] = doc
+		}
+	}
+	if len(objs) != 6 {
+		t.Fatalf("kubeadm's dry run gave %d of the 6 objects of the kube-proxy addon: %v", len(objs), slices.Collect(maps.Keys(objs)))
+	}
+	return objs
+}
+
+// createAddon creates kubeadm's kube-proxy addon objects in the cluster, as kubeadm init does.
+func createAddon(ctx context.Context, t *testing.T, client kubernetes.Interface, objs map[string][]byte) {
+	t.Helper()
+	decode := func(key string, into any) {
+		t.Helper()
+		if err := yaml.UnmarshalStrict(objs[key], into); err != nil {
+			t.Fatalf("%s from kubeadm: %v", key, err)
+		}
+	}
+	var (
+		cm  v1.ConfigMap
+		ds  appsv1.DaemonSet
+		sa  v1.ServiceAccount
+		crb rbacv1.ClusterRoleBinding
+		r   rbacv1.Role
+		rb  rbacv1.RoleBinding
+	)
+	decode("ConfigMap/kube-proxy", &cm)
+	decode("DaemonSet/kube-proxy", &ds)
+	decode("ServiceAccount/kube-proxy", &sa)
+	decode("ClusterRoleBinding/kubeadm:node-proxier", &crb)
+	decode("Role/kube-proxy", &r)
+	decode("RoleBinding/kube-proxy", &rb)
+	for what, err := range map[string]error{
+		"ConfigMap":          ignoreExists(client.CoreV1().ConfigMaps(cm.Namespace).Create(ctx, &cm, metav1.CreateOptions{})),
+		"ServiceAccount":     ignoreExists(client.CoreV1().ServiceAccounts(sa.Namespace).Create(ctx, &sa, metav1.CreateOptions{})),
+		"ClusterRoleBinding": ignoreExists(client.RbacV1().ClusterRoleBindings().Create(ctx, &crb, metav1.CreateOptions{})),
+		"Role":               ignoreExists(client.RbacV1().Roles(r.Namespace).Create(ctx, &r, metav1.CreateOptions{})),
+		"RoleBinding":        ignoreExists(client.RbacV1().RoleBindings(rb.Namespace).Create(ctx, &rb, metav1.CreateOptions{})),
+		"DaemonSet":          ignoreExists(client.AppsV1().DaemonSets(ds.Namespace).Create(ctx, &ds, metav1.CreateOptions{})),
+	} {
+		if err != nil {
+			t.Fatalf("creating kubeadm's kube-proxy %s: %v", what, err)
+		}
+	}
+}
+
+func ignoreExists[T any](_ T, err error) error {
+	if apierrors.IsAlreadyExists(err) {
+		return nil
+	}
+	return err
+}
+
+// TestKubeadmMigrateRollback: a cluster with kubeadm's kube-proxy addon (the objects the
+// real kubeadm renders) is taken off kube-proxy by `kpr kubeadm migrate` and put back by
+// `kpr kubeadm rollback`, checked on the API objects.
+func TestKubeadmMigrateRollback(t *testing.T) {
+	requireE2E(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	objs := kubeadmAddonObjects(t)
+	work := t.TempDir()
+	cp, err := sandbox.Start(ctx, sandbox.Options{WorkDir: work + "/sandbox", Log: t.Logf, NoProxyRBAC: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := cp.Close(); err != nil {
+			t.Errorf("sandbox close: %v", err)
+		}
+	})
+	bin, err := sandbox.BuildKpr(work)
+	if err != nil {
+		t.Fatal(err)
+	}
+	api := cp.Client
+	createAddon(ctx, t, api, objs)
+	origCC, err := api.CoreV1().ConfigMaps("kube-system").Get(ctx, "kubeadm-config", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	origDS, err := api.AppsV1().DaemonSets("kube-system").Get(ctx, "kube-proxy", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	origCM, err := api.CoreV1().ConfigMaps("kube-system").Get(ctx, "kube-proxy", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	backups := filepath.Join(work, "backup")
+	kpr := func(args ...string) string {
+		t.Helper()
+		out, err := cp.Exec(ctx, 0, bin, append(append([]string{"kubeadm"}, args...), "--kubeconfig", cp.AdminKubeconfig, "--backup-dir", backups)...)
+		if err != nil {
+			t.Fatalf("kpr kubeadm %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		t.Logf("kpr kubeadm %s:\n%s", strings.Join(args, " "), out)
+		return string(out)
+	}
+
+	kpr("migrate")
+	if _, err := api.AppsV1().DaemonSets("kube-system").Get(ctx, "kube-proxy", metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+		t.Errorf("after migrate the kube-proxy DaemonSet: %v; want it gone", err)
+	}
+	if _, err := api.CoreV1().ConfigMaps("kube-system").Get(ctx, "kube-proxy", metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+		t.Errorf("after migrate the kube-proxy ConfigMap: %v; want it gone", err)
+	}
+	if _, err := api.RbacV1().ClusterRoleBindings().Get(ctx, "kpr:node-proxier", metav1.GetOptions{}); err != nil {
+		t.Errorf("after migrate kpr's ClusterRoleBinding: %v", err)
+	}
+	cc, err := api.CoreV1().ConfigMaps("kube-system").Get(ctx, "kubeadm-config", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stored := filepath.Join(work, "cluster-config.yaml")
+	if err := os.WriteFile(stored, []byte(cc.Data["ClusterConfiguration"]), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if skipped, err := kubeadm.KubeProxySkipped(stored); err != nil || !skipped {
+		t.Errorf("kubeadm-config after migrate does not disable kube-proxy (%v):\n%s", err, cc.Data["ClusterConfiguration"])
+	}
+	for _, f := range []string{"kube-proxy-daemonset.yaml", "kube-proxy-configmap.yaml", "kubeadm-config-configmap.yaml"} {
+		if st, err := os.Stat(filepath.Join(backups, f)); err != nil || st.Mode().Perm() != 0o600 {
+			t.Errorf("backup %s: %v %v, want a 0600 file", f, st, err)
+		}
+	}
+	if out := kpr("migrate"); !strings.Contains(out, "DaemonSet kube-system/kube-proxy: not there") || !strings.Contains(out, "already disabled") {
+		t.Errorf("a second migrate: %q, want nothing left to do", out)
+	}
+
+	kpr("rollback")
+	ds, err := api.AppsV1().DaemonSets("kube-system").Get(ctx, "kube-proxy", metav1.GetOptions{})
+	if err != nil || !reflect.DeepEqual(ds.Spec.Template.Spec.Containers, origDS.Spec.Template.Spec.Containers) || !reflect.DeepEqual(ds.Labels, origDS.Labels) {
+		t.Errorf("after rollback the DaemonSet: %v; containers equal to kubeadm's: %v", err, err == nil && reflect.DeepEqual(ds.Spec.Template.Spec.Containers, origDS.Spec.Template.Spec.Containers))
+	}
+	cm, err := api.CoreV1().ConfigMaps("kube-system").Get(ctx, "kube-proxy", metav1.GetOptions{})
+	if err != nil || !reflect.DeepEqual(cm.Data, origCM.Data) || !reflect.DeepEqual(cm.Annotations, origCM.Annotations) {
+		t.Errorf("after rollback the ConfigMap differs from kubeadm's: %v", err)
+	}
+	if cc, err := api.CoreV1().ConfigMaps("kube-system").Get(ctx, "kubeadm-config", metav1.GetOptions{}); err != nil || cc.Data["ClusterConfiguration"] != origCC.Data["ClusterConfiguration"] {
+		t.Errorf("after rollback kubeadm-config differs from before the migration: %v", err)
 	}
 }

@@ -282,6 +282,7 @@ func (cp *ControlPlane) startAPIServer(ctx context.Context, bin string) error {
 		fmt.Sprintf("--secure-port=%d", APIServerPort),
 		"--service-cluster-ip-range=" + ServiceSubnet,
 		"--authorization-mode=Node,RBAC",
+		"--allow-privileged=true", // as kubeadm runs it: kube-proxy's DaemonSet is privileged
 		// No controller-manager creates service-account tokens.
 		"--disable-admission-plugins=ServiceAccount",
 		"--client-ca-file=" + pk.path("ca.crt"),
