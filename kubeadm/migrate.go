@@ -39,8 +39,8 @@ const DefaultBackupDir = "/var/lib/kpr/kube-proxy-backup"
 //     true, so no later `kubeadm upgrade` or `kubeadm init phase addon` brings it back.
 //
 // Running it again finds nothing left to do. kube-proxy leaves its rules in each node's kernel
-// when its pods go (removing them on the nodes is not done yet). Rollback undoes it from
-// backupDir.
+// when its pods go: `kpr kubeadm clean-node` on each node removes them (node/kubeproxy).
+// Rollback undoes it from backupDir.
 func Migrate(ctx context.Context, client kubernetes.Interface, backupDir string) ([]string, error) {
 	done, err := Setup(ctx, client)
 	if err != nil {
@@ -87,7 +87,7 @@ func Migrate(ctx context.Context, client kubernetes.Interface, backupDir string)
 		if err := client.AppsV1().DaemonSets(metav1.NamespaceSystem).Delete(ctx, kubeProxyName, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
 			return done, fmt.Errorf("deleting DaemonSet kube-system/kube-proxy: %w", err)
 		}
-		done = append(done, "DaemonSet kube-system/kube-proxy deleted (its pods go with it; kube-proxy leaves its iptables/nftables rules on each node)")
+		done = append(done, "DaemonSet kube-system/kube-proxy deleted (its pods go with it; kube-proxy leaves its rules on each node: run kpr kubeadm clean-node there)")
 	}
 	if cm != nil {
 		if err := client.CoreV1().ConfigMaps(metav1.NamespaceSystem).Delete(ctx, kubeProxyName, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {

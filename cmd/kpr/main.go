@@ -30,6 +30,7 @@ import (
 	"github.com/kpr-dev/kpr/node/agent"
 	"github.com/kpr-dev/kpr/node/config"
 	"github.com/kpr-dev/kpr/node/datapath"
+	"github.com/kpr-dev/kpr/node/kubeproxy"
 	"github.com/kpr-dev/kpr/node/lbstate"
 )
 
@@ -499,6 +500,25 @@ func kubeadmCmd(out io.Writer) *cobra.Command {
 	}
 	setup.Flags().StringVar(&adminConf, "kubeconfig", "/etc/kubernetes/admin.conf", "kubeconfig with the rights to create ClusterRoleBindings (kubeadm's admin.conf)")
 	c.AddCommand(setup)
+
+	c.AddCommand(&cobra.Command{
+		Use:   "clean-node",
+		Short: "on each node, once kube-proxy is gone: remove what it left in the kernel (its iptables chains, its nftables tables, IPVS servers and kube-ipvs0); kubelet's chains and everything else stay",
+		Args:  cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			r, err := kubeproxy.Clean(c.Context())
+			for _, x := range r.Removed {
+				fmt.Fprintln(out, "removed:", x)
+			}
+			for _, x := range r.Skipped {
+				fmt.Fprintln(out, "not checked:", x)
+			}
+			if err == nil && len(r.Removed) == 0 {
+				fmt.Fprintln(out, "nothing of kube-proxy's found")
+			}
+			return err
+		},
+	})
 
 	var backupDir string
 	for _, step := range []struct {

@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"maps"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,9 +15,11 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	v1 "k8s.io/api/core/v1"
+	discovery "k8s.io/api/discovery/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
 	"sigs.k8s.io/yaml"
 
@@ -312,5 +315,114 @@ func TestKubeadmMigrateRollback(t *testing.T) {
 	}
 	if cc, err := api.CoreV1().ConfigMaps("kube-system").Get(ctx, "kubeadm-config", metav1.GetOptions{}); err != nil || cc.Data["ClusterConfiguration"] != origCC.Data["ClusterConfiguration"] {
 		t.Errorf("after rollback kubeadm-config differs from before the migration: %v", err)
+	}
+}
+
+// TestCleanNode: upstream kube-proxy (the pinned build) programs a node in iptables mode and
+// in nftables mode and is stopped, leaving its rules, as when its DaemonSet is deleted. `kpr
+// kubeadm clean-node` in the node's namespace removes exactly kube-proxy's chains and tables;
+// an admin's own iptables chain and nftables table stay.
+func TestCleanNode(t *testing.T) {
+	requireE2E(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	work := t.TempDir()
+	cp, err := sandbox.Start(ctx, sandbox.Options{WorkDir: work + "/sandbox", Log: t.Logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := cp.Close(); err != nil {
+			t.Errorf("sandbox close: %v", err)
+		}
+	})
+	node, err := cp.AddNode(ctx, "node1", 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pod, err := node.AddPod(ctx, ns, "web", 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin, err := sandbox.BuildKpr(work)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir, _ := sandbox.K8sBinDir()
+	kubeProxy := filepath.Join(dir, "kube-proxy")
+	svc := service("web", v1.ServicePort{Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080), Protocol: v1.ProtocolTCP})
+	svc.Spec.Type = v1.ServiceTypeNodePort
+	if _, err := cp.Client.CoreV1().Services(ns).Create(ctx, svc, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cp.Client.DiscoveryV1().EndpointSlices(ns).Create(ctx,
+		slice("web", "web-v4", discovery.AddressTypeIPv4, []discovery.EndpointPort{port("http", 8080, v1.ProtocolTCP)}, pod), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	sh := func(script string) string {
+		t.Helper()
+		out, err := node.Exec(ctx, 0, "sh", "-c", script)
+		if err != nil {
+			t.Fatalf("%s: %v\n%s", script, err, out)
+		}
+		return string(out)
+	}
+	// An admin's own rules, which must survive.
+	sh("iptables -t nat -N ADMIN && iptables -t nat -A POSTROUTING -s 192.168.0.0/16 -j ADMIN && nft add table inet admin && nft add chain inet admin c")
+
+	for _, mode := range []struct{ name, programmed string }{
+		{"iptables", "iptables-save -t nat | grep -c '^:KUBE-SVC-' || true"},
+		{"nftables", "nft list tables | grep -c 'kube-proxy' || true"},
+	} {
+		t.Run(mode.name, func(t *testing.T) {
+			kp, err := node.StartCmd(ctx, sandbox.Cmd{Name: kubeProxy, Args: []string{
+				"--kubeconfig=" + node.KubeletConf(), "--hostname-override=" + node.Name, "--proxy-mode=" + mode.name,
+				"--cluster-cidr=" + sandbox.PodSubnet, "--conntrack-max-per-core=0", "--conntrack-tcp-timeout-established=0",
+				"--conntrack-tcp-timeout-close-wait=0", "--oom-score-adj=0",
+				"--metrics-bind-address=" + netip.AddrPortFrom(node.IPv4, 10249).String(),
+				"--healthz-bind-address=" + netip.AddrPortFrom(node.IPv4, 10256).String(),
+			}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			deadline := time.Now().Add(time.Minute)
+			for strings.TrimSpace(sh(mode.programmed)) == "0" {
+				if time.Now().After(deadline) || kp.Exited() {
+					kp.Stop()
+					t.Fatalf("kube-proxy %s did not program the Service: %s", mode.name, kp.LogTail(2000))
+				}
+				time.Sleep(200 * time.Millisecond)
+			}
+			// Stopped, kube-proxy leaves its rules, as when its DaemonSet is deleted.
+			if err := kp.Stop(); err != nil {
+				t.Logf("kube-proxy stop: %v", err)
+			}
+			before := sh("iptables-save; ip6tables-save; nft list tables")
+			if !strings.Contains(before, "KUBE-") {
+				t.Fatalf("no kube-proxy rules left to clean:\n%s", before)
+			}
+			out, err := node.Exec(ctx, 0, bin, "kubeadm", "clean-node")
+			if err != nil {
+				t.Fatalf("kpr kubeadm clean-node: %v\n%s", err, out)
+			}
+			t.Logf("kpr kubeadm clean-node:\n%s", out)
+			after := sh("iptables-save; ip6tables-save; nft list tables")
+			for _, line := range strings.Split(after, "\n") {
+				if strings.Contains(line, "KUBE-") && !strings.Contains(line, "KUBE-FIREWALL") && !strings.Contains(line, "KUBE-KUBELET-CANARY") {
+					t.Errorf("left after clean-node: %s", line)
+				}
+				if strings.Contains(line, "table ip kube-proxy") || strings.Contains(line, "table ip6 kube-proxy") {
+					t.Errorf("left after clean-node: %s", line)
+				}
+			}
+			for _, keep := range []string{":ADMIN - [0:0]", "-A POSTROUTING -s 192.168.0.0/16 -j ADMIN", "table inet admin"} {
+				if !strings.Contains(after, keep) {
+					t.Errorf("clean-node removed the admin's %q:\n%s", keep, after)
+				}
+			}
+			if out, err := node.Exec(ctx, 0, bin, "kubeadm", "clean-node"); err != nil || !strings.Contains(string(out), "nothing of kube-proxy's found") {
+				t.Errorf("a second clean-node: %v\n%s", err, out)
+			}
+		})
 	}
 }
