@@ -37,18 +37,26 @@ type Kpr struct {
 }
 
 // BuildKpr builds cmd/kpr into dir.
-func BuildKpr(dir string) (string, error) {
+func BuildKpr(dir string) (string, error) { return BuildKprAs(dir, "kpr", "") }
+
+// BuildKprAs builds cmd/kpr into dir/name with version stamped into it (empty: the default),
+// as a package build does; tests that replace a running kpr's binary use it.
+func BuildKprAs(dir, name, version string) (string, error) {
 	root, err := moduleRoot()
 	if err != nil {
 		return "", err
 	}
-	out, err := filepath.Abs(filepath.Join(dir, "kpr"))
+	out, err := filepath.Abs(filepath.Join(dir, name))
 	if err != nil {
 		return "", err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), probeBuildTimeout)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", out, "./cmd/kpr")
+	args := []string{"build", "-o", out}
+	if version != "" {
+		args = append(args, "-ldflags", "-X github.com/kpr-dev/kpr/node/agent.Version="+version)
+	}
+	cmd := exec.CommandContext(ctx, "go", append(args, "./cmd/kpr")...)
 	cmd.Dir = root
 	if msg, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("go build ./cmd/kpr: %w: %s", err, msg)
@@ -178,6 +186,24 @@ func (k *Kpr) Stop() error {
 		return fmt.Errorf("kpr exited with %v: %s", err, p.LogTail(20))
 	}
 	return nil
+}
+
+// Kill ends `kpr run` with SIGKILL, as a crash or the OOM killer would, and waits for it.
+func (k *Kpr) Kill() error {
+	if k.Proc == nil {
+		return nil
+	}
+	p := k.Proc
+	k.Proc = nil
+	if err := p.Kill(); err != nil {
+		return err
+	}
+	select {
+	case <-p.Done():
+		return nil
+	case <-time.After(stopGrace):
+		return fmt.Errorf("kpr did not end on SIGKILL")
+	}
 }
 
 // Run runs a kpr subcommand (status, service list, cleanup) in the node's namespace.
