@@ -144,6 +144,9 @@ func printStatus(out io.Writer, cfg *config.Config) error {
 		if st.NorthSouth != "" {
 			fmt.Fprintf(w, "From outside:\t%s\n", st.NorthSouth)
 		}
+		if st.KubeProxy != "" {
+			fmt.Fprintf(w, "WARNING:\t%s\n", st.KubeProxy)
+		}
 		if st.Masquerade != "" {
 			fmt.Fprintf(w, "Masquerade:\t%s\n", st.Masquerade)
 		}

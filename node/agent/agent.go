@@ -93,6 +93,8 @@ type Agent struct {
 	runner       *runner
 	syncFailures int
 	apiDown      bool
+	// kubeProxySeen is the guard's last finding ("": no kube-proxy on this node).
+	kubeProxySeen string
 }
 
 // New prepares an agent; Run starts it.
@@ -422,6 +424,7 @@ func (a *Agent) startInformers(ctx context.Context) {
 	})
 	f.Start(ctx.Done())
 	nf.Start(ctx.Done())
+	a.startKubeProxyGuard(ctx)
 }
 
 // observeDial wraps the API client's dialer to follow whether the API server can be reached.

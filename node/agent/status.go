@@ -44,7 +44,9 @@ type Status struct {
 	// ports that could not be opened.
 	HealthCheckPorts int    `json:"healthCheckPorts,omitempty"`
 	HealthCheckError string `json:"healthCheckError,omitempty"`
-	Error            string `json:"error,omitempty"`
+	// KubeProxy is set while a kube-proxy pod runs on this node (the guard's warning).
+	KubeProxy string `json:"kubeProxy,omitempty"`
+	Error     string `json:"error,omitempty"`
 }
 
 // Networking is the cluster networking the agent uses, each value with where it came from

@@ -1062,6 +1062,58 @@ func TestNodePort(t *testing.T) {
 		waitFor("/healthz", 200)
 	})
 
+	t.Run("guard: a kube-proxy pod on node1 is reported in kpr status and a Node Event, and cleared when it goes", func(t *testing.T) {
+		pods := e.cp.Client.CoreV1().Pods("kube-system")
+		pod := &v1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Name: "kube-proxy-x7k2p", Namespace: "kube-system", Labels: map[string]string{"k8s-app": "kube-proxy"}},
+			Spec: v1.PodSpec{NodeName: node1.Name, TerminationGracePeriodSeconds: ptr.To[int64](0),
+				Containers: []v1.Container{{Name: "kube-proxy", Image: "registry.k8s.io/kube-proxy:v1.36.3"}}},
+		}
+		created, err := pods.Create(ctx, pod, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		created.Status.Phase = v1.PodRunning
+		if _, err := pods.UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		status := func(i int) string {
+			out, err := e.kprs[i].Run(ctx, "status")
+			if err != nil {
+				t.Fatalf("kpr status on %s: %v\n%s", e.nodes[i].Name, err, out)
+			}
+			return out
+		}
+		eventually(t, npProgramWithin, "kpr status on node1 warns about kube-proxy", func() error {
+			if out := status(0); !strings.Contains(out, "WARNING:") || !strings.Contains(out, "kube-system/kube-proxy-x7k2p") {
+				return fmt.Errorf("no warning:\n%s", out)
+			}
+			return nil
+		})
+		if out := status(1); strings.Contains(out, "WARNING:") {
+			t.Errorf("node2, which runs no kube-proxy, warns:\n%s", out)
+		}
+		eventually(t, npProgramWithin, "a Warning Event on node1", func() error {
+			evs, err := e.cp.Client.CoreV1().Events("default").List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=" + node1.Name + ",reason=KubeProxyRunning"})
+			if err != nil || len(evs.Items) == 0 {
+				return fmt.Errorf("none: %v", err)
+			}
+			if ev := evs.Items[0]; ev.Type != v1.EventTypeWarning || ev.InvolvedObject.Kind != "Node" || !strings.Contains(ev.Message, "kube-proxy-x7k2p") {
+				return fmt.Errorf("event %+v", ev)
+			}
+			return nil
+		})
+		if err := pods.Delete(ctx, pod.Name, metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](0)}); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, npProgramWithin, "the warning goes with the pod", func() error {
+			if out := status(0); strings.Contains(out, "WARNING:") {
+				return fmt.Errorf("still:\n%s", out)
+			}
+			return nil
+		})
+	})
+
 	t.Run("acceleration native: node1's XDP program sends flows to a pod on node2 straight back out of eth0", func(t *testing.T) {
 		e.xdpOnNode1(ctx, t)
 		xs := e.npService(ctx, "xdp", v1.ServiceTypeNodePort, nil, e.pods[2]) // np-c, on node2
