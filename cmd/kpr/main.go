@@ -504,11 +504,19 @@ func kubeadmCmd(out io.Writer) *cobra.Command {
 	setup.Flags().StringVar(&adminConf, "kubeconfig", "/etc/kubernetes/admin.conf", "kubeconfig with the rights to create ClusterRoleBindings (kubeadm's admin.conf)")
 	c.AddCommand(setup)
 
-	c.AddCommand(&cobra.Command{
+	var static kubeproxy.StaticPods
+	cleanNode := &cobra.Command{
 		Use:   "clean-node",
-		Short: "on each node, once kube-proxy is gone: remove what it left in the kernel (its iptables chains, its nftables tables, IPVS servers and kube-ipvs0); kubelet's chains and everything else stay",
+		Short: "on each node, once kube-proxy's DaemonSet is gone: move a kube-proxy static pod manifest to the backup directory and wait for kubelet to stop it, then remove what kube-proxy left in the kernel (its iptables chains, its nftables tables, IPVS servers and kube-ipvs0); kubelet's chains and everything else stay",
 		Args:  cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
+			moved, err := static.Remove(c.Context())
+			for _, m := range moved {
+				fmt.Fprintln(out, "static pod manifest moved:", m)
+			}
+			if err != nil {
+				return err
+			}
 			r, err := kubeproxy.Clean(c.Context())
 			for _, x := range r.Removed {
 				fmt.Fprintln(out, "removed:", x)
@@ -516,12 +524,33 @@ func kubeadmCmd(out io.Writer) *cobra.Command {
 			for _, x := range r.Skipped {
 				fmt.Fprintln(out, "not checked:", x)
 			}
-			if err == nil && len(r.Removed) == 0 {
+			if err == nil && len(r.Removed) == 0 && len(moved) == 0 {
 				fmt.Fprintln(out, "nothing of kube-proxy's found")
 			}
 			return err
 		},
-	})
+	}
+	restoreNode := &cobra.Command{
+		Use:   "restore-node",
+		Short: "on a node that clean-node took a static kube-proxy from: move its manifest back, so kubelet runs it again",
+		Args:  cobra.NoArgs,
+		RunE: func(*cobra.Command, []string) error {
+			back, err := static.Restore()
+			for _, b := range back {
+				fmt.Fprintln(out, "static pod manifest restored:", b)
+			}
+			if err == nil && len(back) == 0 {
+				fmt.Fprintf(out, "no kube-proxy manifest in %s\n", static.BackupDir)
+			}
+			return err
+		},
+	}
+	for _, cmd := range []*cobra.Command{cleanNode, restoreNode} {
+		cmd.Flags().StringVar(&static.ManifestsDir, "manifests-dir", "/etc/kubernetes/manifests", "kubelet's static pod directory")
+		cmd.Flags().StringVar(&static.BackupDir, "backup-dir", filepath.Join(kubeadm.DefaultBackupDir, "static-pods"), "where a kube-proxy static pod manifest is kept")
+		c.AddCommand(cmd)
+	}
+	cleanNode.Flags().DurationVar(&static.Wait, "wait", 2*time.Minute, "how long kubelet may take to stop a static kube-proxy")
 
 	var backupDir string
 	for _, step := range []struct {

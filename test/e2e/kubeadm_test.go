@@ -359,6 +359,8 @@ func TestCleanNode(t *testing.T) {
 		slice("web", "web-v4", discovery.AddressTypeIPv4, []discovery.EndpointPort{port("http", 8080, v1.ProtocolTCP)}, pod), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
+	// kubelet's static pod directory and kpr's backups, inside the node's own directory.
+	nodeFlags := []string{"--manifests-dir", filepath.Join(node.NodeDir, "etc/kubernetes/manifests"), "--backup-dir", filepath.Join(work, "static-backup")}
 	sh := func(script string) string {
 		t.Helper()
 		out, err := node.Exec(ctx, 0, "sh", "-c", script)
@@ -401,7 +403,7 @@ func TestCleanNode(t *testing.T) {
 			if !strings.Contains(before, "KUBE-") {
 				t.Fatalf("no kube-proxy rules left to clean:\n%s", before)
 			}
-			out, err := node.Exec(ctx, 0, bin, "kubeadm", "clean-node")
+			out, err := node.Exec(ctx, 0, bin, append([]string{"kubeadm", "clean-node"}, nodeFlags...)...)
 			if err != nil {
 				t.Fatalf("kpr kubeadm clean-node: %v\n%s", err, out)
 			}
@@ -420,9 +422,34 @@ func TestCleanNode(t *testing.T) {
 					t.Errorf("clean-node removed the admin's %q:\n%s", keep, after)
 				}
 			}
-			if out, err := node.Exec(ctx, 0, bin, "kubeadm", "clean-node"); err != nil || !strings.Contains(string(out), "nothing of kube-proxy's found") {
+			if out, err := node.Exec(ctx, 0, bin, append([]string{"kubeadm", "clean-node"}, nodeFlags...)...); err != nil || !strings.Contains(string(out), "nothing of kube-proxy's found") {
 				t.Errorf("a second clean-node: %v\n%s", err, out)
 			}
 		})
 	}
+
+	t.Run("static pod manifest moved out and back", func(t *testing.T) {
+		manifests := filepath.Join(node.NodeDir, "etc/kubernetes/manifests")
+		if err := os.MkdirAll(manifests, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		manifest := "apiVersion: v1\nkind: Pod\nmetadata:\n  name: kube-proxy\n  namespace: kube-system\n  labels: {component: kube-proxy}\nspec:\n  hostNetwork: true\n  containers:\n  - name: kube-proxy\n    image: registry.k8s.io/kube-proxy:v1.36.3\n"
+		if err := os.WriteFile(filepath.Join(manifests, "kube-proxy.manifest"), []byte(manifest), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		out, err := node.Exec(ctx, 0, bin, append([]string{"kubeadm", "clean-node"}, nodeFlags...)...)
+		if err != nil || !strings.Contains(string(out), "static pod manifest moved") {
+			t.Fatalf("clean-node with a static kube-proxy: %v\n%s", err, out)
+		}
+		if _, err := os.Stat(filepath.Join(manifests, "kube-proxy.manifest")); err == nil {
+			t.Error("the manifest is still where kubelet reads it")
+		}
+		out, err = node.Exec(ctx, 0, bin, append([]string{"kubeadm", "restore-node"}, nodeFlags[:4]...)...)
+		if err != nil || !strings.Contains(string(out), "restored") {
+			t.Fatalf("restore-node: %v\n%s", err, out)
+		}
+		if got, err := os.ReadFile(filepath.Join(manifests, "kube-proxy.manifest")); err != nil || string(got) != manifest {
+			t.Errorf("after restore-node: %v, content equal: %v", err, string(got) == manifest)
+		}
+	})
 }
