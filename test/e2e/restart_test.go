@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -27,8 +28,9 @@ const (
 // TestRestartKeepsServing: streams of new TCP connections and UDP requests through a
 // ClusterIP (from node1's own processes) and through node1's NodePort (from the external
 // host) while node1's kpr is stopped with SIGTERM and started, killed with SIGKILL and
-// started, and replaced by a newer build: not one request fails. Then an endpoint removed
-// while kpr is down is gone once it is back.
+// started, and replaced by a newer build: not one request fails. A bad setting at start makes
+// kpr exit naming it while the datapath keeps serving. An endpoint removed while kpr is down is
+// gone once it is back.
 func TestRestartKeepsServing(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
@@ -146,6 +148,8 @@ func TestRestartKeepsServing(t *testing.T) {
 		t.Errorf("the running kpr is not the newer build: %+v %v", st, err)
 	}
 
+	badConfigKeepsServing(ctx, t, e, clusterIP, netip.AddrPortFrom(node1.IPv4, nodePortOf(t, svc, v1.ProtocolTCP)))
+
 	// An endpoint removed while kpr is down is gone once it is back.
 	if err := k.Stop(); err != nil {
 		t.Fatal(err)
@@ -193,6 +197,37 @@ func TestRestartKeepsServing(t *testing.T) {
 				break
 			}
 		}
+	}
+}
+
+// badConfigKeepsServing: kpr started with a bad setting exits at once with an error naming
+// the key, and the datapath it left keeps serving.
+func badConfigKeepsServing(ctx context.Context, t *testing.T, e *npEnv, clusterIP netip.Addr, nodePort netip.AddrPort) {
+	t.Helper()
+	node1, k := e.nodes[0], e.kprs[0]
+	if err := k.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	k.Env = []string{"KPR_ACCELERATION=fast"}
+	err := k.Start(ctx, 10*time.Second)
+	k.Env = nil
+	if err == nil || !strings.Contains(err.Error(), "acceleration") {
+		t.Errorf("kpr with acceleration=fast: %v; want an exit naming the key", err)
+	}
+	out, err := node1.Exec(ctx, k.CgroupFD, e.probe, "client", "--target", netip.AddrPortFrom(clusterIP, 80).String(), "--proto", "tcp", "--count", "20", "--timeout", "1s")
+	if err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	rs, err := parseResults(out)
+	if err != nil || countFailed(rs) > 0 || len(rs) != 20 {
+		t.Errorf("ClusterIP while kpr is down after a bad config: %v %s", err, summary(rs))
+	}
+	rs, err = e.hostProbe("--target", nodePort.String(), "--proto", "tcp", "--count", "20", "--timeout", "1s")
+	if err != nil || countFailed(rs) > 0 || len(rs) != 20 {
+		t.Errorf("NodePort while kpr is down after a bad config: %v %s", err, summary(rs))
+	}
+	if err := k.Start(ctx, 30*time.Second); err != nil {
+		t.Fatal(err)
 	}
 }
 

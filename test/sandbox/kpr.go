@@ -128,14 +128,15 @@ func (k *Kpr) Start(ctx context.Context, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for {
 		if p.Exited() {
-			return fmt.Errorf("kpr exited: %s", p.LogTail(20))
+			k.Proc = nil
+			return fmt.Errorf("kpr exited: %s", p.LogTail(1000))
 		}
 		st, err := agent.ReadStatus(k.RunDir)
 		if err == nil && st.PID == p.Pid() && st.Synced && !st.LastSync.Before(started) {
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("kpr not synced within %s: %s", timeout, p.LogTail(20))
+			return fmt.Errorf("kpr not synced within %s: %s", timeout, p.LogTail(1000))
 		}
 		select {
 		case <-ctx.Done():
@@ -180,10 +181,10 @@ func (k *Kpr) Stop() error {
 	case <-p.Done():
 	case <-time.After(stopGrace):
 		_ = p.Kill()
-		return fmt.Errorf("kpr did not stop on SIGTERM: %s", p.LogTail(20))
+		return fmt.Errorf("kpr did not stop on SIGTERM: %s", p.LogTail(1000))
 	}
 	if err := p.Wait(); err != nil {
-		return fmt.Errorf("kpr exited with %v: %s", err, p.LogTail(20))
+		return fmt.Errorf("kpr exited with %v: %s", err, p.LogTail(1000))
 	}
 	return nil
 }
