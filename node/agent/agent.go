@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -38,6 +39,7 @@ import (
 	"github.com/kpr-dev/kpr/node/healthcheck"
 	"github.com/kpr-dev/kpr/node/lbstate"
 	"github.com/kpr-dev/kpr/node/maglev"
+	"github.com/kpr-dev/kpr/node/metrics"
 	"github.com/kpr-dev/kpr/systemd"
 )
 
@@ -78,6 +80,7 @@ type Agent struct {
 	// it should serve, kept by frontends(), and healthErr the last problem reported.
 	hc            *healthcheck.Server
 	proxyHealth   *healthcheck.ProxyHealth // kube-proxy's /healthz and /livez; nil when off
+	metrics       *metrics.Metrics         // always recorded; served when metricsBindAddress is set
 	health        map[string]healthcheck.Service
 	healthChanged bool
 	healthErr     string
@@ -99,7 +102,7 @@ type Agent struct {
 
 // New prepares an agent; Run starts it.
 func New(cfg *config.Config, log *slog.Logger) *Agent {
-	return &Agent{cfg: cfg, log: log, notify: systemd.Notifier{Log: func(f string, a ...any) { log.Warn(fmt.Sprintf(f, a...)) }}}
+	return &Agent{cfg: cfg, log: log, metrics: metrics.New(), notify: systemd.Notifier{Log: func(f string, a ...any) { log.Warn(fmt.Sprintf(f, a...)) }}}
 }
 
 // Run loads the datapath, tells systemd it is ready, and keeps the datapath in sync until ctx
@@ -129,8 +132,22 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.notify.Status("datapath loaded; waiting for the API server")
 	a.log.Info("datapath ready", "pinDir", a.cfg.BPFPinDir, "cgroup", a.status.get().Cgroup, "restoredFrontends", a.status.get().Frontends)
 
+	if a.cfg.MetricsBindAddress != "" {
+		if err := a.metrics.Serve(a.cfg.MetricsBindAddress); err != nil {
+			a.log.Error("metrics server not started", "err", err)
+		} else {
+			defer a.metrics.Close()
+		}
+	}
 	if a.cfg.HealthzBindAddress != "" {
 		ph := healthcheck.NewProxyHealth(2*a.cfg.SyncPeriod, a.nodeObject)
+		ph.Answered = func(path string, code int) {
+			c := a.metrics.Healthz
+			if path == "/livez" {
+				c = a.metrics.Livez
+			}
+			c.WithLabelValues(strconv.Itoa(code)).Inc()
+		}
 		if err := ph.Serve(a.cfg.HealthzBindAddress); err != nil {
 			// As kube-proxy: the datapath matters more than its health server.
 			a.log.Error("health server not started; load balancers probing it will see this node as down", "err", err)
@@ -142,6 +159,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	r := newRunner(a.syncOnce, a.cfg.MinSyncPeriod, a.cfg.SyncPeriod)
 	a.tracker.mu.Lock()
 	a.tracker.onChange = func() {
+		a.metrics.LastQueued.SetToCurrentTime()
 		if a.proxyHealth != nil {
 			a.proxyHealth.QueuedUpdate()
 		}
@@ -562,6 +580,7 @@ func (a *Agent) syncOnce() error {
 			s.API = "connected"
 		}
 	})
+	a.metrics.ObserveSync(elapsed, touched == nil, err, st.Frontends, st.Backends)
 	if err != nil {
 		a.log.Error("datapath sync failed; will retry", "err", err)
 		return err

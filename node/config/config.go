@@ -85,6 +85,8 @@ type Config struct {
 	RunDir string `mapstructure:"runDir"`
 	// HealthzBindAddress is kube-proxy's health server (/healthz, /livez); empty: off.
 	HealthzBindAddress string `mapstructure:"healthzBindAddress"`
+	// MetricsBindAddress serves /metrics (Prometheus); empty: off.
+	MetricsBindAddress string `mapstructure:"metricsBindAddress"`
 }
 
 type setting struct {
@@ -124,6 +126,7 @@ var settings = []setting{
 	{"fullSyncPeriod", "full-sync-period", "how often a sync recomputes every Service and checks the BPF maps against what kpr programmed, correcting whatever differs", time.Hour},
 	{"runDir", "run-dir", "directory for the agent's status file", "/run/kpr"},
 	{"healthzBindAddress", "healthz-bind-address", "address and port of the health server that load balancers probe, as kube-proxy's: /healthz and /livez answer 200, or 503 when a change has waited more than 2 × syncPeriod for the datapath (/healthz also while the node is being deleted or tainted ToBeDeletedByClusterAutoscaler); empty turns it off", "0.0.0.0:10256"},
+	{"metricsBindAddress", "metrics-bind-address", "address and port of the Prometheus /metrics server, as kube-proxy's (its metric names where it has the same figure, e.g. kubeproxy_sync_proxy_rules_duration_seconds); empty turns it off", "127.0.0.1:10249"},
 }
 
 // EnvName is the environment variable of a key: KPR_ plus the key in upper snake case, a
@@ -252,12 +255,18 @@ func (c *Config) Validate() error {
 	if c.CgroupPath != "" && !filepath.IsAbs(c.CgroupPath) {
 		bad("cgroupPath", "%q must be an absolute path", c.CgroupPath)
 	}
-	if c.HealthzBindAddress != "" {
-		host, port, err := net.SplitHostPort(c.HealthzBindAddress)
+	for _, a := range []struct{ key, value, example string }{
+		{"healthzBindAddress", c.HealthzBindAddress, "0.0.0.0:10256"},
+		{"metricsBindAddress", c.MetricsBindAddress, "127.0.0.1:10249"},
+	} {
+		if a.value == "" {
+			continue
+		}
+		host, port, err := net.SplitHostPort(a.value)
 		if err != nil {
-			bad("healthzBindAddress", "%q: want IP:port, e.g. 0.0.0.0:10256 (empty turns the server off): %v", c.HealthzBindAddress, err)
+			bad(a.key, "%q: want IP:port, e.g. %s (empty turns the server off): %v", a.value, a.example, err)
 		} else if _, perr := netip.ParseAddr(host); (host != "" && perr != nil) || !validPort(port) {
-			bad("healthzBindAddress", "%q: want an IP address and a port from 1 to 65535", c.HealthzBindAddress)
+			bad(a.key, "%q: want an IP address and a port from 1 to 65535", a.value)
 		}
 	}
 	if c.RunDir == "" || !filepath.IsAbs(c.RunDir) {

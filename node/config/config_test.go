@@ -68,12 +68,12 @@ func TestListsFromEnvAndFile(t *testing.T) {
 
 // Every error names its key, and all errors come at once.
 func TestErrorsNameTheKey(t *testing.T) {
-	_, err := load(t, []string{"--bpf-pin-dir", "relative", "--min-sync-period", "2m", "--service-map-size", "0", "--full-sync-period", "0s", "--load-balancer-mode", "direct", "--acceleration", "fast", "--healthz-bind-address", "10256"},
+	_, err := load(t, []string{"--bpf-pin-dir", "relative", "--min-sync-period", "2m", "--service-map-size", "0", "--full-sync-period", "0s", "--load-balancer-mode", "direct", "--acceleration", "fast", "--healthz-bind-address", "10256", "--metrics-bind-address", "localhost:10249"},
 		map[string]string{"KPR_CLUSTER_CIDR": "10.244.0.0/33"}, "")
 	if err == nil {
 		t.Fatal("no error")
 	}
-	for _, key := range []string{"bpfPinDir", "syncPeriod", "serviceMapSize", "clusterCIDR", "fullSyncPeriod", "loadBalancerMode", "acceleration", "healthzBindAddress"} {
+	for _, key := range []string{"bpfPinDir", "syncPeriod", "serviceMapSize", "clusterCIDR", "fullSyncPeriod", "loadBalancerMode", "acceleration", "healthzBindAddress", "metricsBindAddress"} {
 		if !strings.Contains(err.Error(), key+":") {
 			t.Errorf("error does not name %s:\n%v", key, err)
 		}

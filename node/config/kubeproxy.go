@@ -81,8 +81,13 @@ func ImportKubeProxy(data []byte) (*Import, error) {
 			set("healthzBindAddress", a, "healthzBindAddress", "")
 		}
 	}
-	if kp.MetricsBindAddress != "" {
-		unmatched("metricsBindAddress (%s): kpr has no metrics server yet; `kpr status` shows its state and counters", kp.MetricsBindAddress)
+	if a := kp.MetricsBindAddress; a != "" {
+		if _, _, err := net.SplitHostPort(a); err != nil {
+			a = net.JoinHostPort(a, "10249") // kube-proxy adds its default port to a bare address
+		}
+		if a != "127.0.0.1:10249" {
+			set("metricsBindAddress", a, "metricsBindAddress", "kpr serves kube-proxy's sync metrics under their names there")
+		}
 	}
 	if kp.BindAddressHardFail {
 		unmatched("bindAddressHardFail (true): kpr logs a health server it cannot start and keeps serving, as kube-proxy does by default")
@@ -163,7 +168,7 @@ func ImportKubeProxy(data []byte) (*Import, error) {
 		unmatched("featureGates (%s): kpr has no feature gates", strings.Join(gates, ","))
 	}
 	if kp.ShowHiddenMetricsForVersion != "" {
-		unmatched("showHiddenMetricsForVersion (%s): kpr has no metrics server yet", kp.ShowHiddenMetricsForVersion)
+		unmatched("showHiddenMetricsForVersion (%s): kpr hides no metrics", kp.ShowHiddenMetricsForVersion)
 	}
 	return im, nil
 }

@@ -32,6 +32,8 @@ type ProxyHealth struct {
 	timeout time.Duration
 	node    func() *v1.Node
 	now     func() time.Time
+	// Answered, when set, is told each answer: the path and the HTTP status (for metrics).
+	Answered func(path string, code int)
 
 	mu            sync.Mutex
 	lastUpdated   time.Time
@@ -98,26 +100,29 @@ func (h *ProxyHealth) nodeEligible() bool {
 // Handler serves /healthz and /livez.
 func (h *ProxyHealth) Handler() http.Handler {
 	mux := http.NewServeMux()
-	answer := func(w http.ResponseWriter, st health, ok bool) {
+	answer := func(w http.ResponseWriter, path string, st health, ok bool) {
 		w.Header().Set("Content-Type", "application/json")
 		w.Header().Set("X-Content-Type-Options", "nosniff")
+		code := http.StatusServiceUnavailable
 		if ok {
 			st.LastUpdated = st.CurrentTime
-			w.WriteHeader(http.StatusOK)
-		} else {
-			w.WriteHeader(http.StatusServiceUnavailable)
+			code = http.StatusOK
 		}
+		if h.Answered != nil {
+			h.Answered(path, code)
+		}
+		w.WriteHeader(code)
 		_ = json.NewEncoder(w).Encode(st)
 	}
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		st := h.state()
 		eligible := h.nodeEligible()
 		st.NodeEligible = &eligible
-		answer(w, st, st.Healthy && eligible)
+		answer(w, "/healthz", st, st.Healthy && eligible)
 	})
 	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) {
 		st := h.state()
-		answer(w, st, st.Healthy)
+		answer(w, "/livez", st, st.Healthy)
 	})
 	return mux
 }

@@ -1062,6 +1062,31 @@ func TestNodePort(t *testing.T) {
 		waitFor("/healthz", 200)
 	})
 
+	t.Run("metrics on 127.0.0.1:10249 under kube-proxy's names", func(t *testing.T) {
+		client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DialContext: node1.DialContext, DisableKeepAlives: true}}
+		resp, err := client.Get("http://127.0.0.1:10249/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		values := map[string]float64{}
+		for _, line := range strings.Split(string(body), "\n") {
+			if f := strings.Fields(line); len(f) == 2 && !strings.HasPrefix(line, "#") {
+				v, _ := strconv.ParseFloat(f[1], 64)
+				values[f[0]] = v
+			}
+		}
+		for _, m := range []string{"kubeproxy_sync_proxy_rules_duration_seconds_count", "kubeproxy_sync_proxy_rules_last_timestamp_seconds", "kpr_datapath_frontends", "kpr_datapath_backends"} {
+			if values[m] <= 0 {
+				t.Errorf("%s = %v, want > 0 (node1 has synced its Services)", m, values[m])
+			}
+		}
+		if last := values["kubeproxy_sync_proxy_rules_last_timestamp_seconds"]; last > 0 && time.Since(time.Unix(int64(last), 0)) > 2*time.Minute {
+			t.Errorf("last sync at %v, long ago", time.Unix(int64(last), 0))
+		}
+	})
+
 	t.Run("guard: a kube-proxy pod on node1 is reported in kpr status and a Node Event, and cleared when it goes", func(t *testing.T) {
 		pods := e.cp.Client.CoreV1().Pods("kube-system")
 		pod := &v1.Pod{
