@@ -98,6 +98,8 @@ type Agent struct {
 	apiDown      bool
 	// kubeProxySeen is the guard's last finding ("": no kube-proxy on this node).
 	kubeProxySeen string
+	// leftoversCleaned: kube-proxy's leftovers were looked for in this run.
+	leftoversCleaned bool
 }
 
 // New prepares an agent; Run starts it.

@@ -12,6 +12,8 @@ import (
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/tools/cache"
+
+	"github.com/kpr-dev/kpr/node/kubeproxy"
 )
 
 // isKubeProxy tells a kube-proxy pod: kubeadm's DaemonSet labels its pods k8s-app=kube-proxy;
@@ -39,13 +41,54 @@ func (a *Agent) startKubeProxyGuard(ctx context.Context) {
 			o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", a.node.Name).String()
 		}))
 	pods := f.Core().V1().Pods().Informer()
-	check := func(any) { a.checkKubeProxy(ctx, pods.GetStore()) }
+	check := func(any) {
+		a.checkKubeProxy(ctx, pods.GetStore())
+		if pods.HasSynced() {
+			a.cleanLeftoversOnce(ctx)
+		}
+	}
 	_, _ = pods.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    check,
 		UpdateFunc: func(_, o any) { check(o) },
 		DeleteFunc: check,
 	})
 	f.Start(ctx.Done())
+	// A node without any kube-system pod gets no event: clean once the list is in.
+	go func() {
+		if cache.WaitForCacheSync(ctx.Done(), pods.HasSynced) {
+			check(nil)
+		}
+	}()
+}
+
+// cleanLeftoversOnce removes what kube-proxy left in this node's kernel, once per run, when
+// cleanKubeProxyLeftovers is on, the API shows no kube-proxy pod on this node and no
+// kube-proxy process runs in its network namespace (one run as a host service, say).
+func (a *Agent) cleanLeftoversOnce(ctx context.Context) {
+	if !a.cfg.CleanKubeProxyLeftovers {
+		return
+	}
+	a.mu.Lock()
+	if a.leftoversCleaned || a.kubeProxySeen != "" {
+		a.mu.Unlock()
+		return
+	}
+	a.leftoversCleaned = true
+	a.mu.Unlock()
+	if pids := kubeproxy.Processes(); len(pids) > 0 {
+		a.log.Warn("a kube-proxy process runs in this network namespace; its rules are left alone", "pids", pids)
+		return
+	}
+	r, err := kubeproxy.Clean(ctx)
+	if len(r.Removed) > 0 {
+		a.log.Info("removed what kube-proxy left on this node", "removed", r.Removed)
+	}
+	for _, s := range r.Skipped {
+		a.log.Info("kube-proxy leftovers not checked", "what", s)
+	}
+	if err != nil {
+		a.log.Warn("removing kube-proxy's leftovers", "err", err)
+	}
 }
 
 // checkKubeProxy updates the guard's state from the pods in store.

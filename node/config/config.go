@@ -87,6 +87,8 @@ type Config struct {
 	HealthzBindAddress string `mapstructure:"healthzBindAddress"`
 	// MetricsBindAddress serves /metrics (Prometheus); empty: off.
 	MetricsBindAddress string `mapstructure:"metricsBindAddress"`
+	// CleanKubeProxyLeftovers: once no kube-proxy runs on the node, remove what it left.
+	CleanKubeProxyLeftovers bool `mapstructure:"cleanKubeProxyLeftovers"`
 }
 
 type setting struct {
@@ -126,6 +128,7 @@ var settings = []setting{
 	{"fullSyncPeriod", "full-sync-period", "how often a sync recomputes every Service and checks the BPF maps against what kpr programmed, correcting whatever differs", time.Hour},
 	{"runDir", "run-dir", "directory for the agent's status file", "/run/kpr"},
 	{"healthzBindAddress", "healthz-bind-address", "address and port of the health server that load balancers probe, as kube-proxy's: /healthz and /livez answer 200, or 503 when a change has waited more than 2 × syncPeriod for the datapath (/healthz also while the node is being deleted or tainted ToBeDeletedByClusterAutoscaler); empty turns it off", "0.0.0.0:10256"},
+	{"cleanKubeProxyLeftovers", "clean-kube-proxy-leftovers", "once the API shows no kube-proxy pod on this node and no kube-proxy process runs in its network namespace, remove what kube-proxy left in the kernel (as kpr kubeadm clean-node does: its iptables chains but kubelet's, its nftables tables, IPVS servers and kube-ipvs0)", true},
 	{"metricsBindAddress", "metrics-bind-address", "address and port of the Prometheus /metrics server, as kube-proxy's (its metric names where it has the same figure, e.g. kubeproxy_sync_proxy_rules_duration_seconds); empty turns it off", "127.0.0.1:10249"},
 }
 

@@ -51,7 +51,7 @@ func (s StaticPods) Remove(ctx context.Context) ([]string, error) {
 	}
 	deadline := time.Now().Add(s.Wait)
 	for {
-		pids := kubeProxyProcesses()
+		pids := Processes()
 		if len(pids) == 0 {
 			return moved, nil
 		}
@@ -137,9 +137,8 @@ func move(src, dst string) error {
 	return os.Remove(src)
 }
 
-// kubeProxyProcesses are the pids of processes called kube-proxy in this process's network
-// namespace.
-func kubeProxyProcesses() []int {
+// Processes are the pids of processes called kube-proxy in this process's network namespace.
+func Processes() []int {
 	self, err := os.Readlink("/proc/self/ns/net")
 	if err != nil {
 		return nil

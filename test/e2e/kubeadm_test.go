@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"maps"
 	"net/netip"
 	"os"
@@ -372,33 +373,51 @@ func TestCleanNode(t *testing.T) {
 	// An admin's own rules, which must survive.
 	sh("iptables -t nat -N ADMIN && iptables -t nat -A POSTROUTING -s 192.168.0.0/16 -j ADMIN && nft add table inet admin && nft add chain inet admin c")
 
+	// leaveRules runs kube-proxy in mode until it has programmed the Service, then stops it:
+	// it leaves its rules, as when its DaemonSet is deleted.
+	leaveRules := func(t *testing.T, mode, programmed string) {
+		t.Helper()
+		kp, err := node.StartCmd(ctx, sandbox.Cmd{Name: kubeProxy, Args: []string{
+			"--kubeconfig=" + node.KubeletConf(), "--hostname-override=" + node.Name, "--proxy-mode=" + mode,
+			"--cluster-cidr=" + sandbox.PodSubnet, "--conntrack-max-per-core=0", "--conntrack-tcp-timeout-established=0",
+			"--conntrack-tcp-timeout-close-wait=0", "--oom-score-adj=0",
+			"--metrics-bind-address=" + netip.AddrPortFrom(node.IPv4, 10249).String(),
+			"--healthz-bind-address=" + netip.AddrPortFrom(node.IPv4, 10256).String(),
+		}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(time.Minute)
+		for strings.TrimSpace(sh(programmed)) == "0" {
+			if time.Now().After(deadline) || kp.Exited() {
+				kp.Stop()
+				t.Fatalf("kube-proxy %s did not program the Service: %s", mode, kp.LogTail(2000))
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		if err := kp.Stop(); err != nil {
+			t.Logf("kube-proxy stop: %v", err)
+		}
+	}
+	// leftovers are kube-proxy's chains and tables still there.
+	leftovers := func() []string {
+		var left []string
+		for _, line := range strings.Split(sh("iptables-save; ip6tables-save; nft list tables"), "\n") {
+			if (strings.Contains(line, "KUBE-") && !strings.Contains(line, "KUBE-FIREWALL") && !strings.Contains(line, "KUBE-KUBELET-CANARY")) ||
+				strings.Contains(line, "table ip kube-proxy") || strings.Contains(line, "table ip6 kube-proxy") {
+				left = append(left, line)
+			}
+		}
+		return left
+	}
+	const iptablesProgrammed = "iptables-save -t nat | grep -c '^:KUBE-SVC-' || true"
+
 	for _, mode := range []struct{ name, programmed string }{
-		{"iptables", "iptables-save -t nat | grep -c '^:KUBE-SVC-' || true"},
+		{"iptables", iptablesProgrammed},
 		{"nftables", "nft list tables | grep -c 'kube-proxy' || true"},
 	} {
 		t.Run(mode.name, func(t *testing.T) {
-			kp, err := node.StartCmd(ctx, sandbox.Cmd{Name: kubeProxy, Args: []string{
-				"--kubeconfig=" + node.KubeletConf(), "--hostname-override=" + node.Name, "--proxy-mode=" + mode.name,
-				"--cluster-cidr=" + sandbox.PodSubnet, "--conntrack-max-per-core=0", "--conntrack-tcp-timeout-established=0",
-				"--conntrack-tcp-timeout-close-wait=0", "--oom-score-adj=0",
-				"--metrics-bind-address=" + netip.AddrPortFrom(node.IPv4, 10249).String(),
-				"--healthz-bind-address=" + netip.AddrPortFrom(node.IPv4, 10256).String(),
-			}})
-			if err != nil {
-				t.Fatal(err)
-			}
-			deadline := time.Now().Add(time.Minute)
-			for strings.TrimSpace(sh(mode.programmed)) == "0" {
-				if time.Now().After(deadline) || kp.Exited() {
-					kp.Stop()
-					t.Fatalf("kube-proxy %s did not program the Service: %s", mode.name, kp.LogTail(2000))
-				}
-				time.Sleep(200 * time.Millisecond)
-			}
-			// Stopped, kube-proxy leaves its rules, as when its DaemonSet is deleted.
-			if err := kp.Stop(); err != nil {
-				t.Logf("kube-proxy stop: %v", err)
-			}
+			leaveRules(t, mode.name, mode.programmed)
 			before := sh("iptables-save; ip6tables-save; nft list tables")
 			if !strings.Contains(before, "KUBE-") {
 				t.Fatalf("no kube-proxy rules left to clean:\n%s", before)
@@ -408,15 +427,10 @@ func TestCleanNode(t *testing.T) {
 				t.Fatalf("kpr kubeadm clean-node: %v\n%s", err, out)
 			}
 			t.Logf("kpr kubeadm clean-node:\n%s", out)
-			after := sh("iptables-save; ip6tables-save; nft list tables")
-			for _, line := range strings.Split(after, "\n") {
-				if strings.Contains(line, "KUBE-") && !strings.Contains(line, "KUBE-FIREWALL") && !strings.Contains(line, "KUBE-KUBELET-CANARY") {
-					t.Errorf("left after clean-node: %s", line)
-				}
-				if strings.Contains(line, "table ip kube-proxy") || strings.Contains(line, "table ip6 kube-proxy") {
-					t.Errorf("left after clean-node: %s", line)
-				}
+			for _, line := range leftovers() {
+				t.Errorf("left after clean-node: %s", line)
 			}
+			after := sh("iptables-save; ip6tables-save; nft list tables")
 			for _, keep := range []string{":ADMIN - [0:0]", "-A POSTROUTING -s 192.168.0.0/16 -j ADMIN", "table inet admin"} {
 				if !strings.Contains(after, keep) {
 					t.Errorf("clean-node removed the admin's %q:\n%s", keep, after)
@@ -427,6 +441,37 @@ func TestCleanNode(t *testing.T) {
 			}
 		})
 	}
+
+	t.Run("kpr run removes them by itself once no kube-proxy runs", func(t *testing.T) {
+		leaveRules(t, "iptables", iptablesProgrammed)
+		if len(leftovers()) == 0 {
+			t.Fatal("no kube-proxy rules left to clean")
+		}
+		k, err := node.NewKpr(bin)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer func() {
+			if err := k.Close(); err != nil {
+				t.Errorf("kpr: %v", err)
+			}
+		}()
+		if err := k.Start(ctx, 30*time.Second); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, 10*time.Second, "kpr removes kube-proxy's leftovers", func() error {
+			if left := leftovers(); len(left) > 0 {
+				return fmt.Errorf("still there: %v", left)
+			}
+			return nil
+		})
+		if !strings.Contains(k.Proc.LogTail(20000), "removed what kube-proxy left on this node") {
+			t.Errorf("kpr's log does not say what it removed:\n%s", k.Proc.LogTail(3000))
+		}
+		if after := sh("iptables-save; nft list tables"); !strings.Contains(after, ":ADMIN - [0:0]") || !strings.Contains(after, "table inet admin") {
+			t.Errorf("kpr removed the admin's rules:\n%s", after)
+		}
+	})
 
 	t.Run("static pod manifest moved out and back", func(t *testing.T) {
 		manifests := filepath.Join(node.NodeDir, "etc/kubernetes/manifests")
