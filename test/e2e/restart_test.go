@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -143,6 +144,10 @@ func TestRestartKeepsServing(t *testing.T) {
 		}
 		t.Logf("kpr on node1: %s done", step.what)
 	}
+	// The new kpr adopted the pinned maps: its first sync found every entry as it should be.
+	if log := k.Proc.LogTail(1 << 20); !regexp.MustCompile(`msg="datapath synced" full=true upserted=0 deleted=0`).MatchString(log) {
+		t.Errorf("the restarted kpr rewrote entries that had not changed:\n%s", lastLinesOf(log, "datapath synced", 3))
+	}
 	check("while kpr was restarted three times")
 	if st, err := agent.ReadStatus(k.RunDir); err != nil || st.Version != "restart-test-next" {
 		t.Errorf("the running kpr is not the newer build: %+v %v", st, err)
@@ -229,6 +234,20 @@ func badConfigKeepsServing(ctx context.Context, t *testing.T, e *npEnv, clusterI
 	if err := k.Start(ctx, 30*time.Second); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// lastLinesOf returns the last n lines of log that contain what.
+func lastLinesOf(log, what string, n int) string {
+	var out []string
+	for _, l := range strings.Split(log, "\n") {
+		if strings.Contains(l, what) {
+			out = append(out, l)
+		}
+	}
+	if len(out) > n {
+		out = out[len(out)-n:]
+	}
+	return strings.Join(out, "\n")
 }
 
 func countFailed(rs []result) int {
