@@ -2118,6 +2118,29 @@ static __noinline void dsr_learn(struct __sk_buff *skb, const struct pkt *p)
 		count(STAT_DSR_LEARNED);
 }
 
+/* A backend's reply to one of this node's SNAT ports (or, without SNAT, to a
+ * client), translated back and sent to the client. */
+static __noinline int reply_to_client(struct __sk_buff *skb, struct pkt *p)
+{
+	struct flow_key rk;
+	struct snat_value *rv;
+	struct nat_target t;
+
+	flow_key_of(&rk, p);
+	rv = bpf_map_lookup_elem(&kpr_lb_snat_v1, &rk);
+	if (!rv)
+		return VERDICT_NOT_MINE;
+	reply_of(rv, p, &t);
+	count(STAT_REPLY);
+	return translate_and_send(skb, p, &t, 0);
+}
+
+/*
+ * On the configured devices: a client's packet to an external frontend, and
+ * (so that a reply that comes back through the same device costs one program
+ * run, not two) a backend's reply to a translated flow, as tc_nodeport_reply
+ * does on the node's other devices.
+ */
 SEC("tc")
 int tc_nodeport(struct __sk_buff *skb)
 {
@@ -2134,7 +2157,9 @@ int tc_nodeport(struct __sk_buff *skb)
 	parsed = parse(skb, &s->p);
 	if (parsed == PARSE_ICMP) {
 		verdict = answer_echo(skb);
-		return verdict == VERDICT_NOT_MINE ? icmp_err_to_backend(skb) : verdict;
+		if (verdict == VERDICT_NOT_MINE)
+			verdict = icmp_err_to_backend(skb);
+		return verdict == VERDICT_NOT_MINE ? icmp_err_to_client(skb) : verdict;
 	}
 	if (parsed != PARSE_OK)
 		return not_mine(parsed);
@@ -2153,9 +2178,11 @@ int tc_nodeport(struct __sk_buff *skb)
 			return TC_ACT_SHOT;
 		}
 		/* Another node's DSR flow to a backend behind this one. */
-		if (s->p.dsr6 || (s->p.v4 && s->p.l4off > ETH_HLEN + sizeof(struct ip4_hdr)))
+		if (s->p.dsr6 || (s->p.v4 && s->p.l4off > ETH_HLEN + sizeof(struct ip4_hdr))) {
 			dsr_learn(skb, &s->p);
-		return VERDICT_NOT_MINE;
+			return VERDICT_NOT_MINE;
+		}
+		return reply_to_client(skb, &s->p);
 	}
 	if (!src_range_allowed(sv, &s->p)) {
 		count(STAT_DROP_SOURCE_RANGE);
@@ -2223,9 +2250,6 @@ SEC("tc")
 int tc_nodeport_reply(struct __sk_buff *skb)
 {
 	struct pkt p = {};
-	struct flow_key rk;
-	struct snat_value *rv;
-	struct nat_target t;
 	int parsed;
 
 	parsed = parse(skb, &p);
@@ -2233,14 +2257,7 @@ int tc_nodeport_reply(struct __sk_buff *skb)
 		return icmp_err_to_client(skb);
 	if (parsed != PARSE_OK)
 		return not_mine(parsed);
-
-	flow_key_of(&rk, &p);
-	rv = bpf_map_lookup_elem(&kpr_lb_snat_v1, &rk);
-	if (!rv)
-		return VERDICT_NOT_MINE;
-	reply_of(rv, &p, &t);
-	count(STAT_REPLY);
-	return translate_and_send(skb, &p, &t, 0);
+	return reply_to_client(skb, &p);
 }
 
 /*

@@ -71,8 +71,9 @@ type TCHook uint8
 const (
 	// TCNodePort is tc_nodeport at ingress: devices on which clients reach external frontends.
 	TCNodePort TCHook = iota
-	// TCReply is tc_nodeport_reply at ingress: devices on which backends' replies to
-	// translated flows arrive. On a node with one interface both go on the same device.
+	// TCReply is tc_nodeport_reply at ingress: the node's other devices, on which backends'
+	// replies to translated flows arrive (pods' veths). tc_nodeport does the same for the
+	// replies that come back through a configured device.
 	TCReply
 )
 

@@ -229,11 +229,11 @@ func loadNorthSouth(cfg *config.Config, ns *northSouth, seed maglev.Seed) error 
 			return fmt.Errorf("devices: %s: %w", d, err)
 		}
 		want[ifc.Index], index[d] = true, ifc.Index
-		for _, h := range []bpf.TCHook{bpf.TCNodePort, bpf.TCReply} {
-			if err := np.AttachTC(ifc.Index, h); err != nil {
-				np.Close()
-				return fmt.Errorf("devices: %s: attaching tc %s: %w", d, h, err)
-			}
+		// tc_nodeport also takes the replies that come back through a configured device;
+		// tc_nodeport_reply is for the node's other devices (syncReplies).
+		if err := np.AttachTC(ifc.Index, bpf.TCNodePort); err != nil {
+			np.Close()
+			return fmt.Errorf("devices: %s: attaching tc %s: %w", d, bpf.TCNodePort, err)
 		}
 	}
 	att, err := bpf.TCAttached(cfg.BPFPinDir)
@@ -244,7 +244,8 @@ func loadNorthSouth(cfg *config.Config, ns *northSouth, seed maglev.Seed) error 
 	ns.np, ns.devIdx, ns.replies = np, want, map[int]bool{}
 	for _, a := range att {
 		switch {
-		case a.Defunct || (!want[a.Ifindex] && a.Hook == bpf.TCNodePort):
+		// Older kprs put the reply program on the configured devices too; tc_nodeport does it now.
+		case a.Defunct || (!want[a.Ifindex] && a.Hook == bpf.TCNodePort) || (want[a.Ifindex] && a.Hook == bpf.TCReply):
 			if err := np.DetachTC(a.Ifindex, a.Hook); err != nil {
 				np.Close()
 				ns.np = nil
