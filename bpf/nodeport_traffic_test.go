@@ -10,9 +10,10 @@ import (
 	"sync"
 	"testing"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/kpr-dev/kpr/test/ethtool"
 )
 
 // TestNodePortTraffic sends real connections through the tc programs, attached in a node
@@ -259,38 +260,11 @@ func (e *testEnv) udpPeer(dst netip.AddrPort) (from, peer netip.AddrPort, err er
 	return from, peer, err
 }
 
-// setTxChecksum switches a device's TX checksum offload (ethtool -K dev tx on|off) with the
-// legacy ETHTOOL_STXCSUM ioctl; ethtool(8) need not be installed.
+// setTxChecksum switches a device's TX checksum offload (ethtool -K dev tx on|off) in env's
+// namespace.
 func setTxChecksum(t *testing.T, env *testEnv, dev string, on bool) {
 	t.Helper()
-	setEthtool(t, env, dev, unix.ETHTOOL_STXCSUM, on)
-}
-
-// setEthtool switches a device feature with one of the legacy ETHTOOL_S* ioctls.
-func setEthtool(t *testing.T, env *testEnv, dev string, cmd uint32, on bool) {
-	t.Helper()
-	must(t, env.do(func() error {
-		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-		if err != nil {
-			return err
-		}
-		defer unix.Close(fd)
-		val := struct{ cmd, data uint32 }{cmd: cmd}
-		if on {
-			val.data = 1
-		}
-		var ifr struct {
-			name [unix.IFNAMSIZ]byte
-			data unsafe.Pointer
-			_    [24 - unsafe.Sizeof(uintptr(0))]byte
-		}
-		copy(ifr.name[:], dev)
-		ifr.data = unsafe.Pointer(&val)
-		if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.SIOCETHTOOL, uintptr(unsafe.Pointer(&ifr))); errno != 0 {
-			return fmt.Errorf("ethtool command %#x on %s: %w", cmd, dev, errno)
-		}
-		return nil
-	}))
+	must(t, env.do(func() error { return ethtool.Set(dev, unix.ETHTOOL_STXCSUM, on) }))
 }
 
 type capturedPacket struct {

@@ -119,6 +119,11 @@ func loadKubeadmFile(path string) (*kubeadmFile, error) {
 	if err != nil {
 		return nil, fmt.Errorf("kubeadm config: %w", err)
 	}
+	return parseKubeadmFile(path, data)
+}
+
+// parseKubeadmFile strictly decodes data, a kubeadm config file; path names it in errors.
+func parseKubeadmFile(path string, data []byte) (*kubeadmFile, error) {
 	docs, err := splitYAML(data)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"slices"
 
@@ -26,24 +25,20 @@ proxy:
   disabled: true
 `
 
-// SkipKubeProxy returns the kubeadm config file at path changed so that `kubeadm init` does not
+// SkipKubeProxy returns data, the kubeadm config file at path, changed so that `kubeadm init` does not
 // install kube-proxy, and what it changed: v1beta4 gets proxy.disabled: true in its
 // ClusterConfiguration (added when the file has none), v1beta3 (which has no such field) gets
 // addon/kube-proxy in its InitConfiguration's skipPhases (added likewise). Documents it does not
 // change stay byte for byte as they were, comments included; running it again changes nothing.
 // The file must decode as kubeadm decodes it; a file with only a JoinConfiguration is refused,
 // since kube-proxy is installed by `kubeadm init`.
-func SkipKubeProxy(path string) ([]byte, []string, error) {
-	f, err := loadKubeadmFile(path)
+func SkipKubeProxy(path string, data []byte) ([]byte, []string, error) {
+	f, err := parseKubeadmFile(path, data)
 	if err != nil {
 		return nil, nil, err
 	}
 	if f.init == nil && (f.cluster == nil || f.clusterImplied) {
 		return nil, nil, fmt.Errorf("%s: no InitConfiguration or ClusterConfiguration: kube-proxy is installed by `kubeadm init`, so patch the file given to it (kpr kubeadm init-config with no file prints one)", path)
-	}
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, nil, err
 	}
 	docs, err := splitYAML(data)
 	if err != nil {

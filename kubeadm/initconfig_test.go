@@ -46,7 +46,7 @@ func TestSkipKubeProxy(t *testing.T) {
 			if skipped, err := KubeProxySkipped(in); err != nil || skipped {
 				t.Fatalf("before: KubeProxySkipped = %v, %v; want false", skipped, err)
 			}
-			out, changes, err := SkipKubeProxy(in)
+			out, changes, err := SkipKubeProxy(in, orig)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -77,7 +77,7 @@ func TestSkipKubeProxy(t *testing.T) {
 					t.Errorf("the document at line %d changed:\n%s", d.line, text)
 				}
 			}
-			again, changes, err := SkipKubeProxy(patched)
+			again, changes, err := SkipKubeProxy(patched, out)
 			if err != nil || len(changes) != 0 || !bytes.Equal(again, out) {
 				t.Errorf("second run: %v changes %q; output changed: %v", err, changes, !bytes.Equal(again, out))
 			}
@@ -113,7 +113,12 @@ func TestDefaultInitConfig(t *testing.T) {
 
 // kube-proxy is installed by kubeadm init: a join-only file is refused, saying so.
 func TestSkipKubeProxyJoinOnly(t *testing.T) {
-	_, _, err := SkipKubeProxy(filepath.Join("testdata", "examples", "v1beta4-join-worker-ipv6.yaml"))
+	path := filepath.Join("testdata", "examples", "v1beta4-join-worker-ipv6.yaml")
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _, err = SkipKubeProxy(path, data)
 	if err == nil || !strings.Contains(err.Error(), "kubeadm init") {
 		t.Fatalf("want an error pointing at kubeadm init, got %v", err)
 	}

@@ -121,19 +121,9 @@ func disableProxyInClusterConfig(ctx context.Context, client kubernetes.Interfac
 		// v1beta3 has no proxy.disabled (skipPhases belongs to kubeadm init's own file).
 		return "ConfigMap kube-system/kubeadm-config: a v1beta3 ClusterConfiguration has no proxy.disabled; the missing kube-proxy ConfigMap is what keeps kubeadm upgrade from the addon", nil
 	}
-	tmp, err := os.CreateTemp("", "kubeadm-config-*.yaml")
+	patched, changes, err := SkipKubeProxy("kube-system/kubeadm-config ClusterConfiguration", []byte(stored))
 	if err != nil {
 		return "", err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.WriteString(stored); err != nil {
-		tmp.Close()
-		return "", err
-	}
-	tmp.Close()
-	patched, changes, err := SkipKubeProxy(tmp.Name())
-	if err != nil {
-		return "", fmt.Errorf("kube-system/kubeadm-config ClusterConfiguration: %w", err)
 	}
 	if len(changes) == 0 {
 		return "ConfigMap kube-system/kubeadm-config: kube-proxy already disabled", nil
@@ -202,14 +192,11 @@ func Rollback(ctx context.Context, client kubernetes.Interface, backupDir string
 	} else if ok {
 		found = true
 		_, err := client.CoreV1().ConfigMaps(metav1.NamespaceSystem).Create(ctx, &cm, metav1.CreateOptions{})
-		switch {
-		case apierrors.IsAlreadyExists(err):
-			done = append(done, "ConfigMap kube-system/kube-proxy: already there, left alone")
-		case err != nil:
-			return done, fmt.Errorf("restoring ConfigMap kube-system/kube-proxy: %w", err)
-		default:
-			done = append(done, "ConfigMap kube-system/kube-proxy restored")
+		line, err := restored("ConfigMap kube-system/kube-proxy", err)
+		if err != nil {
+			return done, err
 		}
+		done = append(done, line)
 	}
 	var ds appsv1.DaemonSet
 	if ok, err := readBackup(backupDir, daemonSetBackup, &ds); err != nil {
@@ -217,19 +204,28 @@ func Rollback(ctx context.Context, client kubernetes.Interface, backupDir string
 	} else if ok {
 		found = true
 		_, err := client.AppsV1().DaemonSets(metav1.NamespaceSystem).Create(ctx, &ds, metav1.CreateOptions{})
-		switch {
-		case apierrors.IsAlreadyExists(err):
-			done = append(done, "DaemonSet kube-system/kube-proxy: already there, left alone")
-		case err != nil:
-			return done, fmt.Errorf("restoring DaemonSet kube-system/kube-proxy: %w", err)
-		default:
-			done = append(done, "DaemonSet kube-system/kube-proxy restored")
+		line, err := restored("DaemonSet kube-system/kube-proxy", err)
+		if err != nil {
+			return done, err
 		}
+		done = append(done, line)
 	}
 	if !found {
 		return done, fmt.Errorf("no backup in %s (kpr kubeadm migrate writes them there)", backupDir)
 	}
 	return done, nil
+}
+
+// restored says what creating the object called what from its backup did (err: Create's): an
+// object that exists is left alone.
+func restored(what string, err error) (string, error) {
+	switch {
+	case apierrors.IsAlreadyExists(err):
+		return what + ": already there, left alone", nil
+	case err != nil:
+		return "", fmt.Errorf("restoring %s: %w", what, err)
+	}
+	return what + " restored", nil
 }
 
 // readBackup decodes dir/name into obj; false when there is no such file.

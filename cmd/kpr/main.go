@@ -451,7 +451,11 @@ func kubeadmCmd(out io.Writer) *cobra.Command {
 				fmt.Fprint(out, kubeadm.DefaultInitConfig)
 				return nil
 			}
-			data, changes, err := kubeadm.SkipKubeProxy(args[0])
+			in, err := os.ReadFile(args[0])
+			if err != nil {
+				return err
+			}
+			data, changes, err := kubeadm.SkipKubeProxy(args[0], in)
 			if err != nil {
 				return err
 			}
@@ -477,32 +481,6 @@ func kubeadmCmd(out io.Writer) *cobra.Command {
 	}
 	initConfig.Flags().BoolVarP(&write, "write", "w", false, "write the change into FILE instead of printing it")
 	c.AddCommand(initConfig)
-
-	var adminConf string
-	setup := &cobra.Command{
-		Use:   "setup",
-		Short: "on a control-plane node: create the RBAC kpr needs in place of kube-proxy's addon (ClusterRole system:node-proxier for the group system:nodes, so kpr works with each node's kubelet credentials); idempotent",
-		Args:  cobra.NoArgs,
-		RunE: func(c *cobra.Command, _ []string) error {
-			cfg, err := clientcmd.BuildConfigFromFlags("", adminConf)
-			if err != nil {
-				return fmt.Errorf("admin kubeconfig %s: %w", adminConf, err)
-			}
-			client, err := kubernetes.NewForConfig(cfg)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := context.WithTimeout(c.Context(), time.Minute)
-			defer cancel()
-			done, err := kubeadm.Setup(ctx, client)
-			for _, d := range done {
-				fmt.Fprintln(out, d)
-			}
-			return err
-		},
-	}
-	setup.Flags().StringVar(&adminConf, "kubeconfig", "/etc/kubernetes/admin.conf", "kubeconfig with the rights to create ClusterRoleBindings (kubeadm's admin.conf)")
-	c.AddCommand(setup)
 
 	var static kubeproxy.StaticPods
 	cleanNode := &cobra.Command{
@@ -552,13 +530,19 @@ func kubeadmCmd(out io.Writer) *cobra.Command {
 	}
 	cleanNode.Flags().DurationVar(&static.Wait, "wait", 2*time.Minute, "how long kubelet may take to stop a static kube-proxy")
 
-	var backupDir string
+	// The steps on a control-plane node, with the admin kubeconfig.
+	var adminConf, backupDir string
 	for _, step := range []struct {
 		use, short string
 		fn         func(context.Context, kubernetes.Interface, string) ([]string, error)
+		backups    bool // takes --backup-dir
 	}{
-		{"migrate", "on a control-plane node: take the cluster off kube-proxy: kpr kubeadm setup, then save the kube-proxy DaemonSet and ConfigMap to the backup directory and delete them, and set proxy.disabled in kubeadm-config so kubeadm upgrade does not reinstall it", kubeadm.Migrate},
-		{"rollback", "on the control-plane node that migrated: restore kube-proxy (its ConfigMap and DaemonSet, and kubeadm-config) from the backup directory", kubeadm.Rollback},
+		{"setup", "on a control-plane node: create the RBAC kpr needs in place of kube-proxy's addon (ClusterRole system:node-proxier for the group system:nodes, so kpr works with each node's kubelet credentials); idempotent",
+			func(ctx context.Context, c kubernetes.Interface, _ string) ([]string, error) {
+				return kubeadm.Setup(ctx, c)
+			}, false},
+		{"migrate", "on a control-plane node: take the cluster off kube-proxy: kpr kubeadm setup, then save the kube-proxy DaemonSet and ConfigMap to the backup directory and delete them, and set proxy.disabled in kubeadm-config so kubeadm upgrade does not reinstall it", kubeadm.Migrate, true},
+		{"rollback", "on the control-plane node that migrated: restore kube-proxy (its ConfigMap and DaemonSet, and kubeadm-config) from the backup directory", kubeadm.Rollback, true},
 	} {
 		cmd := &cobra.Command{
 			Use:   step.use,
@@ -583,7 +567,9 @@ func kubeadmCmd(out io.Writer) *cobra.Command {
 			},
 		}
 		cmd.Flags().StringVar(&adminConf, "kubeconfig", "/etc/kubernetes/admin.conf", "kubeconfig with cluster-admin rights (kubeadm's admin.conf)")
-		cmd.Flags().StringVar(&backupDir, "backup-dir", kubeadm.DefaultBackupDir, "where migrate saves what it removes and rollback finds it")
+		if step.backups {
+			cmd.Flags().StringVar(&backupDir, "backup-dir", kubeadm.DefaultBackupDir, "where migrate saves what it removes and rollback finds it")
+		}
 		c.AddCommand(cmd)
 	}
 	return c

@@ -134,11 +134,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.notify.Status("datapath loaded; waiting for the API server")
 	a.log.Info("datapath ready", "pinDir", a.cfg.BPFPinDir, "cgroup", a.status.get().Cgroup, "restoredFrontends", a.status.get().Frontends)
 
-	if a.cfg.MetricsBindAddress != "" {
-		if err := a.metrics.Serve(a.cfg.MetricsBindAddress); err != nil {
-			a.log.Error("metrics server not started", "err", err)
+	if addr := a.cfg.MetricsBindAddress; addr != "" {
+		if stop, err := healthcheck.Serve(addr, a.metrics.Handler()); err != nil {
+			a.log.Error("metrics server not started", "address", addr, "err", err)
 		} else {
-			defer a.metrics.Close()
+			defer stop()
 		}
 	}
 	if a.cfg.HealthzBindAddress != "" {
@@ -150,12 +150,13 @@ func (a *Agent) Run(ctx context.Context) error {
 			}
 			c.WithLabelValues(strconv.Itoa(code)).Inc()
 		}
-		if err := ph.Serve(a.cfg.HealthzBindAddress); err != nil {
+		if stop, err := healthcheck.Serve(a.cfg.HealthzBindAddress, ph.Handler()); err != nil {
 			// As kube-proxy: the datapath matters more than its health server.
-			a.log.Error("health server not started; load balancers probing it will see this node as down", "err", err)
+			a.log.Error("health server not started; load balancers probing it will see this node as down",
+				"address", a.cfg.HealthzBindAddress, "err", err)
 		} else {
 			a.proxyHealth = ph
-			defer ph.Close()
+			defer stop()
 		}
 	}
 	r := newRunner(a.syncOnce, a.cfg.MinSyncPeriod, a.cfg.SyncPeriod)

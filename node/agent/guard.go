@@ -44,7 +44,8 @@ func (a *Agent) startKubeProxyGuard(ctx context.Context) {
 	check := func(any) {
 		a.checkKubeProxy(ctx, pods.GetStore())
 		if pods.HasSynced() {
-			a.cleanLeftoversOnce(ctx)
+			// iptables-save and -restore may take a while: not in the event handler.
+			go a.cleanLeftoversOnce(ctx)
 		}
 	}
 	_, _ = pods.AddEventHandler(cache.ResourceEventHandlerFuncs{

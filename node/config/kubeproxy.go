@@ -1,15 +1,18 @@
 package config
 
 import (
+	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"sort"
 	"strings"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
+	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	kpv1 "k8s.io/kube-proxy/config/v1alpha1"
 	"sigs.k8s.io/yaml"
 )
@@ -176,7 +179,15 @@ func ImportKubeProxy(data []byte) (*Import, error) {
 // findKubeProxyConfig returns the KubeProxyConfiguration in data (see ImportKubeProxy).
 func findKubeProxyConfig(data []byte) (*kpv1.KubeProxyConfiguration, error) {
 	var kinds []string
-	for _, doc := range splitYAML(data) {
+	docs := utilyaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(data)))
+	for {
+		doc, err := docs.Read()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return nil, err
+		}
 		var tm struct {
 			APIVersion string            `json:"apiVersion"`
 			Kind       string            `json:"kind"`
@@ -217,21 +228,6 @@ func findKubeProxyConfig(data []byte) (*kpv1.KubeProxyConfiguration, error) {
 		return nil, fmt.Errorf("no KubeProxyConfiguration (or kube-proxy ConfigMap) among %s", strings.Join(kinds, ", "))
 	}
 	return nil, errors.New("no KubeProxyConfiguration: the file holds no YAML object with a kind")
-}
-
-// splitYAML splits a multi-document YAML file at its "---" lines.
-func splitYAML(data []byte) [][]byte {
-	var docs [][]byte
-	var cur bytes.Buffer
-	for _, line := range bytes.SplitAfter(data, []byte("\n")) {
-		if t := bytes.TrimRight(line, " \t\r\n"); bytes.Equal(t, []byte("---")) {
-			docs = append(docs, bytes.Clone(cur.Bytes()))
-			cur.Reset()
-			continue
-		}
-		cur.Write(line)
-	}
-	return append(docs, cur.Bytes())
 }
 
 // YAML writes the settings as a kpr configuration file, each with where it came from.

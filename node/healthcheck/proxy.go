@@ -1,10 +1,7 @@
 package healthcheck
 
 import (
-	"context"
 	"encoding/json"
-	"errors"
-	"fmt"
 	"net"
 	"net/http"
 	"sync"
@@ -38,7 +35,6 @@ type ProxyHealth struct {
 	mu            sync.Mutex
 	lastUpdated   time.Time
 	oldestPending time.Time // zero: no change waiting for a sync
-	srv           *http.Server
 }
 
 // NewProxyHealth makes the server; node returns the node's object (nil: not known yet).
@@ -127,34 +123,15 @@ func (h *ProxyHealth) Handler() http.Handler {
 	return mux
 }
 
-// Serve listens on addr (host:port) and serves in the background until Close. The error is
-// the listener's: the address is taken, or not this node's.
-func (h *ProxyHealth) Serve(addr string) error {
+// Serve listens on addr (host:port) and serves h in the background until stop is called; the
+// error is the listener's (the address is taken, or not this node's). The agent serves
+// ProxyHealth's and the metrics' handlers with it.
+func Serve(addr string, h http.Handler) (stop func(), err error) {
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
-		return fmt.Errorf("health server on %s: %w", addr, err)
+		return nil, err
 	}
-	srv := &http.Server{Handler: h.Handler(), ReadHeaderTimeout: 5 * time.Second}
-	h.mu.Lock()
-	h.srv = srv
-	h.mu.Unlock()
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: ReadHeaderTimeout}
 	go func() { _ = srv.Serve(l) }()
-	return nil
-}
-
-// Close stops the server.
-func (h *ProxyHealth) Close() error {
-	h.mu.Lock()
-	srv := h.srv
-	h.srv = nil
-	h.mu.Unlock()
-	if srv == nil {
-		return nil
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	if err := srv.Shutdown(ctx); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return err
-	}
-	return nil
+	return func() { _ = srv.Close() }, nil
 }

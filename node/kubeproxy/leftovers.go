@@ -93,29 +93,29 @@ type iptables struct {
 func iptablesBackends(r *Report) []iptables {
 	var out []iptables
 	for _, fam := range []struct{ cmd, legacyNames string }{{"iptables", "/proc/net/ip_tables_names"}, {"ip6tables", "/proc/net/ip6_tables_names"}} {
-		for _, be := range []struct{ suffix, name string }{{"-nft", "nf_tables"}, {"-legacy", "legacy"}} {
-			save, restore := fam.cmd+be.suffix+"-save", fam.cmd+be.suffix+"-restore"
-			if _, err := exec.LookPath(save); err != nil {
-				if be.suffix == "-nft" {
-					// Older tools have no suffix; they are the nf_tables ones on current systems.
-					save, restore = fam.cmd+"-save", fam.cmd+"-restore"
-					if _, err := exec.LookPath(save); err != nil {
-						r.Skipped = append(r.Skipped, fam.cmd+": no "+fam.cmd+"-save on this node, so kube-proxy's "+fam.cmd+" rules (if any) were not looked at")
-						continue
-					}
-				} else {
-					continue
-				}
-			}
-			if be.suffix == "-legacy" {
-				if names, err := os.ReadFile(fam.legacyNames); err != nil || len(bytes.TrimSpace(names)) == 0 {
-					continue
-				}
-			}
-			out = append(out, iptables{name: fam.cmd + " (" + be.name + ")", save: save, restore: restore})
+		// Older tools have no -nft suffix; on current systems they are the nf_tables ones.
+		if tool, ok := firstTool(fam.cmd+"-nft", fam.cmd); ok {
+			out = append(out, iptables{name: fam.cmd + " (nf_tables)", save: tool + "-save", restore: tool + "-restore"})
+		} else {
+			r.Skipped = append(r.Skipped, fam.cmd+": no "+fam.cmd+"-save on this node, so kube-proxy's "+fam.cmd+" rules (if any) were not looked at")
+		}
+		names, err := os.ReadFile(fam.legacyNames)
+		if tool, ok := firstTool(fam.cmd + "-legacy"); ok && err == nil && len(bytes.TrimSpace(names)) > 0 {
+			out = append(out, iptables{name: fam.cmd + " (legacy)", save: tool + "-save", restore: tool + "-restore"})
 		}
 	}
 	return out
+}
+
+// firstTool is the first of the iptables tools named (without -save/-restore) that is
+// installed.
+func firstTool(names ...string) (string, bool) {
+	for _, n := range names {
+		if _, err := exec.LookPath(n + "-save"); err == nil {
+			return n, true
+		}
+	}
+	return "", false
 }
 
 // cleanIPTables unlinks and deletes kube-proxy's KUBE-* chains in each table, in one

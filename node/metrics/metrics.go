@@ -4,12 +4,7 @@
 package metrics
 
 import (
-	"context"
-	"errors"
-	"fmt"
-	"net"
 	"net/http"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -34,9 +29,6 @@ type Metrics struct {
 	Frontends    prometheus.Gauge
 	Backends     prometheus.Gauge
 	SyncFailures prometheus.Counter
-
-	mu  sync.Mutex
-	srv *http.Server
 }
 
 // New registers the metrics (and Go's and the process's) in a registry of their own.
@@ -93,35 +85,4 @@ func (m *Metrics) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
 	return mux
-}
-
-// Serve listens on addr (host:port) and serves in the background until Close.
-func (m *Metrics) Serve(addr string) error {
-	l, err := net.Listen("tcp", addr)
-	if err != nil {
-		return fmt.Errorf("metrics server on %s: %w", addr, err)
-	}
-	srv := &http.Server{Handler: m.Handler(), ReadHeaderTimeout: 5 * time.Second}
-	m.mu.Lock()
-	m.srv = srv
-	m.mu.Unlock()
-	go func() { _ = srv.Serve(l) }()
-	return nil
-}
-
-// Close stops the server.
-func (m *Metrics) Close() error {
-	m.mu.Lock()
-	srv := m.srv
-	m.srv = nil
-	m.mu.Unlock()
-	if srv == nil {
-		return nil
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	if err := srv.Shutdown(ctx); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return err
-	}
-	return nil
 }

@@ -43,6 +43,23 @@ func requireE2E(t *testing.T) {
 	}
 }
 
+// startSandbox starts the sandbox cluster in work/sandbox with t's log (o's WorkDir and Log
+// are set here) and closes it when the test ends.
+func startSandbox(ctx context.Context, t *testing.T, work string, o sandbox.Options) *sandbox.ControlPlane {
+	t.Helper()
+	o.WorkDir, o.Log = filepath.Join(work, "sandbox"), t.Logf
+	cp, err := sandbox.Start(ctx, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := cp.Close(); err != nil {
+			t.Errorf("sandbox close: %v", err)
+		}
+	})
+	return cp
+}
+
 // newEnv starts the control plane and one node, builds kpr and the probe, and prepares kpr's
 // own cgroup and bpffs on the node. Everything is removed in t.Cleanup, in reverse order.
 func newEnv(t *testing.T, ctx context.Context) *env {
@@ -50,15 +67,7 @@ func newEnv(t *testing.T, ctx context.Context) *env {
 	e := &env{t: t}
 	work := t.TempDir()
 	var err error
-	e.cp, err = sandbox.Start(ctx, sandbox.Options{WorkDir: filepath.Join(work, "sandbox"), Log: t.Logf})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := e.cp.Close(); err != nil {
-			t.Errorf("sandbox close: %v", err)
-		}
-	})
+	e.cp = startSandbox(ctx, t, work, sandbox.Options{})
 	if e.node, err = e.cp.AddNode(ctx, "node1", 1); err != nil {
 		t.Fatal(err)
 	}

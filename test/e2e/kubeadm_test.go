@@ -37,15 +37,7 @@ func TestKubeadmSetup(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	work := t.TempDir()
-	cp, err := sandbox.Start(ctx, sandbox.Options{WorkDir: work + "/sandbox", Log: t.Logf, NoProxyRBAC: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := cp.Close(); err != nil {
-			t.Errorf("sandbox close: %v", err)
-		}
-	})
+	cp := startSandbox(ctx, t, work, sandbox.Options{NoProxyRBAC: true})
 	node, err := cp.AddNode(ctx, "node1", 1)
 	if err != nil {
 		t.Fatal(err)
@@ -237,15 +229,7 @@ func TestKubeadmMigrateRollback(t *testing.T) {
 	defer cancel()
 	objs := kubeadmAddonObjects(t)
 	work := t.TempDir()
-	cp, err := sandbox.Start(ctx, sandbox.Options{WorkDir: work + "/sandbox", Log: t.Logf, NoProxyRBAC: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := cp.Close(); err != nil {
-			t.Errorf("sandbox close: %v", err)
-		}
-	})
+	cp := startSandbox(ctx, t, work, sandbox.Options{NoProxyRBAC: true})
 	bin, err := sandbox.BuildKpr(work)
 	if err != nil {
 		t.Fatal(err)
@@ -328,15 +312,7 @@ func TestCleanNode(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	work := t.TempDir()
-	cp, err := sandbox.Start(ctx, sandbox.Options{WorkDir: work + "/sandbox", Log: t.Logf})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := cp.Close(); err != nil {
-			t.Errorf("sandbox close: %v", err)
-		}
-	})
+	cp := startSandbox(ctx, t, work, sandbox.Options{})
 	node, err := cp.AddNode(ctx, "node1", 1)
 	if err != nil {
 		t.Fatal(err)

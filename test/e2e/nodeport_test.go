@@ -63,15 +63,7 @@ func newNPEnv(t *testing.T, ctx context.Context) *npEnv {
 	e := &npEnv{t: t, nextPort: 20000}
 	work := t.TempDir()
 	var err error
-	e.cp, err = sandbox.Start(ctx, sandbox.Options{WorkDir: work + "/sandbox", Log: t.Logf})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := e.cp.Close(); err != nil {
-			t.Errorf("sandbox close: %v", err)
-		}
-	})
+	e.cp = startSandbox(ctx, t, work, sandbox.Options{})
 	for i, name := range []string{"node1", "node2"} {
 		n, err := e.cp.AddNode(ctx, name, i+1)
 		if err != nil {

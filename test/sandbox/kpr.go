@@ -31,7 +31,7 @@ type Kpr struct {
 	// CapabilityBoundingSet does): it starts under setpriv with this bounding set, e.g.
 	// []string{"CAP_BPF", "CAP_NET_ADMIN"}.
 	Caps []string
-	Proc     *Process // the running `kpr run`, nil when stopped
+	Proc *Process // the running `kpr run`, nil when stopped
 
 	bpffs string
 }

@@ -3,13 +3,13 @@ package sandbox
 import (
 	"fmt"
 	"net"
-	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
-
 	"golang.org/x/sys/unix"
+
+	"github.com/kpr-dev/kpr/test/ethtool"
 )
 
 // Offload is a device feature switched with one of the legacy ETHTOOL_S* ioctls, so ethtool(8)
@@ -96,29 +96,7 @@ func (h *Host) SetLANOffload(o Offload, on bool) error {
 }
 
 func setOffload(ns, dev string, o Offload, on bool) error {
-	err := inNetns(netnsPath(ns), func() error {
-		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-		if err != nil {
-			return err
-		}
-		defer unix.Close(fd)
-		// struct ethtool_value, pointed to by struct ifreq's ifr_data.
-		val := struct{ cmd, data uint32 }{cmd: o.cmd}
-		if on {
-			val.data = 1
-		}
-		var ifr struct {
-			name [unix.IFNAMSIZ]byte
-			data unsafe.Pointer
-			_    [24 - unsafe.Sizeof(uintptr(0))]byte
-		}
-		copy(ifr.name[:], dev)
-		ifr.data = unsafe.Pointer(&val)
-		if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.SIOCETHTOOL, uintptr(unsafe.Pointer(&ifr))); errno != 0 {
-			return errno
-		}
-		return nil
-	})
+	err := inNetns(netnsPath(ns), func() error { return ethtool.Set(dev, o.cmd, on) })
 	if err != nil {
 		state := "off"
 		if on {
