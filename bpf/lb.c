@@ -320,6 +320,42 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kpr_lb_affinity_v1 SEC(".maps");
 
+/*
+ * The backend ports that a translated flow has used, by the port as the packet
+ * carries it (network order): nonzero once new_flow or dsr_learn wrote a
+ * reverse entry for a backend on that port. Every reply of a flow comes from
+ * its backend's port, so a packet from any other port cannot be a reply:
+ * tc_nodeport_reply, which runs on every packet that enters through the pods'
+ * devices, stops after this one array read instead of parsing a flow key and
+ * looking it up. Entries are never cleared while pinned (a flow may outlive
+ * its backend's Service); the agent seeds the map from the reverse entries
+ * when it was created new over older ones (bpf.LoadNodePort).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u8);
+	__uint(max_entries, 65536);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kpr_lb_reply_ports_v1 SEC(".maps");
+
+static __always_inline void reply_port_mark(__be16 port)
+{
+	__u32 k = port;
+	__u8 *v = bpf_map_lookup_elem(&kpr_lb_reply_ports_v1, &k);
+
+	if (v && !*v)
+		*v = 1;
+}
+
+static __always_inline int reply_port_seen(__be16 port)
+{
+	__u32 k = port;
+	__u8 *v = bpf_map_lookup_elem(&kpr_lb_reply_ports_v1, &k);
+
+	return v && *v;
+}
+
 /* A frontend's Maglev table: backend IDs, 0 for "none"; swapped whole by the agent. */
 struct maglev_inner {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -1253,6 +1289,7 @@ static __noinline int new_flow(const struct lb_config *cfg, struct fwd_state *s)
 	out->last_seen = s->now;
 	out->flags = ct_flags_fwd(s->p.tcp_flags);
 
+	reply_port_mark(out->backend_port);
 	__builtin_memset(rk, 0, sizeof(*rk));
 	__builtin_memcpy(rk->saddr, out->backend_addr, 16);
 	__builtin_memcpy(rk->daddr, out->snat_addr, 16);
@@ -2114,6 +2151,7 @@ static __noinline void dsr_learn(struct __sk_buff *skb, const struct pkt *p)
 	rk.sport = p->dport;
 	rk.dport = p->sport;
 	rk.proto = p->proto;
+	reply_port_mark(rk.sport);
 	if (bpf_map_update_elem(&kpr_lb_snat_v1, &rk, &rv, BPF_ANY) == 0)
 		count(STAT_DSR_LEARNED);
 }
@@ -2126,6 +2164,8 @@ static __noinline int reply_to_client(struct __sk_buff *skb, struct pkt *p)
 	struct snat_value *rv;
 	struct nat_target t;
 
+	if (!reply_port_seen(p->sport))
+		return VERDICT_NOT_MINE;
 	flow_key_of(&rk, p);
 	rv = bpf_map_lookup_elem(&kpr_lb_snat_v1, &rk);
 	if (!rv)
@@ -2246,12 +2286,53 @@ int tc_nodeport(struct __sk_buff *skb)
 	return translate_and_send(skb, &s->p, &s->t, s->dsr);
 }
 
+/*
+ * The common packet on a pod's device, read in place before anything is
+ * parsed: TCP or UDP right behind an IPv4 header without options (not a
+ * fragment) or behind an IPv6 header, from a port no translated flow's backend
+ * used, is no reply (see kpr_lb_reply_ports_v1). 0: parse it.
+ */
+static __always_inline int surely_no_reply(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct eth_hdr *eth = data;
+	struct tcp_hdr *l4;
+	__u8 proto;
+
+	if ((void *)(eth + 1) > end)
+		return 0;
+	if (eth->proto == bpf_htons(ETH_P_IP)) {
+		struct ip4_hdr *ip = (void *)(eth + 1);
+
+		if ((void *)(ip + 1) > end || ip->ver_ihl != 0x45 ||
+		    (ip->frag_off & bpf_htons(0x3fff)))
+			return 0;
+		proto = ip->protocol;
+		l4 = (void *)(ip + 1);
+	} else if (eth->proto == bpf_htons(ETH_P_IPV6)) {
+		struct ip6_hdr *ip6 = (void *)(eth + 1);
+
+		if ((void *)(ip6 + 1) > end)
+			return 0;
+		proto = ip6->nexthdr;
+		l4 = (void *)(ip6 + 1);
+	} else {
+		return 0;
+	}
+	if ((proto != IPPROTO_TCP && proto != IPPROTO_UDP) || (void *)l4 + 4 > end)
+		return 0;
+	return !reply_port_seen(l4->sport);
+}
+
 SEC("tc")
 int tc_nodeport_reply(struct __sk_buff *skb)
 {
 	struct pkt p = {};
 	int parsed;
 
+	if (surely_no_reply(skb))
+		return VERDICT_NOT_MINE;
 	parsed = parse(skb, &p);
 	if (parsed == PARSE_ICMP)
 		return icmp_err_to_client(skb);
@@ -2478,6 +2559,8 @@ static __noinline int xdp_reply(struct xdp_md *ctx, struct fwd_state *s)
 	struct snat_value *rv;
 	struct bpf_fib_lookup fib;
 
+	if (!reply_port_seen(s->p.sport))
+		return XDP_PASS;
 	flow_key_of(&s->rk, &s->p);
 	rv = bpf_map_lookup_elem(&kpr_lb_snat_v1, &s->rk);
 	if (!rv)

@@ -263,6 +263,7 @@ const (
 	lbMapKprLbAffinityV1    = "kpr_lb_affinity_v1"
 	lbMapKprLbConfigV1      = "kpr_lb_config_v1"
 	lbMapKprLbCtV1          = "kpr_lb_ct_v1"
+	lbMapKprLbReplyPortsV1  = "kpr_lb_reply_ports_v1"
 	lbMapKprLbSnatV1        = "kpr_lb_snat_v1"
 	lbMapKprLbSrcRangesV1   = "kpr_lb_src_ranges_v1"
 	lbMapKprLbStatsV1       = "kpr_lb_stats_v1"
@@ -332,6 +333,7 @@ type lbMapSpecs struct {
 	KprLbAffinityV1    *ebpf.MapSpec `ebpf:"kpr_lb_affinity_v1"`
 	KprLbConfigV1      *ebpf.MapSpec `ebpf:"kpr_lb_config_v1"`
 	KprLbCtV1          *ebpf.MapSpec `ebpf:"kpr_lb_ct_v1"`
+	KprLbReplyPortsV1  *ebpf.MapSpec `ebpf:"kpr_lb_reply_ports_v1"`
 	KprLbSnatV1        *ebpf.MapSpec `ebpf:"kpr_lb_snat_v1"`
 	KprLbSrcRangesV1   *ebpf.MapSpec `ebpf:"kpr_lb_src_ranges_v1"`
 	KprLbStatsV1       *ebpf.MapSpec `ebpf:"kpr_lb_stats_v1"`
@@ -373,6 +375,7 @@ type lbMaps struct {
 	KprLbAffinityV1    *ebpf.Map `ebpf:"kpr_lb_affinity_v1"`
 	KprLbConfigV1      *ebpf.Map `ebpf:"kpr_lb_config_v1"`
 	KprLbCtV1          *ebpf.Map `ebpf:"kpr_lb_ct_v1"`
+	KprLbReplyPortsV1  *ebpf.Map `ebpf:"kpr_lb_reply_ports_v1"`
 	KprLbSnatV1        *ebpf.Map `ebpf:"kpr_lb_snat_v1"`
 	KprLbSrcRangesV1   *ebpf.Map `ebpf:"kpr_lb_src_ranges_v1"`
 	KprLbStatsV1       *ebpf.Map `ebpf:"kpr_lb_stats_v1"`
@@ -390,6 +393,7 @@ func (m *lbMaps) Close() error {
 		m.KprLbAffinityV1,
 		m.KprLbConfigV1,
 		m.KprLbCtV1,
+		m.KprLbReplyPortsV1,
 		m.KprLbSnatV1,
 		m.KprLbSrcRangesV1,
 		m.KprLbStatsV1,

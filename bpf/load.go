@@ -361,8 +361,11 @@ func Attached(pinDir string) ([]string, error) {
 }
 
 // RunStats returns the kernel's run-time statistics of each program whose link is pinned in
-// pinDir, by program name for the socket hooks and by link name for the tc and XDP programs: how often it ran and for how long in total. The kernel counts only
-// while statistics are enabled (ebpf.EnableStats, or the kernel.bpf_stats_enabled sysctl);
+// pinDir, by program name for the socket hooks and by link name for the tc and XDP programs:
+// how often it ran and for how long in total. A program attached through several links (the
+// same tc program on many devices) is one program to the kernel, with one count: it appears
+// once, under the name of the first of its links in name order. The kernel counts only while
+// statistics are enabled (ebpf.EnableStats, or the kernel.bpf_stats_enabled sysctl);
 // otherwise both stay 0.
 func RunStats(pinDir string) (map[string]ebpf.ProgramStats, error) {
 	names, err := Attached(pinDir)
@@ -380,32 +383,39 @@ func RunStats(pinDir string) (map[string]ebpf.ProgramStats, error) {
 		}
 	}
 	out := make(map[string]ebpf.ProgramStats, len(names))
+	seen := map[ebpf.ProgramID]bool{}
 	for _, name := range names {
-		st, err := linkStats(filepath.Join(pinDir, linksDir, name))
+		id, st, err := linkStats(filepath.Join(pinDir, linksDir, name))
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", name, err)
 		}
+		if seen[id] {
+			continue
+		}
+		seen[id] = true
 		out[name] = *st
 	}
 	return out, nil
 }
 
-func linkStats(pin string) (*ebpf.ProgramStats, error) {
+// linkStats is the program behind the link pinned at pin, and its statistics.
+func linkStats(pin string) (ebpf.ProgramID, *ebpf.ProgramStats, error) {
 	l, err := link.LoadPinnedLink(pin, nil)
 	if err != nil {
-		return nil, err
+		return 0, nil, err
 	}
 	defer l.Close()
 	info, err := l.Info()
 	if err != nil {
-		return nil, err
+		return 0, nil, err
 	}
 	prog, err := ebpf.NewProgramFromID(info.Program)
 	if err != nil {
-		return nil, err
+		return 0, nil, err
 	}
 	defer prog.Close()
-	return prog.Stats()
+	st, err := prog.Stats()
+	return info.Program, st, err
 }
 
 // Cleanup detaches and unpins the links (cgroup and tcx), unpins the maps of both the socket

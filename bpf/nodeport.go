@@ -104,6 +104,7 @@ var lbMapNames = []string{
 	lbMapKprMaglevV1,
 	lbMapKprLbSrcRangesV1,
 	lbMapKprLbAffinityV1,
+	lbMapKprLbReplyPortsV1,
 }
 
 func (c Config) lbMapSizes() ([]mapSize, int, error) {
@@ -160,19 +161,22 @@ type NodePortMaps struct {
 	srcRanges *ebpf.Map
 	// affinity remembers each external client's backend per frontend with session affinity.
 	affinity *ebpf.Map
+	// replyPorts marks the backend ports translated flows used (kpr_lb_reply_ports_v1).
+	replyPorts *ebpf.Map
 	// tableSize is the number of entries of every Maglev table.
 	tableSize int
 }
 
 func (m *NodePortMaps) byName() map[string]**ebpf.Map {
 	return map[string]**ebpf.Map{
-		lbMapKprLbConfigV1:    &m.config,
-		lbMapKprLbCtV1:        &m.ct,
-		lbMapKprLbSnatV1:      &m.snat,
-		lbMapKprLbStatsV1:     &m.stats,
-		lbMapKprMaglevV1:      &m.maglev,
-		lbMapKprLbSrcRangesV1: &m.srcRanges,
-		lbMapKprLbAffinityV1:  &m.affinity,
+		lbMapKprLbConfigV1:     &m.config,
+		lbMapKprLbCtV1:         &m.ct,
+		lbMapKprLbSnatV1:       &m.snat,
+		lbMapKprLbStatsV1:      &m.stats,
+		lbMapKprMaglevV1:       &m.maglev,
+		lbMapKprLbSrcRangesV1:  &m.srcRanges,
+		lbMapKprLbAffinityV1:   &m.affinity,
+		lbMapKprLbReplyPortsV1: &m.replyPorts,
 	}
 }
 
@@ -207,13 +211,14 @@ func OpenNodePortMaps(pinDir string) (*NodePortMaps, error) {
 
 func checkNodePortLayouts(m *NodePortMaps) error {
 	layouts := map[string][2]int{
-		lbMapKprLbConfigV1:    {4, binary.Size(lbLbConfig{})},
-		lbMapKprLbCtV1:        {binary.Size(lbFlowKey{}), binary.Size(lbCtValue{})},
-		lbMapKprLbSnatV1:      {binary.Size(lbFlowKey{}), binary.Size(lbSnatValue{})},
-		lbMapKprLbStatsV1:     {4, 8},
-		lbMapKprMaglevV1:      {4, 4},
-		lbMapKprLbSrcRangesV1: {binary.Size(lbSrcRangeKey{}), 1},
-		lbMapKprLbAffinityV1:  {binary.Size(lbLbAffinityKey{}), binary.Size(lbAffinityValue{})},
+		lbMapKprLbConfigV1:     {4, binary.Size(lbLbConfig{})},
+		lbMapKprLbCtV1:         {binary.Size(lbFlowKey{}), binary.Size(lbCtValue{})},
+		lbMapKprLbSnatV1:       {binary.Size(lbFlowKey{}), binary.Size(lbSnatValue{})},
+		lbMapKprLbStatsV1:      {4, 8},
+		lbMapKprMaglevV1:       {4, 4},
+		lbMapKprLbReplyPortsV1: {4, 1},
+		lbMapKprLbSrcRangesV1:  {binary.Size(lbSrcRangeKey{}), 1},
+		lbMapKprLbAffinityV1:   {binary.Size(lbLbAffinityKey{}), binary.Size(lbAffinityValue{})},
 	}
 	for name, p := range m.byName() {
 		want := layouts[name]

@@ -65,20 +65,23 @@ func LoadNodePort(cfg Config, np NodePortConfig) (_ *NodePort, err error) {
 		return nil, err
 	}
 
+	_, err = os.Stat(filepath.Join(cfg.PinDir, lbMapKprLbReplyPortsV1))
+	newReplyPorts := errors.Is(err, os.ErrNotExist)
 	n := &NodePort{pinDir: cfg.PinDir}
 	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: cfg.PinDir}}
 	if err := spec.LoadAndAssign(&n.objs, opts); err != nil {
 		return nil, verboseError("load BPF objects", err)
 	}
 	n.Maps = &NodePortMaps{
-		config:    n.objs.KprLbConfigV1,
-		ct:        n.objs.KprLbCtV1,
-		snat:      n.objs.KprLbSnatV1,
-		stats:     n.objs.KprLbStatsV1,
-		maglev:    n.objs.KprMaglevV1,
-		srcRanges: n.objs.KprLbSrcRangesV1,
-		affinity:  n.objs.KprLbAffinityV1,
-		tableSize: tableSize,
+		config:     n.objs.KprLbConfigV1,
+		ct:         n.objs.KprLbCtV1,
+		snat:       n.objs.KprLbSnatV1,
+		stats:      n.objs.KprLbStatsV1,
+		maglev:     n.objs.KprMaglevV1,
+		srcRanges:  n.objs.KprLbSrcRangesV1,
+		affinity:   n.objs.KprLbAffinityV1,
+		replyPorts: n.objs.KprLbReplyPortsV1,
+		tableSize:  tableSize,
 	}
 	defer func() {
 		if err != nil {
@@ -88,7 +91,38 @@ func LoadNodePort(cfg Config, np NodePortConfig) (_ *NodePort, err error) {
 	if err := n.Maps.config.Update(uint32(0), &raw, ebpf.UpdateAny); err != nil {
 		return nil, fmt.Errorf("update %s: %w", lbMapKprLbConfigV1, err)
 	}
+	if newReplyPorts {
+		if err := seedReplyPorts(n.Maps.snat, n.Maps.replyPorts); err != nil {
+			return nil, err
+		}
+	}
 	return n, nil
+}
+
+// seedReplyPorts marks the backend port of every reverse entry in snat: a kpr without
+// kpr_lb_reply_ports_v1 left flows whose replies the programs would otherwise no longer
+// look up (see the map in lb.c).
+func seedReplyPorts(snat, ports *ebpf.Map) error {
+	var (
+		k    lbFlowKey
+		v    = make([]byte, snat.ValueSize())
+		one  = uint8(1)
+		seen = map[uint16]bool{}
+	)
+	it := snat.Iterate()
+	for it.Next(&k, &v) {
+		if seen[k.Sport] {
+			continue
+		}
+		seen[k.Sport] = true
+		if err := ports.Update(uint32(k.Sport), one, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("update %s: %w", lbMapKprLbReplyPortsV1, err)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("seed %s from %s: %w", lbMapKprLbReplyPortsV1, lbMapKprLbSnatV1, err)
+	}
+	return nil
 }
 
 // checkPinnedMaglevSize refuses a table size other than the one the pinned kpr_maglev_v1 was

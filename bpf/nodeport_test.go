@@ -80,6 +80,9 @@ type npEnv struct {
 	d          *Datapath
 	n          *NodePort
 	ext0, pod0 int
+	// cfg and np are what n was loaded with.
+	cfg Config
+	np  NodePortConfig
 }
 
 func newNodePortEnv(t *testing.T, cfg Config, np NodePortConfig) *npEnv {
@@ -111,6 +114,7 @@ func newNodePortEnv(t *testing.T, cfg Config, np NodePortConfig) *npEnv {
 			t.Errorf("Cleanup: %v", err)
 		}
 	})
+	e.cfg, e.np = c, np
 	e.n, err = LoadNodePort(c, np)
 	if err != nil {
 		t.Fatalf("LoadNodePort: %v", err)
@@ -1179,6 +1183,8 @@ func TestLBObjectMatchesSchema(t *testing.T) {
 		lbMapKprLbSrcRangesV1: {24, 1, MaxSourceRanges},
 		// {client[16], svc_id, pad} -> {backend_id, last_used_sec}
 		lbMapKprLbAffinityV1: {24, 8, DefaultAffinityMapSize},
+		// port as the packet carries it -> marked
+		lbMapKprLbReplyPortsV1: {4, 1, 65536},
 	}
 	for name, w := range want {
 		ms := lb.Maps[name]
