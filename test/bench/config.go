@@ -102,9 +102,10 @@ type Config struct {
 	// Latency, one request at a time on fresh and on established connections.
 	LatencyWarmup   time.Duration
 	LatencyDuration time.Duration
-	// Pairs of kpr and direct samples in each kpr run, one after the other in alternating
-	// order, for the comparison with the direct path.
+	// Pairs of kpr and direct samples in each kpr run, for the comparison with the direct
+	// path; each pair's two clients take turns in slices of Slice.
 	Pairs int
+	Slice time.Duration
 	// Pin puts the clients on CPU 0 and the servers on the other CPUs.
 	Pin bool
 	// OthersLimit is the share of the machine's CPU that processes outside the sandbox may use
@@ -152,6 +153,7 @@ func DefaultConfig() Config {
 		LatencyWarmup:             300 * time.Millisecond,
 		LatencyDuration:           2 * time.Second,
 		Pairs:                     5,
+		Slice:                     250 * time.Millisecond,
 		Pin:                       true,
 		OthersLimit:               0.05,
 		Retakes:                   2,
@@ -250,6 +252,7 @@ func (c *Config) Validate() error {
 		{"rate duration", c.RateDuration, time.Second, 5 * time.Minute},
 		{"latency warm-up", c.LatencyWarmup, 0, time.Minute},
 		{"latency duration", c.LatencyDuration, time.Second, 5 * time.Minute},
+		{"slice", c.Slice, 20 * time.Millisecond, 10 * time.Second},
 		{"request timeout", c.RequestTimeout, 100 * time.Millisecond, time.Minute},
 		{"quiet wait", c.QuietWait, 0, 5 * time.Minute},
 		{"disturbance budget", c.DisturbanceBudget, 0, 30 * time.Minute},

@@ -268,21 +268,12 @@ const pfKthread = 0x00200000
 const clkTck = 100
 
 func (m *cpuMeter) snapshot() cpuSnapshot {
-	s := cpuSnapshot{at: time.Now(), others: map[int]procTicks{}}
+	s := cpuSnapshot{others: map[int]procTicks{}}
+	s.at, s.busy, s.steal = busyNow()
 	if data, err := os.ReadFile("/proc/uptime"); err == nil {
 		if f := strings.Fields(string(data)); len(f) > 0 {
 			v, _ := strconv.ParseFloat(f[0], 64)
 			s.uptime = uint64(v * clkTck)
-		}
-	}
-	if data, err := os.ReadFile("/proc/stat"); err == nil {
-		// cpu  user nice system idle iowait irq softirq steal ...
-		if f := strings.Fields(strings.SplitN(string(data), "\n", 2)[0]); len(f) > 8 && f[0] == "cpu" {
-			s.steal, _ = strconv.ParseUint(f[8], 10, 64)
-			for _, i := range []int{1, 2, 3, 6, 7} { // user nice system irq softirq
-				v, _ := strconv.ParseUint(f[i], 10, 64)
-				s.busy += v
-			}
 		}
 	}
 	ours := m.ours()
@@ -311,6 +302,25 @@ func (m *cpuMeter) snapshot() cpuSnapshot {
 		s.others[pid] = procTicks{start: field(19), used: field(11) + field(12) + field(13) + field(14)}
 	}
 	return s
+}
+
+// busyNow reads the time and, from /proc/stat, the ticks all CPUs spent working (user, nice,
+// system, irq, softirq) and the hypervisor's steal: the cheap part of a snapshot.
+func busyNow() (at time.Time, busy, steal uint64) {
+	at = time.Now()
+	data, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return at, 0, 0
+	}
+	// cpu  user nice system idle iowait irq softirq steal ...
+	if f := strings.Fields(strings.SplitN(string(data), "\n", 2)[0]); len(f) > 8 && f[0] == "cpu" {
+		steal, _ = strconv.ParseUint(f[8], 10, 64)
+		for _, i := range []int{1, 2, 3, 6, 7} {
+			v, _ := strconv.ParseUint(f[i], 10, 64)
+			busy += v
+		}
+	}
+	return at, busy, steal
 }
 
 // procStat returns the fields of /proc/<pid>/stat after the command name.

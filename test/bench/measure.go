@@ -10,7 +10,6 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -41,55 +40,228 @@ type clientSpec struct {
 func (b *bench) measure(ctx context.Context, client Path, cgroupFD int, targets []string, run *PathRun) error {
 	s := &Sample{Client: client}
 	run.Samples = append(run.Samples, s)
-	return b.sampleSet(ctx, run, []clientSpec{{client, cgroupFD, targets, b.cfg.Workers}}, []*Sample{s})
+	return b.sampleSet(ctx, run, clientSpec{client, cgroupFD, targets, b.cfg.Workers}, s)
 }
 
-// measurePair takes a sample of the run's own client and one of the direct client, one after
-// the other (direct first when directFirst), and appends them to run as a pair.
+// measurePair measures the run's own client against the direct client interleaved: for each
+// of the three measurements both clients run at once, gated (loadgen --gate), and take turns in
+// slices of cfg.Slice, the order alternating from one couple of slices to the next (own,
+// direct, direct, own, ... or the reverse when directFirst), for the warm-up and then for the
+// measured time. A slow change of the machine's speed (other guests, frequency, the proxy's
+// periodic work) then weighs on both sides alike, which samples taken one after the other,
+// seconds apart, cannot promise.
 func (b *bench) measurePair(ctx context.Context, own clientSpec, directFirst bool, run *PathRun) error {
 	own.workers = b.cfg.Workers
 	direct := clientSpec{Direct, b.plain.FD, b.podTargets(), b.cfg.Workers}
-	p := &Pair{Path: &Sample{Client: own.path}, Direct: &Sample{Client: Direct}, DirectFirst: directFirst}
+	p := &Pair{Path: &Sample{Client: own.path}, Direct: &Sample{Client: Direct}, DirectFirst: directFirst,
+		SliceSeconds: b.cfg.Slice.Seconds()}
 	run.Pairs = append(run.Pairs, p)
-	order := []struct {
-		c clientSpec
-		s *Sample
-	}{{own, p.Path}, {direct, p.Direct}}
+	clients := [2]clientSpec{own, direct}
+	samples := [2]*Sample{p.Path, p.Direct}
+	first := 0
 	if directFirst {
-		order[0], order[1] = order[1], order[0]
+		first = 1
 	}
-	for _, o := range order {
-		if err := b.sampleSet(ctx, run, []clientSpec{o.c}, []*Sample{o.s}); err != nil {
-			return err
+	for _, m := range b.modes() {
+		for attempt := 0; ; attempt++ {
+			b.waitQuiet(ctx)
+			res, err := b.interleave(ctx, run, m, clients, first)
+			if err != nil {
+				return err
+			}
+			if res.others > b.cfg.OthersLimit && attempt < b.cfg.Retakes && b.disturbedSpent < b.cfg.DisturbanceBudget {
+				for i, c := range clients {
+					run.Retaken = append(run.Retaken, Retake{Client: c.path, Mode: m.mode, Others: res.others, Result: res.side[i].result})
+				}
+				b.disturbedSpent += res.span
+				b.disturbed = true
+				continue
+			}
+			for i, s := range samples {
+				side := res.side[i]
+				m.set(s, side.result, res.others)
+				s.ProxyCPUSeconds += side.proxyCPU
+				s.Seconds += side.span.Seconds()
+				if m.mode == "rate" {
+					s.RateBusySeconds = float64(side.busy) / clkTck
+					s.RateSpanSeconds = side.span.Seconds()
+					s.RateBPF = side.bpf
+				}
+			}
+			break
 		}
 	}
 	return nil
 }
 
-// sampleSet takes the three measurements, each with the given clients running at once, into
-// samples. A measurement during which other processes used more than OthersLimit of the
-// machine's CPU is taken again (at most Retakes times, within DisturbanceBudget), after
-// waiting for a quiet second.
-func (b *bench) sampleSet(ctx context.Context, run *PathRun, clients []clientSpec, samples []*Sample) error {
-	tracked := run.Path == KubeProxyNFTables || run.Path == KubeProxyIPTables
-	rateTime := b.cfg.RateWarmup + b.cfg.RateDuration
-	latTime := b.cfg.LatencyWarmup + b.cfg.LatencyDuration
-	for _, m := range []struct {
-		mode     string
-		expected time.Duration
-		args     func(c clientSpec) []string
-		set      func(s *Sample, r *report.Run, others float64)
-	}{
-		{"rate", rateTime, func(c clientSpec) []string {
+// mode is one of the three client measurements.
+type mode struct {
+	mode         string
+	warm, length time.Duration
+	args         func(c clientSpec) []string // beyond --targets, --pick, --timeout
+	set          func(s *Sample, r *report.Run, others float64)
+}
+
+// modes are the connection rate and the latency on new and on established connections.
+func (b *bench) modes() []mode {
+	return []mode{
+		{"rate", b.cfg.RateWarmup, b.cfg.RateDuration, func(c clientSpec) []string {
 			return []string{"--workers", fmt.Sprint(c.workers), "--warmup", b.cfg.RateWarmup.String(), "--duration", b.cfg.RateDuration.String()}
 		}, func(s *Sample, r *report.Run, o float64) { s.Rate, s.RateOthers = r, o }},
-		{"fresh", latTime, func(clientSpec) []string {
+		{"fresh", b.cfg.LatencyWarmup, b.cfg.LatencyDuration, func(clientSpec) []string {
 			return []string{"--warmup", b.cfg.LatencyWarmup.String(), "--duration", b.cfg.LatencyDuration.String()}
 		}, func(s *Sample, r *report.Run, o float64) { s.Fresh, s.FreshOthers = r, o }},
-		{"established", latTime, func(clientSpec) []string {
+		{"established", b.cfg.LatencyWarmup, b.cfg.LatencyDuration, func(clientSpec) []string {
 			return []string{"--warmup", b.cfg.LatencyWarmup.String(), "--duration", b.cfg.LatencyDuration.String()}
 		}, func(s *Sample, r *report.Run, o float64) { s.Established, s.EstablishedOthers = r, o }},
-	} {
+	}
+}
+
+// clientArgs is loadgen's command line for client c in measurement m.
+func (b *bench) clientArgs(m mode, c clientSpec) []string {
+	// Random, as kube-proxy and kpr pick backends, so every path spreads the same way.
+	return append([]string{m.mode, "--targets", strings.Join(c.targets, ","), "--pick", "random",
+		"--timeout", b.cfg.RequestTimeout.String()}, m.args(c)...)
+}
+
+// sideResult is one client's part of an interleaved measurement.
+type sideResult struct {
+	result   *report.Run
+	busy     uint64        // ticks the machine worked during this side's measured slices
+	span     time.Duration // those slices' time, as this process timed them
+	proxyCPU float64       // seconds the proxy process used during them
+	bpf      *BPFRun       // what kpr's programs did during them (kpr runs, statistics on)
+}
+
+// interleaved is an interleaved measurement of two clients.
+type interleaved struct {
+	side   [2]sideResult
+	others float64       // share of the CPUs others took over the whole measurement
+	span   time.Duration // its whole time
+}
+
+// interleave runs measurement m with both clients gated, client first taking the first slice.
+func (b *bench) interleave(ctx context.Context, run *PathRun, m mode, clients [2]clientSpec, first int) (*interleaved, error) {
+	ctx, cancel := context.WithTimeout(ctx, 2*(m.warm+m.length)+2*time.Minute)
+	defer cancel()
+	var procs [2]*sandbox.Process
+	var gates [2]*os.File
+	defer func() {
+		for i := range 2 {
+			if gates[i] != nil {
+				gates[i].Close()
+			}
+			if procs[i] != nil {
+				_ = procs[i].Kill()
+			}
+		}
+	}()
+	for i, c := range clients {
+		r, w, err := os.Pipe()
+		if err != nil {
+			return nil, err
+		}
+		name, args := pinned(b.clientCPUs, b.loadgen, append(b.clientArgs(m, c), "--gate"))
+		procs[i], err = b.client.StartCmd(ctx, sandbox.Cmd{Name: name, Args: args, CgroupFD: c.cgroupFD, Stdin: r})
+		r.Close()
+		if err != nil {
+			w.Close()
+			return nil, fmt.Errorf("loadgen %s: %w", m.mode, err)
+		}
+		gates[i] = w
+	}
+	say := func(i int, cmd string) error {
+		if _, err := fmt.Fprintln(gates[i], cmd); err != nil {
+			return fmt.Errorf("loadgen %s (%s): %w: %s", m.mode, clients[i].path, err, procs[i].LogTail(500))
+		}
+		return nil
+	}
+	slice := func(i int, cmd string) error {
+		if err := say(i, cmd); err != nil {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(b.cfg.Slice):
+		}
+		return say(i, "pause")
+	}
+	turns := func(d time.Duration) int { return int((d + b.cfg.Slice - 1) / b.cfg.Slice) }
+	for range turns(m.warm) {
+		for _, i := range []int{first, 1 - first} {
+			if err := slice(i, "warm"); err != nil {
+				return nil, err
+			}
+		}
+	}
+	// kpr's programs, read around every measured slice: the socket programs run for kpr's
+	// client only, the tc programs on the pods' devices for both clients' packets.
+	withBPF := m.mode == "rate" && clients[0].path.isKpr() && b.bpfStats != nil
+	res := &interleaved{}
+	before := b.cpu.snapshot()
+	for k := range turns(m.length) {
+		order := []int{first, 1 - first}
+		if k%2 == 1 {
+			order[0], order[1] = order[1], order[0]
+		}
+		for _, i := range order {
+			var bpfBefore map[string]ebpf.ProgramStats
+			if withBPF {
+				bpfBefore = b.kprRunStats()
+			}
+			t0, busy0, _ := busyNow()
+			proxy0 := procCPU(run.proxyPID)
+			if err := slice(i, "run"); err != nil {
+				return nil, err
+			}
+			t1, busy1, _ := busyNow()
+			s := &res.side[i]
+			s.span += t1.Sub(t0)
+			if busy1 > busy0 {
+				s.busy += busy1 - busy0
+			}
+			if run.proxyPID > 0 {
+				s.proxyCPU += max(0, procCPU(run.proxyPID)-proxy0)
+			}
+			if bpfBefore != nil {
+				s.bpf = s.bpf.add(b.kprRunDelta(bpfBefore))
+			}
+		}
+	}
+	after := b.cpu.snapshot()
+	res.others = othersShare(before, after)
+	res.span = after.at.Sub(before.at)
+	for i := range 2 {
+		gates[i].Close()
+		gates[i] = nil
+	}
+	for i, p := range procs {
+		select {
+		case <-p.Done():
+		case <-ctx.Done():
+			return nil, fmt.Errorf("loadgen %s (%s) did not end with its input: %w", m.mode, clients[i].path, ctx.Err())
+		}
+		data, err := os.ReadFile(p.LogPath)
+		if err != nil {
+			return nil, err
+		}
+		if res.side[i].result, err = lastReport(data); err != nil {
+			return nil, fmt.Errorf("loadgen %s (%s): %w", m.mode, clients[i].path, err)
+		}
+		if err := p.Wait(); err != nil {
+			return nil, fmt.Errorf("loadgen %s (%s): %w: %s", m.mode, clients[i].path, err, p.LogTail(500))
+		}
+	}
+	return res, nil
+}
+
+// sampleSet takes the three measurements of client c into s. A measurement during which other
+// processes used more than OthersLimit of the machine's CPU is taken again (at most Retakes
+// times, within DisturbanceBudget), after waiting for a quiet second.
+func (b *bench) sampleSet(ctx context.Context, run *PathRun, c clientSpec, s *Sample) error {
+	tracked := run.Path == KubeProxyNFTables || run.Path == KubeProxyIPTables
+	for _, m := range b.modes() {
 		for attempt := 0; ; attempt++ {
 			if tracked {
 				if err := b.flushConntrack(ctx); err != nil {
@@ -98,24 +270,13 @@ func (b *bench) sampleSet(ctx context.Context, run *PathRun, clients []clientSpe
 			}
 			b.waitQuiet(ctx)
 			var bpfBefore map[string]ebpf.ProgramStats
-			if m.mode == "rate" {
-				bpfBefore = b.kprRunStats(clients)
+			if m.mode == "rate" && c.path.isKpr() {
+				bpfBefore = b.kprRunStats()
 			}
 			before := b.cpu.snapshot()
 			proxyBefore := procCPU(run.proxyPID)
-			results := make([]*report.Run, len(clients))
-			errs := make([]error, len(clients))
-			var wg sync.WaitGroup
-			for i, c := range clients {
-				wg.Go(func() {
-					// Random, as kube-proxy and kpr pick backends, so every path spreads the same way.
-					args := append([]string{m.mode, "--targets", strings.Join(c.targets, ","), "--pick", "random",
-						"--timeout", b.cfg.RequestTimeout.String()}, m.args(c)...)
-					results[i], errs[i] = b.loadgenRun(ctx, c.cgroupFD, m.expected, b.clientCPUs, args...)
-				})
-			}
-			wg.Wait()
-			if err := errors.Join(errs...); err != nil {
+			result, err := b.loadgenRun(ctx, c.cgroupFD, m.warm+m.length, b.clientCPUs, b.clientArgs(m, c)...)
+			if err != nil {
 				return err
 			}
 			after := b.cpu.snapshot()
@@ -128,26 +289,20 @@ func (b *bench) sampleSet(ctx context.Context, run *PathRun, clients []clientSpe
 				run.ConntrackAfterRate = max(run.ConntrackAfterRate, b.conntrackCount(ctx))
 			}
 			if others > b.cfg.OthersLimit && attempt < b.cfg.Retakes && b.disturbedSpent < b.cfg.DisturbanceBudget {
-				for i, c := range clients {
-					run.Retaken = append(run.Retaken, Retake{Client: c.path, Mode: m.mode, Others: others, Result: results[i]})
-				}
+				run.Retaken = append(run.Retaken, Retake{Client: c.path, Mode: m.mode, Others: others, Result: result})
 				b.disturbedSpent += after.at.Sub(before.at)
 				b.disturbed = true
 				continue
 			}
-			proxyUsed := 0.0
+			m.set(s, result, others)
 			if run.proxyPID > 0 {
-				proxyUsed = max(0, procCPU(run.proxyPID)-proxyBefore)
+				s.ProxyCPUSeconds += max(0, procCPU(run.proxyPID)-proxyBefore)
 			}
-			for i, s := range samples {
-				m.set(s, results[i], others)
-				s.ProxyCPUSeconds += proxyUsed
-				s.Seconds += after.at.Sub(before.at).Seconds()
-				if m.mode == "rate" {
-					s.RateBusySeconds = float64(after.busy-before.busy) / clkTck
-					s.RateSpanSeconds = after.at.Sub(before.at).Seconds()
-					s.RateBPF = bpfRun
-				}
+			s.Seconds += after.at.Sub(before.at).Seconds()
+			if m.mode == "rate" {
+				s.RateBusySeconds = float64(after.busy-before.busy) / clkTck
+				s.RateSpanSeconds = after.at.Sub(before.at).Seconds()
+				s.RateBPF = bpfRun
 			}
 			break
 		}
@@ -359,10 +514,10 @@ func parseStatus(data []byte) (Mem, error) {
 	return m, nil
 }
 
-// kprRunStats reads the run-time statistics of kpr's programs before a measurement in which
-// kpr's client runs alone; nil when the statistics are off or the clients are others'.
-func (b *bench) kprRunStats(clients []clientSpec) map[string]ebpf.ProgramStats {
-	if b.bpfStats == nil || len(clients) != 1 || !clients[0].path.isKpr() {
+// kprRunStats reads the run-time statistics of kpr's programs before a measurement of kpr's
+// client; nil when the statistics are off.
+func (b *bench) kprRunStats() map[string]ebpf.ProgramStats {
+	if b.bpfStats == nil {
 		return nil
 	}
 	st, err := bpf.RunStats(b.kpr.PinDir)
@@ -371,6 +526,23 @@ func (b *bench) kprRunStats(clients []clientSpec) map[string]ebpf.ProgramStats {
 		return nil
 	}
 	return st
+}
+
+// add is r and d together; nil counts as nothing.
+func (r *BPFRun) add(d *BPFRun) *BPFRun {
+	if d == nil {
+		return r
+	}
+	if r == nil {
+		r = &BPFRun{ByProgram: map[string][2]uint64{}}
+	}
+	r.Runs += d.Runs
+	r.Nanos += d.Nanos
+	for name, v := range d.ByProgram {
+		w := r.ByProgram[name]
+		r.ByProgram[name] = [2]uint64{w[0] + v[0], w[1] + v[1]}
+	}
+	return r
 }
 
 // kprRunDelta is what kpr's programs did since before.

@@ -39,6 +39,7 @@ type Results struct {
 type ConfigSummary struct {
 	Scales                    []int   `json:"scales"`
 	Pairs                     int     `json:"pairs"`
+	Slice                     string  `json:"slice,omitempty"` // pairs interleaved in slices of this (empty: one sample after the other)
 	Paths                     []Path  `json:"paths"`
 	Rounds                    int     `json:"rounds"`
 	Workers                   int     `json:"workers"`
@@ -59,7 +60,7 @@ type ConfigSummary struct {
 
 func summarizeConfig(c Config) ConfigSummary {
 	return ConfigSummary{
-		Scales: c.Scales, Pairs: c.Pairs, Paths: c.Paths, Rounds: c.Rounds, Workers: c.Workers,
+		Scales: c.Scales, Pairs: c.Pairs, Slice: c.Slice.String(), Paths: c.Paths, Rounds: c.Rounds, Workers: c.Workers,
 		EndpointsPerService: c.EndpointsPerService, CreateParallelism: c.CreateParallelism,
 		RateWarmup: c.RateWarmup.String(), RateDuration: c.RateDuration.String(),
 		LatencyWarmup: c.LatencyWarmup.String(), LatencyDuration: c.LatencyDuration.String(),
@@ -107,7 +108,7 @@ type PathRun struct {
 
 	// Samples of the path's own client, taken alone.
 	Samples []*Sample `json:"samples"`
-	// Pairs (kpr runs): the path's client and the direct client, one after the other.
+	// Pairs (kpr runs): the path's client and the direct client, interleaved (see Pair).
 	Pairs []*Pair `json:"pairs,omitempty"`
 	// Retaken lists the measurements discarded for disturbance (not in any figure).
 	Retaken []Retake `json:"retaken,omitempty"`
@@ -180,11 +181,14 @@ func (s *Sample) OthersCPU() float64 {
 	return max(s.RateOthers, s.FreshOthers, s.EstablishedOthers)
 }
 
-// Pair is a sample of the run's path and one of direct, taken one right after the other.
+// Pair is a sample of the run's path and one of direct: interleaved in slices of
+// SliceSeconds (see measurePair), or, in results written before that, one right after the
+// other (SliceSeconds 0).
 type Pair struct {
-	Path        *Sample `json:"path"`
-	Direct      *Sample `json:"direct"`
-	DirectFirst bool    `json:"direct_first"`
+	Path         *Sample `json:"path"`
+	Direct       *Sample `json:"direct"`
+	DirectFirst  bool    `json:"direct_first"` // direct took the first slice (went first)
+	SliceSeconds float64 `json:"slice_seconds,omitempty"`
 }
 
 // Retake is a measurement that was discarded and taken again because other processes used
@@ -402,10 +406,15 @@ type Summary struct {
 	// The datapath's own cost, from kpr's paired samples with BPF run-time statistics: per
 	// new connection, the run time of kpr's programs (ns) and how many of them ran, and that
 	// time as a share of the machine's CPU time per connection on the direct path.
-	BPFNanosPerConn  Stat
-	BPFRunsPerConn   Stat
-	BPFShare         Stat
-	DirectCPUPerConn Stat // µs
+	BPFNanosPerConn Stat
+	// DirectBPFNanosPerConn, DirectBPFShare: kpr's programs' run time during the paired
+	// direct samples (the tc programs on the pods' devices), per direct connection, and as a
+	// share of the machine's CPU time per direct connection.
+	DirectBPFNanosPerConn Stat
+	DirectBPFShare        Stat
+	BPFRunsPerConn        Stat
+	BPFShare              Stat
+	DirectCPUPerConn      Stat // µs
 	// BPFNanosPerRun: kpr's tc and XDP programs (NodePort), run time per program run, which is
 	// one per packet on eth0; BPFRunsPerConn then holds their runs per new connection.
 	BPFNanosPerRun Stat
@@ -430,7 +439,7 @@ func pairs(r *PathRun) [][2]*Sample {
 func summarize(pr *PathResult, othersLimit float64) Summary {
 	s := Summary{Path: pr.Path, Skipped: pr.Skipped}
 	var first, rate, pDirect []float64
-	var bpfNanos, bpfRuns, bpfShare, directCPU, bpfPerRun, cpuPerConn []float64
+	var bpfNanos, bpfRuns, bpfShare, directCPU, bpfPerRun, cpuPerConn, directBPF, directBPFShare []float64
 	var fresh, est [3][]float64
 	var pConn ratios
 	var pFresh, pEst [3]ratios
@@ -492,6 +501,10 @@ func summarize(pr *PathResult, othersLimit float64) Summary {
 				bpfRuns = append(bpfRuns, c.runsPerConn)
 				bpfShare = append(bpfShare, c.share)
 				directCPU = append(directCPU, c.directMicros)
+				if c.directBPF > 0 {
+					directBPF = append(directBPF, c.directBPF)
+					directBPFShare = append(directBPFShare, c.directBPF/(c.directMicros*1e3))
+				}
 			} else if k := p[0]; k.RateBPF != nil && k.RateBPF.Runs > 0 && k.Rate != nil && k.Rate.PerSecond > 0 && k.RateSpanSeconds > 0 {
 				// No socket hook ran (NodePort): the tc and XDP programs, per run.
 				bpfPerRun = append(bpfPerRun, float64(k.RateBPF.Nanos)/float64(k.RateBPF.Runs))
@@ -513,6 +526,7 @@ func summarize(pr *PathResult, othersLimit float64) Summary {
 	s.PairedDirectConn = statOf(pDirect)
 	s.BPFNanosPerConn, s.BPFRunsPerConn, s.BPFShare, s.DirectCPUPerConn = statOf(bpfNanos), statOf(bpfRuns), statOf(bpfShare), statOf(directCPU)
 	s.BPFNanosPerRun, s.CPUPerConn = statOf(bpfPerRun), statOf(cpuPerConn)
+	s.DirectBPFNanosPerConn, s.DirectBPFShare = statOf(directBPF), statOf(directBPFShare)
 	for q := range 3 {
 		s.Fresh[q] = statOf(fresh[q])
 		s.Established[q] = statOf(est[q])
@@ -537,6 +551,7 @@ type datapathCost struct {
 	nanosPerConn, runsPerConn float64
 	share                     float64 // of directMicros
 	directMicros              float64 // machine CPU time per connection on the direct path
+	directBPF                 float64 // ns of kpr's programs per direct connection (interleaved pairs)
 }
 
 // bpfCost compares, in one pair, the run time of kpr's programs per connection (connect4 and
@@ -556,6 +571,9 @@ func bpfCost(k, d *Sample) (datapathCost, bool) {
 		directMicros: d.RateBusySeconds * 1e6 / (d.Rate.PerSecond * d.RateSpanSeconds),
 	}
 	c.share = c.nanosPerConn / (c.directMicros * 1e3)
+	if d.RateBPF != nil && d.Rate.OK > 0 {
+		c.directBPF = float64(d.RateBPF.Nanos) / float64(d.Rate.OK)
+	}
 	return c, true
 }
 
@@ -847,7 +865,11 @@ func (r *Results) Table() string {
 			if k.DisturbedPairs > 0 {
 				used += fmt.Sprintf("; in %d pair(s) other processes took more than %.0f%% of the CPU during a measurement, which is left out", k.DisturbedPairs, 100*r.Config.OthersLimit)
 			}
-			fmt.Fprintf(&b, "%s against the direct path, paired: in each %s run, a %s sample and a direct sample one right after the other, in alternating order (%s); %s as a percentage of direct, median and 95%% confidence interval of the median over the pairs:\n\n", pr.Path, pr.Path, pr.Path, used, pr.Path)
+			how := "a %s sample and a direct sample one right after the other, in alternating order"
+			if r.Config.Slice != "" {
+				how = "a %s sample and a direct sample taken together, the two clients taking turns in slices of " + r.Config.Slice
+			}
+			fmt.Fprintf(&b, "%s against the direct path, paired: in each %s run, "+how+" (%s); %s as a percentage of direct, median and 95%% confidence interval of the median over the pairs:\n\n", pr.Path, pr.Path, pr.Path, used, pr.Path)
 			b.WriteString("| New connections/s | New-connection latency p50 / p90 / p99 | Established-connection latency p50 / p90 / p99 | Direct new connections/s in the pairs |\n|---|---|---|---|\n")
 			fmt.Fprintf(&b, "| %s | %s / %s / %s | %s / %s / %s | %s |\n\n", pct(k.PairedConn),
 				pct(k.PairedFresh[0]), pct(k.PairedFresh[1]), pct(k.PairedFresh[2]),
@@ -865,6 +887,13 @@ func (r *Results) Table() string {
 					fmtNum(k.BPFNanosPerConn.Median, 0)+spread(k.BPFNanosPerConn, 0), k.BPFRunsPerConn.Median,
 					fmtNum(k.DirectCPUPerConn.Median, 0)+spread(k.DirectCPUPerConn, 0),
 					100*k.BPFShare.Median, 100*k.BPFShare.CILo, 100*k.BPFShare.CIHi, k.BPFShare.N)
+				if k.DirectBPFShare.N > 0 {
+					fmt.Fprintf(&b, "Of that, the direct client's connections bore kpr's tc programs on the pods' devices too, "+
+						"which run for every packet that enters the node from a pod: %s ns per direct connection, %.3f%% of its CPU time. "+
+						"The paired ratios above leave this part out, since both sides of a pair pay it; the main table's direct row, "+
+						"measured without kpr, does not.\n\n",
+						fmtNum(k.DirectBPFNanosPerConn.Median, 0)+spread(k.DirectBPFNanosPerConn, 0), 100*k.DirectBPFShare.Median)
+				}
 			}
 		}
 	}
@@ -966,23 +995,39 @@ func method(r *Results) string {
 	if r.Scenario == NodePort {
 		judged, floor = "is reported", "the direct client's packets go straight to node2, never through node1"
 	}
-	fmt.Fprintf(&b, "- Paired comparison with the direct path: inside each kpr run, after kpr has synced, %d pairs of a kpr "+
-		"sample and a direct sample (%s: the floor), one right after the "+
-		"other, kpr first in odd pairs and direct first in even ones (going second is worth a few percent here, and the "+
-		"alternation cancels it). Each pair gives kpr's figure over direct's; the median over all pairs at a scale, with a "+
-		"95%% confidence interval from the order statistics, %s. Two runs of the same path a "+
-		"minute apart differ here by more than 3%%; within a pair they are seconds apart. kpr's control plane runs during "+
-		"both samples of a pair, so its own CPU use (\"Proxy CPU\") weighs on both; the main table's direct row, from "+
-		"runs with no proxy at all, does not have it.\n", c.Pairs, floor, judged)
+	if c.Slice != "" {
+		fmt.Fprintf(&b, "- Paired comparison with the direct path: inside each kpr run, after kpr has synced, %d pairs of a kpr "+
+			"sample and a direct sample (%s: the floor), taken together: for each measurement both clients run at once, "+
+			"gated (`loadgen --gate`), and take turns in slices of %s, the order alternating from one couple of slices to "+
+			"the next (kpr, direct, direct, kpr, ...; direct first in even pairs), warm-up included. Each client counts the "+
+			"requests it began in its own slices over their time. Each pair gives kpr's figure over direct's; the median "+
+			"over all pairs at a scale, with a 95%% confidence interval from the order statistics, %s. Two runs of the same "+
+			"path a minute apart differ here by more than 3%%, and samples taken seconds apart still by a few percent; "+
+			"slices a fraction of a second apart share the machine's state. kpr's control plane runs during both sides "+
+			"of a pair, so its own CPU use (\"Proxy CPU\") weighs on both; the main table's direct row, from runs with no "+
+			"proxy at all, does not have it.\n", c.Pairs, floor, c.Slice, judged)
+	} else {
+		fmt.Fprintf(&b, "- Paired comparison with the direct path: inside each kpr run, after kpr has synced, %d pairs of a kpr "+
+			"sample and a direct sample (%s: the floor), one right after the "+
+			"other, kpr first in odd pairs and direct first in even ones (going second is worth a few percent here, and the "+
+			"alternation cancels it). Each pair gives kpr's figure over direct's; the median over all pairs at a scale, with a "+
+			"95%% confidence interval from the order statistics, %s. Two runs of the same path a "+
+			"minute apart differ here by more than 3%%; within a pair they are seconds apart. kpr's control plane runs during "+
+			"both samples of a pair, so its own CPU use (\"Proxy CPU\") weighs on both; the main table's direct row, from "+
+			"runs with no proxy at all, does not have it.\n", c.Pairs, floor, judged)
+	}
 	if r.Scenario != NodePort {
-		b.WriteString("- kpr's datapath cost: with socket-level load balancing, kpr's only work on a TCP connection's path is " +
-			"its cgroup programs at connect() (connect4) and at the getpeername() the Go client makes after it; no packet is " +
-			"touched afterwards. The benchmark keeps the kernel's BPF run-time statistics on (BPF_ENABLE_STATS, released at the " +
+		b.WriteString("- kpr's datapath cost: with socket-level load balancing, kpr's work on a TCP connection's path is " +
+			"its cgroup programs at connect() (connect4) and at the getpeername() the Go client makes after it, and its tc " +
+			"program on the pods' devices (tc_nodeport_reply, for the replies of NodePort flows to local backends), which " +
+			"runs for every packet entering the node from a pod and, for a packet from a port no such flow used, stops after " +
+			"one array read. The benchmark keeps the kernel's BPF run-time statistics on (BPF_ENABLE_STATS, released at the " +
 			"end; it adds two clock reads to each program run, which counts against kpr) and reads the run count and run time " +
-			"of kpr's attached programs before and after each kpr connection-rate measurement. Their run time per connection " +
+			"of kpr's attached programs around each kpr slice (or, in results without slices, before and after each kpr " +
+			"connection-rate measurement). Their run time per connection " +
 			"(connect4 runs once per connection) is set against the CPU time the whole machine spent per connection in the " +
 			"paired direct measurement (user, system, irq and softirq time of all CPUs from /proc/stat over the connections " +
-			"made, the warm-up counted at the measured rate). Unlike the throughput ratio, this figure does not move with " +
+			"made). Unlike the throughput ratio, this figure does not move with " +
 			"the scheduler's noise. Not in it: the kernel's call into the cgroup hook around the program (a few tens of " +
 			"nanoseconds).\n")
 	}

@@ -159,16 +159,16 @@ func synthetic() *Results {
 	kpr1 := &PathRun{Path: Kpr, Round: 1, HasFirstAnswer: true, Answered: true, FirstAnswer: 150 * time.Millisecond,
 		FirstAnswerLimit: time.Minute, MemAfterSync: Mem{RSS: 30 << 20, HWM: 31 << 20},
 		Pairs: []*Pair{
-			{sample(Kpr, 990, 101, 30), sample(Direct, 1000, 100, 30), false},
-			{sample(Kpr, 990, 101, 30), sample(Direct, 1000, 100, 30), true},
+			{sample(Kpr, 990, 101, 30), sample(Direct, 1000, 100, 30), false, 0.25},
+			{sample(Kpr, 990, 101, 30), sample(Direct, 1000, 100, 30), true, 0.25},
 		}}
 	disturbed := sample(Direct, 2000, 50, 15)
 	disturbed.RateOthers, disturbed.FreshOthers, disturbed.EstablishedOthers = 0.5, 0.5, 0.5
 	kpr10k := &PathRun{Path: Kpr, Round: 1, HasFirstAnswer: true, Answered: true, FirstAnswer: 800 * time.Millisecond,
 		FirstAnswerLimit: time.Minute, MemAfterSync: Mem{RSS: 100 << 20, HWM: 120 << 20},
 		Pairs: []*Pair{
-			{sample(Kpr, 1000, 100, 30), sample(Direct, 1000, 100, 30), false},
-			{sample(Kpr, 1000, 100, 30), disturbed, true},
+			{sample(Kpr, 1000, 100, 30), sample(Direct, 1000, 100, 30), false, 0.25},
+			{sample(Kpr, 1000, 100, 30), disturbed, true, 0.25},
 		}}
 	ipt10k := &PathRun{Path: KubeProxyIPTables, Round: 1, HasFirstAnswer: true, Answered: false, FirstAnswerLimit: 3 * time.Minute}
 	return &Results{
@@ -273,7 +273,7 @@ func TestNodePortReport(t *testing.T) {
 		own.RateBPF = &BPFRun{Runs: uint64(10 * 4 * perSec), Nanos: uint64(10 * 4 * perSec * 150)}
 		return &PathRun{Path: p, Round: 1, HasFirstAnswer: true, Answered: true, FirstAnswer: 300 * time.Millisecond,
 			FirstAnswerLimit: time.Minute, NorthSouth: ns, MemAfterSync: Mem{RSS: 30 << 20, HWM: 31 << 20},
-			Pairs: []*Pair{{own, sample(Direct, 1000, 80, 25), false}}}
+			Pairs: []*Pair{{own, sample(Direct, 1000, 80, 25), false, 0.25}}}
 	}
 	r := &Results{
 		Scenario: NodePort,

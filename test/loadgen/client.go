@@ -39,6 +39,8 @@ type clientOpts struct {
 	timeout        time.Duration
 	interval       time.Duration
 	attemptTimeout time.Duration
+	// gate, when set, drives the run instead of warmup and duration (--gate).
+	gate *gate
 }
 
 func client(mode string, args []string) error {
@@ -52,6 +54,7 @@ func client(mode string, args []string) error {
 	fs.DurationVar(&o.timeout, "timeout", 3*time.Second, "per request (rate, fresh, established); overall (first)")
 	fs.DurationVar(&o.interval, "interval", 10*time.Millisecond, "time between attempts (first)")
 	fs.DurationVar(&o.attemptTimeout, "attempt-timeout", 200*time.Millisecond, "per attempt (first)")
+	gated := fs.Bool("gate", false, "run in slices that commands on stdin start and stop (warm, run, pause; the end of input ends the run) instead of --warmup and --duration (rate, fresh, established)")
 	fs.Parse(args)
 	for _, t := range strings.Split(*targets, ",") {
 		if t = strings.TrimSpace(t); t == "" {
@@ -83,16 +86,32 @@ func client(mode string, args []string) error {
 			return fmt.Errorf("--%s %v: want 0..%v (only warmup may be 0)", d.name, d.v, maxDuration)
 		}
 	}
+	var w window
+	if *gated {
+		if mode == "first" {
+			return errors.New("--gate: not for first")
+		}
+		g := newGate()
+		go g.follow(os.Stdin)
+		o.gate, w = g, g
+	} else {
+		w = newTimed(o)
+	}
 	var r report.Run
 	switch mode {
 	case "rate":
-		r = rate("rate", o, o.workers)
+		r = rate("rate", o, w, o.workers)
 	case "fresh":
-		r = rate("fresh", o, 1)
+		r = rate("fresh", o, w, 1)
 	case "established":
-		r = established(o)
+		r = established(o, w)
 	case "first":
 		r = first(o)
+	}
+	if o.gate != nil {
+		if err := o.gate.failure(); err != nil {
+			return err
+		}
 	}
 	return json.NewEncoder(os.Stdout).Encode(r)
 }
@@ -155,30 +174,29 @@ func merge(mode string, o clientOpts, workers int, seconds float64, ts []*tally)
 }
 
 // rate runs workers that each open a new connection per request until the window ends. Only
-// requests that start after the warm-up and finish inside the window count.
-func rate(mode string, o clientOpts, workers int) report.Run {
-	start := time.Now()
-	from := start.Add(o.warmup)
-	end := from.Add(o.duration)
-	seconds := int(o.duration / time.Second)
+// requests that the window counts (timed: started after the warm-up and finished inside the
+// window; gated: started in a run slice) count.
+func rate(mode string, o clientOpts, w window, workers int) report.Run {
+	seconds := w.series()
 	ts := make([]*tally, workers)
 	var wg sync.WaitGroup
-	for w := range workers {
+	for n := range workers {
 		t := newTally()
 		t.series = make([]int64, seconds)
-		ts[w] = t
+		ts[n] = t
 		wg.Go(func() {
 			req := request(kindClose)
 			answer := make([]byte, Size)
-			pick := o.picker(w)
-			for i := w; ; i++ {
-				t0 := time.Now()
-				if !t0.Before(end) {
+			pick := o.picker(n)
+			for i := n; ; i++ {
+				counted, ok := w.begin()
+				if !ok {
 					return
 				}
+				t0 := time.Now()
 				name, err := once(pick(i), req, answer, t0.Add(o.timeout))
 				t1 := time.Now()
-				if t0.Before(from) || t1.After(end) {
+				if !counted || !w.keep(t1) {
 					continue
 				}
 				if err != nil {
@@ -188,15 +206,16 @@ func rate(mode string, o clientOpts, workers int) report.Run {
 				t.ok++
 				t.samples = append(t.samples, t1.Sub(t0))
 				t.backends[name]++
-				if sec := int(t1.Sub(from) / time.Second); sec < len(t.series) {
+				if sec := w.second(t1); sec >= 0 && sec < len(t.series) {
 					t.series[sec]++
 				}
 			}
 		})
 	}
 	wg.Wait()
-	r := merge(mode, o, workers, o.duration.Seconds(), ts)
-	if mode == "rate" {
+	r := merge(mode, o, workers, w.seconds(), ts)
+	r.Slices = slicesOf(w)
+	if mode == "rate" && seconds > 0 {
 		r.PerSecondSeries = make([]int64, seconds)
 		for _, t := range ts {
 			for i, n := range t.series {
@@ -231,10 +250,7 @@ func once(target string, req, answer []byte, deadline time.Time) (string, error)
 }
 
 // established sends requests back to back on one connection (reconnecting after an error).
-func established(o clientOpts) report.Run {
-	start := time.Now()
-	from := start.Add(o.warmup)
-	end := from.Add(o.duration)
+func established(o clientOpts, w window) report.Run {
 	t := newTally()
 	req := request(kindKeepAlive)
 	answer := make([]byte, Size)
@@ -246,10 +262,11 @@ func established(o clientOpts) report.Run {
 	}()
 	pick := o.picker(0)
 	for i := 0; ; i++ {
-		t0 := time.Now()
-		if !t0.Before(end) {
+		counted, ok := w.begin()
+		if !ok {
 			break
 		}
+		t0 := time.Now()
 		err := func() error {
 			if c == nil {
 				d := net.Dialer{Deadline: t0.Add(o.timeout), KeepAlive: -1}
@@ -271,7 +288,7 @@ func established(o clientOpts) report.Run {
 			c.Close()
 			c = nil
 		}
-		if t0.Before(from) || t1.After(end) {
+		if !counted || !w.keep(t1) {
 			continue
 		}
 		if err != nil {
@@ -282,7 +299,9 @@ func established(o clientOpts) report.Run {
 		t.samples = append(t.samples, t1.Sub(t0))
 		t.backends[name(answer)]++
 	}
-	return merge("established", o, 1, o.duration.Seconds(), []*tally{t})
+	r := merge("established", o, 1, w.seconds(), []*tally{t})
+	r.Slices = slicesOf(w)
+	return r
 }
 
 // first starts an attempt (new connection, one request) every interval, several in flight, and

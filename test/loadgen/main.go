@@ -6,6 +6,7 @@
 //	loadgen rate        --targets IP:PORT[,IP:PORT...] [--workers 8] [--warmup 2s] [--duration 10s]
 //	loadgen fresh       --targets ... [--warmup 1s] [--duration 5s]
 //	loadgen established --targets ... [--warmup 1s] [--duration 5s]
+//	loadgen rate|fresh|established --gate --targets ...   (slices driven through stdin; see gate)
 //	loadgen first       --targets IP:PORT [--timeout 3m] [--interval 10ms] [--attempt-timeout 200ms]
 //
 // The protocol is fixed-size messages (Size bytes). A request starting with 'C' gets one answer

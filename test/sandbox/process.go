@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -30,6 +31,8 @@ type Cmd struct {
 	// CgroupFD, when > 0, is an open cgroup v2 directory the process starts in
 	// (clone3 CLONE_INTO_CGROUP), so it never runs outside that cgroup.
 	CgroupFD int
+	// Stdin, when set, is the process's standard input (Start only); else it reads /dev/null.
+	Stdin io.Reader
 }
 
 // Process is a long-running command started in a sandbox namespace. It is the leader of its own
@@ -175,6 +178,7 @@ func (r *procRunner) start(ctx context.Context, ns string, c Cmd, logPath string
 	defer logFile.Close()
 
 	cmd := nsCommand(ns, c)
+	cmd.Stdin = c.Stdin
 	cmd.Stdout = logFile
 	cmd.Stderr = logFile
 	if err := r.spawner.start(cmd); err != nil {

@@ -36,6 +36,9 @@ type Run struct {
 	// First mode: wall-clock time (Unix ns) when the first attempt succeeded, or 0.
 	FirstOKUnixNano int64 `json:"first_ok_unix_nano,omitempty"`
 	Attempts        int64 `json:"attempts,omitempty"`
+
+	// Slices is the number of run slices of a gated run (--gate); Seconds is their sum.
+	Slices int `json:"slices,omitempty"`
 }
 
 // Latency summarises samples in microseconds.
