@@ -140,6 +140,24 @@ type interleaved struct {
 	span   time.Duration // its whole time
 }
 
+// mark is what an interleaved measurement reads at each boundary between slices.
+type mark struct {
+	at    time.Time
+	busy  uint64                       // ticks all CPUs worked (busyNow)
+	proxy float64                      // CPU seconds the proxy process used
+	bpf   map[string]ebpf.ProgramStats // kpr's programs, when withBPF
+}
+
+func (b *bench) markNow(proxyPID int, withBPF bool) mark {
+	var m mark
+	if withBPF {
+		m.bpf = b.kprRunStats()
+	}
+	m.at, m.busy, _ = busyNow()
+	m.proxy = procCPU(proxyPID)
+	return m
+}
+
 // interleave runs measurement m with both clients gated, client first taking the first slice.
 func (b *bench) interleave(ctx context.Context, run *PathRun, m mode, clients [2]clientSpec, first int) (*interleaved, error) {
 	ctx, cancel := context.WithTimeout(ctx, 2*(m.warm+m.length)+2*time.Minute)
@@ -200,33 +218,28 @@ func (b *bench) interleave(ctx context.Context, run *PathRun, m mode, clients [2
 	withBPF := m.mode == "rate" && clients[0].path.isKpr() && b.bpfStats != nil
 	res := &interleaved{}
 	before := b.cpu.snapshot()
+	// The slices run back to back, so what is read after one slice is read before the next.
+	prev := b.markNow(run.proxyPID, withBPF)
 	for k := range turns(m.length) {
 		order := []int{first, 1 - first}
 		if k%2 == 1 {
 			order[0], order[1] = order[1], order[0]
 		}
 		for _, i := range order {
-			var bpfBefore map[string]ebpf.ProgramStats
-			if withBPF {
-				bpfBefore = b.kprRunStats()
-			}
-			t0, busy0, _ := busyNow()
-			proxy0 := procCPU(run.proxyPID)
 			if err := slice(i, "run"); err != nil {
 				return nil, err
 			}
-			t1, busy1, _ := busyNow()
+			cur := b.markNow(run.proxyPID, withBPF)
 			s := &res.side[i]
-			s.span += t1.Sub(t0)
-			if busy1 > busy0 {
-				s.busy += busy1 - busy0
+			s.span += cur.at.Sub(prev.at)
+			if cur.busy > prev.busy {
+				s.busy += cur.busy - prev.busy
 			}
-			if run.proxyPID > 0 {
-				s.proxyCPU += max(0, procCPU(run.proxyPID)-proxy0)
+			s.proxyCPU += max(0, cur.proxy-prev.proxy)
+			if withBPF {
+				s.bpf = s.bpf.add(bpfDelta(prev.bpf, cur.bpf))
 			}
-			if bpfBefore != nil {
-				s.bpf = s.bpf.add(b.kprRunDelta(bpfBefore))
-			}
+			prev = cur
 		}
 	}
 	after := b.cpu.snapshot()
@@ -550,6 +563,14 @@ func (b *bench) kprRunDelta(before map[string]ebpf.ProgramStats) *BPFRun {
 	after, err := bpf.RunStats(b.kpr.PinDir)
 	if err != nil {
 		b.log("BPF run-time statistics: %v", err)
+		return nil
+	}
+	return bpfDelta(before, after)
+}
+
+// bpfDelta is what the programs did between two readings; nil when either is missing.
+func bpfDelta(before, after map[string]ebpf.ProgramStats) *BPFRun {
+	if before == nil || after == nil {
 		return nil
 	}
 	out := &BPFRun{ByProgram: map[string][2]uint64{}}
