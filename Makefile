@@ -10,7 +10,7 @@ LDFLAGS := -X github.com/kpr-dev/kpr/node/agent.Version=$(VERSION) -X github.com
 DEB_ARCH := $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
 K8S_BINDIR = $(shell hack/k8s.sh bindir)
 
-.PHONY: all build generate check-generate deps k8s-bins test unit e2e demo bench bench-clusterip bench-nodeport package clean
+.PHONY: all build generate check-generate deps k8s-bins test unit e2e demo bench bench-clusterip bench-nodeport bench-socket package clean
 
 all: build
 
@@ -56,7 +56,12 @@ demo: deps k8s-bins
 # through kpr's tc programs and kpr with XDP (docs/bench/nodeport.md). Each prints its table.
 # BENCH_FLAGS=-quick for a short subset (writes nothing); BENCH_FLAGS=-readme also rewrites the
 # README's part; BENCH_SCALES, BENCH_PATHS and BENCH_ROUNDS select parts (see test/cmd/bench).
-bench: bench-clusterip bench-nodeport
+# bench-socket: what kpr's socket programs add to the life of one connected socket, TCP and UDP,
+# to a backend and to a VIP (BenchmarkConnectedSocket in bpf/; figures in docs/bench/socket.md).
+bench: bench-clusterip bench-nodeport bench-socket
+
+bench-socket: deps
+	$(GO) test -run '^$$' -bench ConnectedSocket -benchtime 100000x -count 5 ./bpf/
 
 bench-clusterip bench-nodeport: bench-%: deps k8s-bins
 	KPR_K8S_BINDIR=$(K8S_BINDIR) $(GO) run ./test/cmd/bench -scenario $* $(BENCH_FLAGS)

@@ -43,7 +43,7 @@ var (
 	keyWC6  = ServiceKey{Addr: vip6}
 )
 
-func must(t *testing.T, err error) {
+func must(t testing.TB, err error) {
 	t.Helper()
 	if err != nil {
 		t.Fatal(err)
@@ -52,7 +52,7 @@ func must(t *testing.T, err error) {
 
 // programServices writes the standard test Services, in the reconciler's
 // order: backends, service slots, reverse NAT.
-func programServices(t *testing.T, m *LBMaps) {
+func programServices(t testing.TB, m *LBMaps) {
 	t.Helper()
 	backends := map[uint32]Backend{
 		beTCPA: {tcpA.Addr(), tcpA.Port(), ProtoTCP},

@@ -88,7 +88,8 @@ func (c Config) mapSizes() ([]mapSize, error) {
 		}
 	}
 	// Not configurable: listed so that a pinned map of another size or layout is reported.
-	sizes = append(sizes, mapSize{sockMapKprSvcCidrsV1, "", MaxServiceCIDRs})
+	sizes = append(sizes, mapSize{sockMapKprSvcCidrsV1, "", MaxServiceCIDRs},
+		mapSize{sockMapKprSkPeerV1, "", 0}) // socket storage: no size of its own
 	return sizes, nil
 }
 
@@ -136,6 +137,7 @@ func Probe() error {
 		{asm.FnSetRetval, "helper bpf_set_retval for cgroup_sock_addr (Linux 5.18)"},
 		{asm.FnGetSocketCookie, "helper bpf_get_socket_cookie for cgroup_sock_addr (Linux 5.0)"},
 		{asm.FnGetNetnsCookie, "helper bpf_get_netns_cookie for cgroup_sock_addr (Linux 5.7)"},
+		{asm.FnSkStorageGet, "helper bpf_sk_storage_get for cgroup_sock_addr (socket storage, for connected UDP sockets)"},
 	}
 	for _, h := range helpers {
 		if err := features.HaveProgramHelper(ebpf.CGroupSockAddr, h.fn); err != nil {

@@ -20,7 +20,10 @@ type LBMaps struct {
 	backends   *ebpf.Map
 	revNat     *ebpf.Map
 	sockRevNat *ebpf.Map
-	affinity   *ebpf.Map
+	// sockPeer is the socket storage of connected sockets' reverse translation; only the
+	// kernel writes it.
+	sockPeer *ebpf.Map
+	affinity *ebpf.Map
 	// affinityMatch holds the (svc_id, backend_id) pairs an affinity entry may
 	// name; see UpsertAffinityMatch.
 	affinityMatch *ebpf.Map
@@ -36,6 +39,7 @@ var mapNames = []string{
 	sockMapKprBackendsV1,
 	sockMapKprRevnatV1,
 	sockMapKprSkRevnatV1,
+	sockMapKprSkPeerV1,
 	sockMapKprAffinityV1,
 	sockMapKprAffinityMatchV1,
 	sockMapKprSvcCidrsV1,
@@ -48,6 +52,7 @@ func newLBMaps(m *sockMaps) *LBMaps {
 		backends:      m.KprBackendsV1,
 		revNat:        m.KprRevnatV1,
 		sockRevNat:    m.KprSkRevnatV1,
+		sockPeer:      m.KprSkPeerV1,
 		affinity:      m.KprAffinityV1,
 		affinityMatch: m.KprAffinityMatchV1,
 		svcCIDRs:      m.KprSvcCidrsV1,
@@ -61,6 +66,7 @@ func (m *LBMaps) byName() map[string]**ebpf.Map {
 		sockMapKprBackendsV1:      &m.backends,
 		sockMapKprRevnatV1:        &m.revNat,
 		sockMapKprSkRevnatV1:      &m.sockRevNat,
+		sockMapKprSkPeerV1:        &m.sockPeer,
 		sockMapKprAffinityV1:      &m.affinity,
 		sockMapKprAffinityMatchV1: &m.affinityMatch,
 		sockMapKprSvcCidrsV1:      &m.svcCIDRs,
@@ -76,6 +82,7 @@ var mapLayouts = map[string][2]int{
 	sockMapKprBackendsV1:      {binary.Size(uint32(0)), binary.Size(sockBackend{})},
 	sockMapKprRevnatV1:        {binary.Size(uint32(0)), binary.Size(sockRevnat{})},
 	sockMapKprSkRevnatV1:      {binary.Size(sockSkRevnatKey{}), binary.Size(sockSkRevnatValue{})},
+	sockMapKprSkPeerV1:        {binary.Size(int32(0)), binary.Size(sockSkPeer{})},
 	sockMapKprAffinityV1:      {binary.Size(sockAffinityKey{}), binary.Size(sockAffinityValue{})},
 	sockMapKprAffinityMatchV1: {binary.Size(sockAffinityMatchKey{}), binary.Size(uint8(0))},
 	sockMapKprSvcCidrsV1:      {binary.Size(sockSvcCidrKey{}), binary.Size(uint8(0))},

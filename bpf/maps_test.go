@@ -20,6 +20,7 @@ var schemaSizes = map[string][2]int{
 	sockMapKprBackendsV1:      {4, 20},
 	sockMapKprRevnatV1:        {4, 20},
 	sockMapKprSkRevnatV1:      {32, 24},
+	sockMapKprSkPeerV1:        {4, 44},
 	sockMapKprAffinityV1:      {16, 8},
 	sockMapKprAffinityMatchV1: {8, 1},
 	sockMapKprSvcCidrsV1:      {20, 1},
@@ -71,7 +72,9 @@ func newUnpinnedMaps(t *testing.T) *LBMaps {
 	var sm sockMaps
 	for _, ms := range spec.Maps {
 		ms.Pinning = ebpf.PinNone
-		ms.MaxEntries = 256
+		if ms.Type != ebpf.SkStorage { // sized by the sockets, not by max_entries
+			ms.MaxEntries = 256
+		}
 	}
 	coll, err := ebpf.NewCollection(&ebpf.CollectionSpec{Maps: spec.Maps})
 	if err != nil {

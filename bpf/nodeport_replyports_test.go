@@ -114,7 +114,9 @@ func TestRunStatsSharedProgram(t *testing.T) {
 			runs += s.RunCount
 		}
 	}
-	if len(entries) != 1 || runs != 5 {
-		t.Fatalf("reply program entries %v with %d runs, want one entry with the 5 runs", entries, runs)
+	// The devices' own packets (IPv6 neighbour discovery after link-up) may add a run or
+	// two; counting the program once per link would give at least 10.
+	if len(entries) != 1 || runs < 5 || runs >= 10 {
+		t.Fatalf("reply program entries %v with %d runs, want one entry with the 5 runs (and at most a few of the devices' own packets)", entries, runs)
 	}
 }

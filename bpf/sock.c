@@ -74,7 +74,39 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kpr_revnat_v1 SEC(".maps");
 
-/* LRU: entries of closed sockets age out; there is no socket-close hook here. */
+/*
+ * The reverse translation of a connected UDP socket (connect() to a VIP), kept
+ * in the socket itself: every datagram it receives is reverse-translated, for
+ * as long as it lives, so its entry must not be evicted by other sockets' (as
+ * in the LRU map below), and a connect() elsewhere must drop it. TCP sockets
+ * stay in the LRU map: the allocation and the deferred free of socket storage
+ * cost more than an LRU insert (BenchmarkConnectedSocket), and a TCP socket's
+ * peer is asked once, right after connect(), in practice.
+ */
+struct sk_peer {
+	__u8 be_addr[16];
+	__be16 be_port;
+	__u16 pad;
+	__u8 vip_addr[16];
+	__be16 vip_port;
+	__u16 pad2;
+	__u32 svc_id;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__type(key, int);
+	__type(value, struct sk_peer);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kpr_sk_peer_v1 SEC(".maps");
+
+/*
+ * Reverse translations of TCP sockets and unconnected UDP sockets (sendmsg()
+ * to a VIP, one per socket and backend), and of connected UDP sockets whose
+ * storage could not be allocated. LRU: entries of closed sockets age out;
+ * there is no socket-close hook here.
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct sk_revnat_key);
@@ -251,10 +283,13 @@ static __always_inline struct backend *lookup_slot(struct svc_key *key, __u16 sl
 	return lookup_backend(*backend_id, v4);
 }
 
-/* Only rewrite the reverse entry when it changed: sendmsg runs per datagram. */
+/*
+ * sendmsg() runs per datagram, so it only rewrites an entry that changed; a
+ * connect() (fresh) writes without asking.
+ */
 static __always_inline void record_sk_revnat(struct bpf_sock_addr *ctx, const union addr16 *be_addr,
 					     __be16 be_port, const union addr16 *vip,
-					     __be16 vip_port, __u32 svc_id)
+					     __be16 vip_port, __u32 svc_id, int fresh)
 {
 	struct sk_revnat_key k = {};
 	struct sk_revnat_value v = {};
@@ -268,7 +303,7 @@ static __always_inline void record_sk_revnat(struct bpf_sock_addr *ctx, const un
 	v.port = vip_port;
 	v.svc_id = svc_id;
 
-	old = bpf_map_lookup_elem(&kpr_sk_revnat_v1, &k);
+	old = fresh ? NULL : bpf_map_lookup_elem(&kpr_sk_revnat_v1, &k);
 	if (old && old->svc_id == svc_id && old->port == vip_port) {
 		union addr16 o;
 
@@ -277,6 +312,44 @@ static __always_inline void record_sk_revnat(struct bpf_sock_addr *ctx, const un
 			return;
 	}
 	bpf_map_update_elem(&kpr_sk_revnat_v1, &k, &v, BPF_ANY);
+}
+
+/*
+ * connect() of a UDP socket: it has one peer from now on. Falls back to the
+ * LRU map when the socket's storage cannot be allocated (its optmem limit).
+ */
+static __always_inline void record_sk_peer(struct bpf_sock_addr *ctx, const union addr16 *be_addr,
+					   __be16 be_port, const union addr16 *vip,
+					   __be16 vip_port, __u32 svc_id)
+{
+	struct sk_peer *p;
+	struct bpf_sock *sk = ctx->sk;
+
+	if (!sk)
+		goto fallback;
+	p = bpf_sk_storage_get(&kpr_sk_peer_v1, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!p)
+		goto fallback;
+	__builtin_memcpy(p->be_addr, be_addr->b, sizeof(p->be_addr));
+	p->be_port = be_port;
+	__builtin_memcpy(p->vip_addr, vip->b, sizeof(p->vip_addr));
+	p->vip_port = vip_port;
+	p->svc_id = svc_id;
+	return;
+fallback:
+	record_sk_revnat(ctx, be_addr, be_port, vip, vip_port, svc_id, 1);
+}
+
+/*
+ * connect() to an address that is no VIP: a UDP socket connected to a VIP
+ * before now talks to someone else, so its old peer must not be translated.
+ */
+static __always_inline void forget_sk_peer(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+
+	if (sk && bpf_sk_storage_get(&kpr_sk_peer_v1, sk, 0, 0))
+		bpf_sk_storage_delete(&kpr_sk_peer_v1, sk);
 }
 
 /*
@@ -320,6 +393,8 @@ static __always_inline int sock_lb(struct bpf_sock_addr *ctx, int v4, int is_con
 		 * without usable endpoints (SVC_F_UNREACHABLE), fail at once. */
 		if (in_svc_cidr(&vip))
 			return refuse(EHOSTUNREACH);
+		if (is_connect && proto == IPPROTO_UDP)
+			forget_sk_peer(ctx);
 		return 1;
 	}
 
@@ -379,8 +454,10 @@ static __always_inline int sock_lb(struct bpf_sock_addr *ctx, int v4, int is_con
 	addr_to_ctx(ctx, &be_addr, v4);
 	ctx->user_port = (__u32)be_port;
 
-	if (is_connect || proto == IPPROTO_UDP)
-		record_sk_revnat(ctx, &be_addr, be_port, &vip, vip_port, svc_id);
+	if (proto == IPPROTO_UDP && is_connect)
+		record_sk_peer(ctx, &be_addr, be_port, &vip, vip_port, svc_id);
+	else if (proto == IPPROTO_UDP || is_connect)
+		record_sk_revnat(ctx, &be_addr, be_port, &vip, vip_port, svc_id, is_connect);
 	return 1;
 }
 
@@ -390,8 +467,10 @@ static __always_inline int sock_revnat(struct bpf_sock_addr *ctx, int v4)
 	struct sk_revnat_key k = {};
 	struct sk_revnat_value *v;
 	struct revnat *rn;
+	struct sk_peer *p;
+	struct bpf_sock *sk;
 	union addr16 peer, vip, cur;
-	__be16 vip_port;
+	__be16 port, vip_port;
 	__u32 svc_id;
 
 	if (v4)
@@ -399,9 +478,23 @@ static __always_inline int sock_revnat(struct bpf_sock_addr *ctx, int v4)
 	else
 		addr_from_v6(&peer, ctx);
 
+	port = (__be16)ctx->user_port;
+
+	sk = ctx->sk;
+	p = sk && ctx->protocol == IPPROTO_UDP ? bpf_sk_storage_get(&kpr_sk_peer_v1, sk, 0, 0) : NULL;
+	if (p && p->be_port == port) {
+		__builtin_memcpy(cur.b, p->be_addr, sizeof(cur.b));
+		if (addr_equal(&cur, &peer)) {
+			__builtin_memcpy(vip.b, p->vip_addr, sizeof(vip.b));
+			vip_port = p->vip_port;
+			svc_id = p->svc_id;
+			goto found;
+		}
+	}
+
 	k.cookie = bpf_get_socket_cookie(ctx);
 	__builtin_memcpy(k.addr, peer.b, sizeof(k.addr));
-	k.port = (__be16)ctx->user_port;
+	k.port = port;
 
 	v = bpf_map_lookup_elem(&kpr_sk_revnat_v1, &k);
 	if (!v)
@@ -410,6 +503,7 @@ static __always_inline int sock_revnat(struct bpf_sock_addr *ctx, int v4)
 	vip_port = v->port;
 	svc_id = v->svc_id;
 
+found:
 	/* The Service (or its frontend) may be gone: then show the truth. */
 	rn = bpf_map_lookup_elem(&kpr_revnat_v1, &svc_id);
 	if (!rn || rn->port != vip_port)

@@ -58,6 +58,17 @@ type sockRevnat struct {
 	Pad  uint16
 }
 
+type sockSkPeer struct {
+	_       structs.HostLayout
+	BeAddr  [16]uint8
+	BePort  uint16
+	Pad     uint16
+	VipAddr [16]uint8
+	VipPort uint16
+	Pad2    uint16
+	SvcId   uint32
+}
+
 type sockSkRevnatKey struct {
 	_      structs.HostLayout
 	Cookie uint64
@@ -107,6 +118,7 @@ const (
 	sockMapKprBackendsV1      = "kpr_backends_v1"
 	sockMapKprBindGuardV1     = "kpr_bind_guard_v1"
 	sockMapKprRevnatV1        = "kpr_revnat_v1"
+	sockMapKprSkPeerV1        = "kpr_sk_peer_v1"
 	sockMapKprSkRevnatV1      = "kpr_sk_revnat_v1"
 	sockMapKprSvcCidrsV1      = "kpr_svc_cidrs_v1"
 	sockMapKprSvcV1           = "kpr_svc_v1"
@@ -185,6 +197,7 @@ type sockMapSpecs struct {
 	KprBackendsV1      *ebpf.MapSpec `ebpf:"kpr_backends_v1"`
 	KprBindGuardV1     *ebpf.MapSpec `ebpf:"kpr_bind_guard_v1"`
 	KprRevnatV1        *ebpf.MapSpec `ebpf:"kpr_revnat_v1"`
+	KprSkPeerV1        *ebpf.MapSpec `ebpf:"kpr_sk_peer_v1"`
 	KprSkRevnatV1      *ebpf.MapSpec `ebpf:"kpr_sk_revnat_v1"`
 	KprSvcCidrsV1      *ebpf.MapSpec `ebpf:"kpr_svc_cidrs_v1"`
 	KprSvcV1           *ebpf.MapSpec `ebpf:"kpr_svc_v1"`
@@ -221,6 +234,7 @@ type sockMaps struct {
 	KprBackendsV1      *ebpf.Map `ebpf:"kpr_backends_v1"`
 	KprBindGuardV1     *ebpf.Map `ebpf:"kpr_bind_guard_v1"`
 	KprRevnatV1        *ebpf.Map `ebpf:"kpr_revnat_v1"`
+	KprSkPeerV1        *ebpf.Map `ebpf:"kpr_sk_peer_v1"`
 	KprSkRevnatV1      *ebpf.Map `ebpf:"kpr_sk_revnat_v1"`
 	KprSvcCidrsV1      *ebpf.Map `ebpf:"kpr_svc_cidrs_v1"`
 	KprSvcV1           *ebpf.Map `ebpf:"kpr_svc_v1"`
@@ -233,6 +247,7 @@ func (m *sockMaps) Close() error {
 		m.KprBackendsV1,
 		m.KprBindGuardV1,
 		m.KprRevnatV1,
+		m.KprSkPeerV1,
 		m.KprSkRevnatV1,
 		m.KprSvcCidrsV1,
 		m.KprSvcV1,

@@ -38,14 +38,14 @@ var (
 // namespace with the backend addresses on lo. Everything is undone in
 // t.Cleanup, also when the test fails.
 type testEnv struct {
-	t      *testing.T
+	t      testing.TB
 	cgroup string
 	bpffs  string
 	pinDir string
 	netns  *os.File
 }
 
-func randomSuffix(t *testing.T) string {
+func randomSuffix(t testing.TB) string {
 	b := make([]byte, 4)
 	if _, err := rand.Read(b); err != nil {
 		t.Fatal(err)
@@ -53,14 +53,14 @@ func randomSuffix(t *testing.T) string {
 	return hex.EncodeToString(b)
 }
 
-func requireRoot(t *testing.T) {
+func requireRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root (BPF, cgroups, namespaces)")
 	}
 }
 
-func newTestEnv(t *testing.T) *testEnv {
+func newTestEnv(t testing.TB) *testEnv {
 	t.Helper()
 	requireRoot(t)
 	e := &testEnv{t: t}
@@ -77,7 +77,7 @@ func newTestEnv(t *testing.T) *testEnv {
 }
 
 // mountBPFFS mounts a bpffs of our own; /sys/fs/bpf is left alone.
-func mountBPFFS(t *testing.T) string {
+func mountBPFFS(t testing.TB) string {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "bpffs")
 	if err := os.Mkdir(dir, 0o700); err != nil {
@@ -96,7 +96,7 @@ func mountBPFFS(t *testing.T) string {
 }
 
 // makeCgroup creates kpr-test-<random> directly below the cgroup2 mount.
-func makeCgroup(t *testing.T) string {
+func makeCgroup(t testing.TB) string {
 	t.Helper()
 	mnt, err := CgroupV2Mount()
 	if err != nil {
@@ -123,7 +123,7 @@ func makeCgroup(t *testing.T) string {
 
 // enterCgroup moves the whole test process into cg (sockets take the cgroup
 // of their creator) and back to its original cgroup at cleanup.
-func enterCgroup(t *testing.T, cg string) {
+func enterCgroup(t testing.TB, cg string) {
 	t.Helper()
 	mnt, err := CgroupV2Mount()
 	if err != nil {
@@ -155,7 +155,7 @@ func enterCgroup(t *testing.T, cg string) {
 
 // makeNetns creates a network namespace on a throwaway thread and keeps only
 // a file descriptor to it; the namespace goes away with the last socket.
-func makeNetns(t *testing.T) *os.File {
+func makeNetns(t testing.TB) *os.File {
 	t.Helper()
 	type result struct {
 		f   *os.File
