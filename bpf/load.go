@@ -89,7 +89,8 @@ func (c Config) mapSizes() ([]mapSize, error) {
 	}
 	// Not configurable: listed so that a pinned map of another size or layout is reported.
 	sizes = append(sizes, mapSize{sockMapKprSvcCidrsV1, "", MaxServiceCIDRs},
-		mapSize{sockMapKprSkPeerV1, "", 0}) // socket storage: no size of its own
+		mapSize{sockMapKprSkPeerV1, "", 0}, // socket storage: no size of its own
+		mapSize{sockMapKprSkRevnatPortsV1, "", 1 << 16})
 	return sizes, nil
 }
 
@@ -188,6 +189,10 @@ func Load(cfg Config) (_ *Datapath, err error) {
 		return nil, err
 	}
 
+	// An older kpr's reverse entries have no port marks yet (seeded below).
+	_, statErr := os.Stat(filepath.Join(cfg.PinDir, sockMapKprSkRevnatPortsV1))
+	seedPorts := errors.Is(statErr, os.ErrNotExist)
+
 	var objs sockObjects
 	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: cfg.PinDir}}
 	if err := spec.LoadAndAssign(&objs, opts); err != nil {
@@ -207,7 +212,38 @@ func Load(cfg Config) (_ *Datapath, err error) {
 		}
 		d.links = append(d.links, l)
 	}
+	// After attaching: from here on only these programs write reverse entries, and they mark.
+	if seedPorts {
+		if err := seedSockRevNatPorts(d.Maps.sockRevNat, d.Maps.sockRevNatPorts); err != nil {
+			return nil, err
+		}
+	}
 	return d, nil
+}
+
+// seedSockRevNatPorts marks the backend port of every entry of kpr_sk_revnat_v1: a kpr
+// without kpr_sk_revnat_ports_v1 left entries that the reverse hooks would otherwise no
+// longer look up (see the map in sock.c).
+func seedSockRevNatPorts(revNat, ports *ebpf.Map) error {
+	var (
+		k    sockSkRevnatKey
+		v    sockSkRevnatValue
+		seen = map[uint16]bool{}
+	)
+	it := revNat.Iterate()
+	for it.Next(&k, &v) {
+		if seen[k.Port] {
+			continue
+		}
+		seen[k.Port] = true
+		if err := ports.Update(uint32(k.Port), uint8(1), ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("update %s: %w", sockMapKprSkRevnatPortsV1, err)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("seed %s from %s: %w", sockMapKprSkRevnatPortsV1, sockMapKprSkRevnatV1, err)
+	}
+	return nil
 }
 
 // attach points the pinned link of h at prog, creating (and pinning) the link

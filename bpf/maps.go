@@ -23,7 +23,10 @@ type LBMaps struct {
 	// sockPeer is the socket storage of connected sockets' reverse translation; only the
 	// kernel writes it.
 	sockPeer *ebpf.Map
-	affinity *ebpf.Map
+	// sockRevNatPorts marks the backend ports of sockRevNat's entries; only the kernel
+	// writes it, but for seedSockRevNatPorts.
+	sockRevNatPorts *ebpf.Map
+	affinity        *ebpf.Map
 	// affinityMatch holds the (svc_id, backend_id) pairs an affinity entry may
 	// name; see UpsertAffinityMatch.
 	affinityMatch *ebpf.Map
@@ -40,6 +43,7 @@ var mapNames = []string{
 	sockMapKprRevnatV1,
 	sockMapKprSkRevnatV1,
 	sockMapKprSkPeerV1,
+	sockMapKprSkRevnatPortsV1,
 	sockMapKprAffinityV1,
 	sockMapKprAffinityMatchV1,
 	sockMapKprSvcCidrsV1,
@@ -48,15 +52,16 @@ var mapNames = []string{
 
 func newLBMaps(m *sockMaps) *LBMaps {
 	return &LBMaps{
-		svc:           m.KprSvcV1,
-		backends:      m.KprBackendsV1,
-		revNat:        m.KprRevnatV1,
-		sockRevNat:    m.KprSkRevnatV1,
-		sockPeer:      m.KprSkPeerV1,
-		affinity:      m.KprAffinityV1,
-		affinityMatch: m.KprAffinityMatchV1,
-		svcCIDRs:      m.KprSvcCidrsV1,
-		bindGuard:     m.KprBindGuardV1,
+		svc:             m.KprSvcV1,
+		backends:        m.KprBackendsV1,
+		revNat:          m.KprRevnatV1,
+		sockRevNat:      m.KprSkRevnatV1,
+		sockPeer:        m.KprSkPeerV1,
+		sockRevNatPorts: m.KprSkRevnatPortsV1,
+		affinity:        m.KprAffinityV1,
+		affinityMatch:   m.KprAffinityMatchV1,
+		svcCIDRs:        m.KprSvcCidrsV1,
+		bindGuard:       m.KprBindGuardV1,
 	}
 }
 
@@ -67,6 +72,7 @@ func (m *LBMaps) byName() map[string]**ebpf.Map {
 		sockMapKprRevnatV1:        &m.revNat,
 		sockMapKprSkRevnatV1:      &m.sockRevNat,
 		sockMapKprSkPeerV1:        &m.sockPeer,
+		sockMapKprSkRevnatPortsV1: &m.sockRevNatPorts,
 		sockMapKprAffinityV1:      &m.affinity,
 		sockMapKprAffinityMatchV1: &m.affinityMatch,
 		sockMapKprSvcCidrsV1:      &m.svcCIDRs,
@@ -83,6 +89,7 @@ var mapLayouts = map[string][2]int{
 	sockMapKprRevnatV1:        {binary.Size(uint32(0)), binary.Size(sockRevnat{})},
 	sockMapKprSkRevnatV1:      {binary.Size(sockSkRevnatKey{}), binary.Size(sockSkRevnatValue{})},
 	sockMapKprSkPeerV1:        {binary.Size(int32(0)), binary.Size(sockSkPeer{})},
+	sockMapKprSkRevnatPortsV1: {binary.Size(uint32(0)), binary.Size(uint8(0))},
 	sockMapKprAffinityV1:      {binary.Size(sockAffinityKey{}), binary.Size(sockAffinityValue{})},
 	sockMapKprAffinityMatchV1: {binary.Size(sockAffinityMatchKey{}), binary.Size(uint8(0))},
 	sockMapKprSvcCidrsV1:      {binary.Size(sockSvcCidrKey{}), binary.Size(uint8(0))},

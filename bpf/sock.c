@@ -115,6 +115,22 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kpr_sk_revnat_v1 SEC(".maps");
 
+/*
+ * The backend ports of kpr_sk_revnat_v1's entries (index: the port as the
+ * socket address carries it, network order read natively; value 1 once some
+ * entry had it). recvmsg and getpeername of a peer whose port is not marked
+ * skip the cookie and the LRU lookup (a cold miss in a full map): every socket
+ * on the node pays those hooks, most for peers that were never translated.
+ * Marks are never cleared: an entry can outlive its Service.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u8);
+	__uint(max_entries, 65536);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kpr_sk_revnat_ports_v1 SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct affinity_key);
@@ -311,7 +327,13 @@ static __always_inline void record_sk_revnat(struct bpf_sock_addr *ctx, const un
 		if (addr_equal(&o, vip))
 			return;
 	}
-	bpf_map_update_elem(&kpr_sk_revnat_v1, &k, &v, BPF_ANY);
+	if (bpf_map_update_elem(&kpr_sk_revnat_v1, &k, &v, BPF_ANY) == 0) {
+		__u32 idx = be_port;
+		__u8 *mark = bpf_map_lookup_elem(&kpr_sk_revnat_ports_v1, &idx);
+
+		if (mark && !*mark)
+			*mark = 1;
+	}
 }
 
 /*
@@ -471,7 +493,8 @@ static __always_inline int sock_revnat(struct bpf_sock_addr *ctx, int v4)
 	struct bpf_sock *sk;
 	union addr16 peer, vip, cur;
 	__be16 port, vip_port;
-	__u32 svc_id;
+	__u32 svc_id, idx;
+	__u8 *mark;
 
 	if (v4)
 		addr_from_v4(&peer, ctx->user_ip4);
@@ -491,6 +514,11 @@ static __always_inline int sock_revnat(struct bpf_sock_addr *ctx, int v4)
 			goto found;
 		}
 	}
+
+	idx = port;
+	mark = bpf_map_lookup_elem(&kpr_sk_revnat_ports_v1, &idx);
+	if (!mark || !*mark)
+		return 1;
 
 	k.cookie = bpf_get_socket_cookie(ctx);
 	__builtin_memcpy(k.addr, peer.b, sizeof(k.addr));

@@ -11,8 +11,10 @@ import (
 
 // BenchmarkConnectedSocket measures what kpr's socket programs add to the life of a
 // connected socket: socket(), connect(), getpeername() and close(), straight to a backend
-// ("backend": kpr's connect4 and getpeername4 run and find nothing) or to a VIP ("vip":
-// translated, its reverse translation recorded and read back). A UDP socket sends nothing;
+// ("backend", after the VIP case: kpr's connect4 and getpeername4 run and find nothing; a TCP
+// backend's port is one that translated sockets have, so getpeername4 looks in the full LRU
+// map) or to a VIP ("vip": translated, its reverse translation recorded and read back), or
+// to a port no backend has ("other": getpeername4 stops at the port mark). A UDP socket sends nothing;
 // a TCP one makes its handshake with a server in the test's namespace and closes with a
 // reset (no TIME_WAIT). The VIP cases first make as many sockets as the default reverse map
 // holds, so that its LRU is full, as on a busy node. Besides ns/op it reports connect4's and
@@ -75,10 +77,11 @@ func BenchmarkConnectedSocket(b *testing.B) {
 		dst    netip.AddrPort
 		fill   int
 	}{
-		{"udp/backend", unix.SOCK_DGRAM, udpA, 0},
+		{"udp/other", unix.SOCK_DGRAM, netip.AddrPortFrom(udpA.Addr(), 9), 0},
 		{"udp/vip", unix.SOCK_DGRAM, netip.AddrPortFrom(vip4, 53), DefaultSockRevNatMapSize},
-		{"tcp/backend", unix.SOCK_STREAM, tcpA, 0},
+		{"udp/backend", unix.SOCK_DGRAM, udpA, 0},
 		{"tcp/vip", unix.SOCK_STREAM, netip.AddrPortFrom(vip4, 80), DefaultSockRevNatMapSize},
+		{"tcp/backend", unix.SOCK_STREAM, tcpA, 0},
 	} {
 		b.Run(c.name, func(b *testing.B) {
 			if err := loop(c.sotype, c.dst, c.fill); err != nil {

@@ -119,6 +119,7 @@ const (
 	sockMapKprBindGuardV1     = "kpr_bind_guard_v1"
 	sockMapKprRevnatV1        = "kpr_revnat_v1"
 	sockMapKprSkPeerV1        = "kpr_sk_peer_v1"
+	sockMapKprSkRevnatPortsV1 = "kpr_sk_revnat_ports_v1"
 	sockMapKprSkRevnatV1      = "kpr_sk_revnat_v1"
 	sockMapKprSvcCidrsV1      = "kpr_svc_cidrs_v1"
 	sockMapKprSvcV1           = "kpr_svc_v1"
@@ -198,6 +199,7 @@ type sockMapSpecs struct {
 	KprBindGuardV1     *ebpf.MapSpec `ebpf:"kpr_bind_guard_v1"`
 	KprRevnatV1        *ebpf.MapSpec `ebpf:"kpr_revnat_v1"`
 	KprSkPeerV1        *ebpf.MapSpec `ebpf:"kpr_sk_peer_v1"`
+	KprSkRevnatPortsV1 *ebpf.MapSpec `ebpf:"kpr_sk_revnat_ports_v1"`
 	KprSkRevnatV1      *ebpf.MapSpec `ebpf:"kpr_sk_revnat_v1"`
 	KprSvcCidrsV1      *ebpf.MapSpec `ebpf:"kpr_svc_cidrs_v1"`
 	KprSvcV1           *ebpf.MapSpec `ebpf:"kpr_svc_v1"`
@@ -235,6 +237,7 @@ type sockMaps struct {
 	KprBindGuardV1     *ebpf.Map `ebpf:"kpr_bind_guard_v1"`
 	KprRevnatV1        *ebpf.Map `ebpf:"kpr_revnat_v1"`
 	KprSkPeerV1        *ebpf.Map `ebpf:"kpr_sk_peer_v1"`
+	KprSkRevnatPortsV1 *ebpf.Map `ebpf:"kpr_sk_revnat_ports_v1"`
 	KprSkRevnatV1      *ebpf.Map `ebpf:"kpr_sk_revnat_v1"`
 	KprSvcCidrsV1      *ebpf.Map `ebpf:"kpr_svc_cidrs_v1"`
 	KprSvcV1           *ebpf.Map `ebpf:"kpr_svc_v1"`
@@ -248,6 +251,7 @@ func (m *sockMaps) Close() error {
 		m.KprBindGuardV1,
 		m.KprRevnatV1,
 		m.KprSkPeerV1,
+		m.KprSkRevnatPortsV1,
 		m.KprSkRevnatV1,
 		m.KprSvcCidrsV1,
 		m.KprSvcV1,

@@ -2,6 +2,8 @@ package bpf
 
 import (
 	"net/netip"
+	"os"
+	"path/filepath"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -88,4 +90,46 @@ func TestConnectedPeerKeptWithTheSocket(t *testing.T) {
 	if p, from := peer(), exchange(); p != udpA || from != udpA {
 		t.Fatalf("connected to %s itself: getpeername = %s, recvfrom source = %s, want %s", udpA, p, from, udpA)
 	}
+}
+
+// TestSockRevNatPortsSeeded: getpeername4 and recvmsg4 look a peer up in kpr_sk_revnat_v1
+// only if some entry had its port (kpr_sk_revnat_ports_v1). A kpr that creates the port map
+// over an older kpr's pinned entries marks their ports, so sockets translated before the
+// upgrade keep showing the VIP.
+func TestSockRevNatPortsSeeded(t *testing.T) {
+	e := newTestEnv(t)
+	d := e.load()
+	startAllServers(e)
+	programServices(t, d.Maps)
+	vip := netip.AddrPortFrom(vip4, 80)
+
+	var fd int
+	must(t, e.do(func() error {
+		var err error
+		fd, err = socket(unix.AF_INET, unix.SOCK_STREAM)
+		if err != nil {
+			return err
+		}
+		return unix.Connect(fd, sockaddr(vip, unix.AF_INET))
+	}))
+	defer unix.Close(fd)
+	peer := func(when string) {
+		t.Helper()
+		sa, err := unix.Getpeername(fd)
+		must(t, err)
+		if p := addrPortOf(sa); p != vip {
+			t.Fatalf("%s: getpeername = %s, want the VIP %s", when, p, vip)
+		}
+	}
+	peer("before")
+
+	// The older kpr had no port map: its pin goes, and the programs are loaded again.
+	d.Close()
+	must(t, os.Remove(filepath.Join(e.pinDir, sockMapKprSkRevnatPortsV1)))
+	d2, err := Load(e.config())
+	if err != nil {
+		t.Fatalf("Load over the older pins: %v", err)
+	}
+	defer d2.Close()
+	peer("after the upgrade")
 }
