@@ -1224,7 +1224,7 @@ func (r *Results) ReadmeSection(resultsFile string) string {
 		return r.nodePortReadme(resultsFile)
 	}
 	b.WriteString("### ClusterIP: a pod to a Service\n\n")
-	fmt.Fprintf(&b, "`make bench-clusterip` (half of `make bench`) measures, on one sandbox node, a pod reaching a ClusterIP through kpr, through upstream "+
+	fmt.Fprintf(&b, "`make bench-clusterip` (part of `make bench`) measures, on one sandbox node, a pod reaching a ClusterIP through kpr, through upstream "+
 		"kube-proxy (nftables and iptables modes, the pinned version, in the same node namespace) and straight to the pods. "+
 		"On a %d-CPU %s VM (kernel %s), %s, median of %d rounds:\n\n", r.Machine.CPUs, r.Machine.CPUModel, r.Machine.Kernel,
 		r.Started.UTC().Format("2006-01-02"), r.Config.Rounds)
@@ -1260,7 +1260,7 @@ func (r *Results) ReadmeSection(resultsFile string) string {
 func (r *Results) nodePortReadme(resultsFile string) string {
 	var b strings.Builder
 	b.WriteString("### NodePort: a host outside the cluster to a Service\n\n")
-	fmt.Fprintf(&b, "`make bench-nodeport` (half of `make bench`) measures a host on the LAN reaching a NodePort on node1 whose "+
+	fmt.Fprintf(&b, "`make bench-nodeport` (part of `make bench`) measures a host on the LAN reaching a NodePort on node1 whose "+
 		"10 pods are all on node2, so node1 forwards every packet back out of the device it came in on: through kpr's tc "+
 		"programs, through kpr with XDP (`acceleration: native`), through upstream kube-proxy (nftables and iptables modes, "+
 		"the pinned version, in node1's namespace), and straight to the pods on node2 (the floor, one hop shorter). "+
