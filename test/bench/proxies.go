@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"strings"
 	"syscall"
@@ -120,7 +121,28 @@ func (b *bench) northSouthCounters(run *PathRun) {
 		run.Notes = append(run.Notes, fmt.Sprintf("north-south counters: %v", err))
 		return
 	}
-	run.NorthSouth = &NorthSouthCounters{Flows: st.NewFlows, Forwarded: st.Forwarded, Replies: st.Replies, XDPTx: st.XDPTx}
+	run.NorthSouth = &NorthSouthCounters{Flows: st.NewFlows, Forwarded: st.Forwarded, Replies: st.Replies, XDPTx: st.XDPTx,
+		Other: otherCounters(st)}
+}
+
+// otherCounters are st's counters besides flows, forwarded, replies and XDP_TX that are not
+// zero, by field name.
+func otherCounters(st bpf.NodePortStats) map[string]uint64 {
+	out := map[string]uint64{}
+	v := reflect.ValueOf(st)
+	for i := range v.NumField() {
+		switch name := v.Type().Field(i).Name; name {
+		case "NewFlows", "Forwarded", "Replies", "XDPTx":
+		default:
+			if n := v.Field(i).Uint(); n != 0 {
+				out[name] = n
+			}
+		}
+	}
+	if len(out) == 0 {
+		return nil
+	}
+	return out
 }
 
 // fullSyncTimeout bounds the wait for the full sync fullSync asks for.

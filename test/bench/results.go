@@ -2,6 +2,7 @@ package bench
 
 import (
 	"fmt"
+	"maps"
 	"math"
 	"slices"
 	"strings"
@@ -140,6 +141,9 @@ type NorthSouthCounters struct {
 	Forwarded uint64 `json:"forwarded"` // packets to a backend
 	Replies   uint64 `json:"replies"`   // backends' packets back to the client
 	XDPTx     uint64 `json:"xdp_tx"`    // of both, sent by the XDP program
+	// Other holds kpr's other counters that are not zero (drops, refusals, packets left to the
+	// stack), by their bpf.NodePortStats name, so that a failed request can be traced to them.
+	Other map[string]uint64 `json:"other,omitempty"`
 }
 
 // Sample is one set of client measurements: connection rate, then latency on new and on
@@ -1133,8 +1137,12 @@ func (r *Results) raw() string {
 					other = append(other, "map memlock "+fmtMiB(run.MapMemlock))
 				}
 				if ns := run.NorthSouth; ns != nil {
-					other = append(other, fmt.Sprintf("kpr counters: %s flows, %s packets forwarded, %s replies, %s of them by XDP",
-						fmtCount(int(ns.Flows)), fmtCount(int(ns.Forwarded)), fmtCount(int(ns.Replies)), fmtCount(int(ns.XDPTx))))
+					c := fmt.Sprintf("kpr counters: %s flows, %s packets forwarded, %s replies, %s of them by XDP",
+						fmtCount(int(ns.Flows)), fmtCount(int(ns.Forwarded)), fmtCount(int(ns.Replies)), fmtCount(int(ns.XDPTx)))
+					for _, name := range slices.Sorted(maps.Keys(ns.Other)) {
+						c += fmt.Sprintf(", %s %s", name, fmtCount(int(ns.Other[name])))
+					}
+					other = append(other, c)
 				}
 				if run.HasNftRules {
 					other = append(other, fmt.Sprintf("nftables rules in the node namespace %s", fmtCount(run.NftRules)))

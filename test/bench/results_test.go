@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"maps"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -8,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kpr-dev/kpr/bpf"
 	"github.com/kpr-dev/kpr/test/loadgen/report"
 )
 
@@ -284,13 +286,15 @@ func TestNodePortReport(t *testing.T) {
 		Scales: []*ScaleResult{{Services: 1, Paths: []*PathResult{
 			{Path: Direct, Runs: []*PathRun{{Path: Direct, Round: 1, Samples: []*Sample{sample(Direct, 1000, 80, 25)}}}},
 			{Path: KprTC, Runs: []*PathRun{run(KprTC, 800, &NorthSouthCounters{Flows: 10, Forwarded: 50, Replies: 50}, 0)}},
-			{Path: KprXDP, Runs: []*PathRun{run(KprXDP, 900, &NorthSouthCounters{Flows: 10, Forwarded: 50, Replies: 50, XDPTx: 99}, 2)}},
+			{Path: KprXDP, Runs: []*PathRun{run(KprXDP, 900, &NorthSouthCounters{Flows: 10, Forwarded: 50, Replies: 50, XDPTx: 99,
+				Other: map[string]uint64{"PassFIB": 1, "DropNoSNATPort": 2}}, 2)}},
 		}}},
 	}
 	md := r.Markdown()
 	for _, want := range []string{
 		"# NodePort benchmark", "kpr tc against the direct path, paired", "kpr XDP against the direct path, paired",
 		"the XDP program sent 99 of the 100 packets", "host outside the cluster", "kpr counters: 10 flows",
+		"99 of them by XDP, DropNoSNATPort 2, PassFIB 1",
 		"kpr XDP 2,000 µs", "kpr XDP's programs, from the kernel's BPF run-time statistics", "150 ns per program run", "10.0 runs per new connection",
 	} {
 		if !strings.Contains(md, want) {
@@ -419,5 +423,15 @@ func TestNftTarget(t *testing.T) {
 	r := &Results{Scales: []*ScaleResult{scale(1, []int{10}, []int{40}), scale(10000, []int{10}, []int{100030})}}
 	if m := r.nftTarget().Measured; !strings.Contains(m, "kpr at 10,000 Services: 10") || !strings.Contains(m, "kube-proxy nftables at 10,000 Services: 100,030") {
 		t.Errorf("measured %q names neither count per path and scale", m)
+	}
+}
+
+func TestOtherCounters(t *testing.T) {
+	if got := otherCounters(bpf.NodePortStats{NewFlows: 5, Forwarded: 9, Replies: 9, XDPTx: 3}); got != nil {
+		t.Errorf("otherCounters of flows, forwarded, replies and XDP_TX only = %v, want none", got)
+	}
+	got := otherCounters(bpf.NodePortStats{NewFlows: 5, DropNoSNATPort: 2, PassFIB: 1})
+	if want := map[string]uint64{"DropNoSNATPort": 2, "PassFIB": 1}; !maps.Equal(got, want) {
+		t.Errorf("otherCounters = %v, want %v", got, want)
 	}
 }
