@@ -225,23 +225,32 @@ func Load(cfg Config) (_ *Datapath, err error) {
 // without kpr_sk_revnat_ports_v1 left entries that the reverse hooks would otherwise no
 // longer look up (see the map in sock.c).
 func seedSockRevNatPorts(revNat, ports *ebpf.Map) error {
+	return seedPortMarks(revNat, ports, func(k *sockSkRevnatKey) uint16 { return k.Port },
+		sockMapKprSkRevnatV1, sockMapKprSkRevnatPortsV1)
+}
+
+// seedPortMarks sets to 1 the entry of the port array ports (named portsName) at the port
+// portOf reads from each key of entries (named entriesName), the port as the packet or
+// socket address carries it.
+func seedPortMarks[K any](entries, ports *ebpf.Map, portOf func(*K) uint16, entriesName, portsName string) error {
 	var (
-		k    sockSkRevnatKey
-		v    sockSkRevnatValue
+		k    K
+		v    = make([]byte, entries.ValueSize())
 		seen = map[uint16]bool{}
 	)
-	it := revNat.Iterate()
+	it := entries.Iterate()
 	for it.Next(&k, &v) {
-		if seen[k.Port] {
+		port := portOf(&k)
+		if seen[port] {
 			continue
 		}
-		seen[k.Port] = true
-		if err := ports.Update(uint32(k.Port), uint8(1), ebpf.UpdateAny); err != nil {
-			return fmt.Errorf("update %s: %w", sockMapKprSkRevnatPortsV1, err)
+		seen[port] = true
+		if err := ports.Update(uint32(port), uint8(1), ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("update %s: %w", portsName, err)
 		}
 	}
 	if err := it.Err(); err != nil {
-		return fmt.Errorf("seed %s from %s: %w", sockMapKprSkRevnatPortsV1, sockMapKprSkRevnatV1, err)
+		return fmt.Errorf("seed %s from %s: %w", portsName, entriesName, err)
 	}
 	return nil
 }

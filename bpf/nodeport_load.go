@@ -103,26 +103,8 @@ func LoadNodePort(cfg Config, np NodePortConfig) (_ *NodePort, err error) {
 // kpr_lb_reply_ports_v1 left flows whose replies the programs would otherwise no longer
 // look up (see the map in lb.c).
 func seedReplyPorts(snat, ports *ebpf.Map) error {
-	var (
-		k    lbFlowKey
-		v    = make([]byte, snat.ValueSize())
-		one  = uint8(1)
-		seen = map[uint16]bool{}
-	)
-	it := snat.Iterate()
-	for it.Next(&k, &v) {
-		if seen[k.Sport] {
-			continue
-		}
-		seen[k.Sport] = true
-		if err := ports.Update(uint32(k.Sport), one, ebpf.UpdateAny); err != nil {
-			return fmt.Errorf("update %s: %w", lbMapKprLbReplyPortsV1, err)
-		}
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("seed %s from %s: %w", lbMapKprLbReplyPortsV1, lbMapKprLbSnatV1, err)
-	}
-	return nil
+	return seedPortMarks(snat, ports, func(k *lbFlowKey) uint16 { return k.Sport },
+		lbMapKprLbSnatV1, lbMapKprLbReplyPortsV1)
 }
 
 // checkPinnedMaglevSize refuses a table size other than the one the pinned kpr_maglev_v1 was
