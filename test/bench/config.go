@@ -32,10 +32,12 @@ func ParseScenario(s string) (Scenario, error) {
 type Path string
 
 const (
-	Direct                  Path = "direct"
-	Kpr                     Path = "kpr"
-	KprTC                   Path = "kpr tc"  // NodePort: kpr's tc programs
-	KprXDP                  Path = "kpr XDP" // NodePort: kpr with acceleration native
+	Direct Path = "direct"
+	Kpr    Path = "kpr"
+	KprTC  Path = "kpr tc"  // NodePort: kpr's tc programs
+	KprXDP Path = "kpr XDP" // NodePort: kpr with acceleration native
+	// DirectControl is the own side of a control pair: a second direct client.
+	DirectControl           Path = "direct (control)"
 	KubeProxyNFTables       Path = "kube-proxy nftables"
 	KubeProxyIPTables       Path = "kube-proxy iptables"
 	measuredNamespace            = "bench"
@@ -106,6 +108,9 @@ type Config struct {
 	// path; each pair's two clients take turns in slices of Slice.
 	Pairs int
 	Slice time.Duration
+	// ControlPairs are pairs measured the same way in each kpr run of the ClusterIP scenario,
+	// but with a direct client on both sides: an unbiased method gives them 100%.
+	ControlPairs int
 	// Pin puts the clients on CPU 0 and the servers on the other CPUs.
 	Pin bool
 	// OthersLimit is the share of the machine's CPU that processes outside the sandbox may use
@@ -153,6 +158,7 @@ func DefaultConfig() Config {
 		LatencyWarmup:             300 * time.Millisecond,
 		LatencyDuration:           2 * time.Second,
 		Pairs:                     5,
+		ControlPairs:              2,
 		Slice:                     250 * time.Millisecond,
 		Pin:                       true,
 		OthersLimit:               0.05,
@@ -180,6 +186,7 @@ func Quick(c Config) Config {
 	c.Scales = []int{1}
 	c.Rounds = 1
 	c.Pairs = 2
+	c.ControlPairs = 0
 	c.RateWarmup = 500 * time.Millisecond
 	c.RateDuration = 2 * time.Second
 	c.LatencyWarmup = 300 * time.Millisecond
@@ -234,6 +241,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Pairs < 1 || c.Pairs > 10 {
 		errs = append(errs, fmt.Errorf("pairs: %d out of range 1..10", c.Pairs))
+	}
+	if c.ControlPairs < 0 || c.ControlPairs > 10 {
+		errs = append(errs, fmt.Errorf("control-pairs: %d out of range 0..10", c.ControlPairs))
 	}
 	if c.OthersLimit <= 0 || c.OthersLimit > 1 {
 		errs = append(errs, fmt.Errorf("others limit: %v out of range (0, 1]", c.OthersLimit))

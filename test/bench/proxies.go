@@ -97,6 +97,17 @@ func (b *bench) runKpr(ctx context.Context, run *PathRun) (err error) {
 			return err
 		}
 	}
+	// The control: the same measurement with a direct client on both sides, in the same run.
+	if b.cfg.Scenario == ClusterIP {
+		for i := range b.cfg.ControlPairs {
+			if err := b.measurePair(ctx, clientSpec{path: DirectControl, cgroupFD: b.plain.FD, targets: b.podTargets()}, i%2 == 1, run); err != nil {
+				return err
+			}
+			last := len(run.Pairs) - 1
+			run.ControlPairs = append(run.ControlPairs, run.Pairs[last])
+			run.Pairs = run.Pairs[:last]
+		}
+	}
 	if b.cfg.Scenario == NodePort {
 		b.northSouthCounters(run)
 	}

@@ -40,6 +40,7 @@ type Results struct {
 type ConfigSummary struct {
 	Scales                    []int   `json:"scales"`
 	Pairs                     int     `json:"pairs"`
+	ControlPairs              int     `json:"control_pairs,omitempty"`
 	Slice                     string  `json:"slice,omitempty"` // pairs interleaved in slices of this (empty: one sample after the other)
 	Paths                     []Path  `json:"paths"`
 	Rounds                    int     `json:"rounds"`
@@ -61,7 +62,7 @@ type ConfigSummary struct {
 
 func summarizeConfig(c Config) ConfigSummary {
 	return ConfigSummary{
-		Scales: c.Scales, Pairs: c.Pairs, Slice: c.Slice.String(), Paths: c.Paths, Rounds: c.Rounds, Workers: c.Workers,
+		Scales: c.Scales, Pairs: c.Pairs, ControlPairs: c.ControlPairs, Slice: c.Slice.String(), Paths: c.Paths, Rounds: c.Rounds, Workers: c.Workers,
 		EndpointsPerService: c.EndpointsPerService, CreateParallelism: c.CreateParallelism,
 		RateWarmup: c.RateWarmup.String(), RateDuration: c.RateDuration.String(),
 		LatencyWarmup: c.LatencyWarmup.String(), LatencyDuration: c.LatencyDuration.String(),
@@ -111,6 +112,9 @@ type PathRun struct {
 	Samples []*Sample `json:"samples"`
 	// Pairs (kpr runs): the path's client and the direct client, interleaved (see Pair).
 	Pairs []*Pair `json:"pairs,omitempty"`
+	// ControlPairs (kpr runs, ClusterIP): pairs measured the same way with a second direct
+	// client (DirectControl) as the own side.
+	ControlPairs []*Pair `json:"control_pairs,omitempty"`
 	// Retaken lists the measurements discarded for disturbance (not in any figure).
 	Retaken []Retake `json:"retaken,omitempty"`
 
@@ -406,6 +410,9 @@ type Summary struct {
 	PairedFresh       [3]Stat
 	PairedEstablished [3]Stat
 	PairedDirectConn  Stat // the direct samples' connection rate
+	// ControlConn is the connection rate of the control pairs' two direct sides, one over the
+	// other (the DirectControl side over the direct side), over their undisturbed pairs.
+	ControlConn Stat
 
 	// The datapath's own cost, from kpr's paired samples with BPF run-time statistics: per
 	// new connection, the run time of kpr's programs (ns) and how many of them ran, and that
@@ -527,6 +534,7 @@ func summarize(pr *PathResult, othersLimit float64) Summary {
 	s.FirstAnswer = statOf(first)
 	s.ConnPerSec = statOf(rate)
 	s.PairedConn = pConn.stat()
+	s.ControlConn = controlConn(pr.Runs, othersLimit)
 	s.PairedDirectConn = statOf(pDirect)
 	s.BPFNanosPerConn, s.BPFRunsPerConn, s.BPFShare, s.DirectCPUPerConn = statOf(bpfNanos), statOf(bpfRuns), statOf(bpfShare), statOf(directCPU)
 	s.BPFNanosPerRun, s.CPUPerConn = statOf(bpfPerRun), statOf(cpuPerConn)
@@ -538,6 +546,28 @@ func summarize(pr *PathResult, othersLimit float64) Summary {
 		s.PairedEstablished[q] = pEst[q].stat()
 	}
 	return s
+}
+
+// controlConn is the connection-rate ratio over the runs' control pairs.
+func controlConn(runs []*PathRun, othersLimit float64) Stat {
+	var r ratios
+	for _, run := range runs {
+		for _, p := range run.ControlPairs {
+			if p.Path == nil || p.Direct == nil {
+				continue
+			}
+			a, okA := connPerSec(p.Path)
+			b, okB := connPerSec(p.Direct)
+			if !okA || !okB || b == 0 {
+				continue
+			}
+			r.all = append(r.all, a/b)
+			if max(p.Path.RateOthers, p.Direct.RateOthers) <= othersLimit {
+				r.clean = append(r.clean, a/b)
+			}
+		}
+	}
+	return r.stat()
 }
 
 // machineCPUPerConn is the CPU time (µs) the machine spent per new connection during the
@@ -879,6 +909,12 @@ func (r *Results) Table() string {
 				pct(k.PairedFresh[0]), pct(k.PairedFresh[1]), pct(k.PairedFresh[2]),
 				pct(k.PairedEstablished[0]), pct(k.PairedEstablished[1]), pct(k.PairedEstablished[2]),
 				fmtNum(k.PairedDirectConn.Median, 0)+spread(k.PairedDirectConn, 0))
+			if k.ControlConn.N > 0 {
+				fmt.Fprintf(&b, "Control: in the same runs, %d pairs measured the same way with a direct client on both sides "+
+					"(the second one in the first one's place, also to the pod IPs): new connections/s %s of the other side. "+
+					"A method without bias gives 100%%; how far this strays is the noise the figures above carry.\n\n",
+					k.ControlConn.N, pct(k.ControlConn))
+			}
 			if k.BPFNanosPerRun.N > 0 {
 				fmt.Fprintf(&b, "%s's programs, from the kernel's BPF run-time statistics over the same connection-rate measurements: "+
 					"%s ns per program run (one run per packet arriving on eth0), %.1f runs per new connection (%d pairs).\n\n",

@@ -2,6 +2,7 @@ package bench
 
 import (
 	"maps"
+	"math"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -163,6 +164,10 @@ func synthetic() *Results {
 		Pairs: []*Pair{
 			{sample(Kpr, 990, 101, 30), sample(Direct, 1000, 100, 30), false, 0.25},
 			{sample(Kpr, 990, 101, 30), sample(Direct, 1000, 100, 30), true, 0.25},
+		},
+		ControlPairs: []*Pair{
+			{sample(DirectControl, 1020, 100, 30), sample(Direct, 1000, 100, 30), false, 0.25},
+			{sample(DirectControl, 980, 100, 30), sample(Direct, 1000, 100, 30), true, 0.25},
 		}}
 	disturbed := sample(Direct, 2000, 50, 15)
 	disturbed.RateOthers, disturbed.FreshOthers, disturbed.EstablishedOthers = 0.5, 0.5, 0.5
@@ -197,6 +202,15 @@ func TestSummarizePairs(t *testing.T) {
 	k := r.summaries(r.Scales[0])[Kpr]
 	if k.Pairs != 2 || k.PairedConn.N != 2 || k.PairedConn.Median != 0.99 {
 		t.Fatalf("1 Service: pairs %d, paired conn %+v, want 2 pairs at 0.99", k.Pairs, k.PairedConn)
+	}
+	if c := k.ControlConn; c.N != 2 || math.Abs(c.Median-1) > 1e-9 {
+		t.Fatalf("1 Service: control %+v, want 2 pairs at 1.00 (1.02 and 0.98)", c)
+	}
+	if c := r.summaries(r.Scales[1])[Kpr].ControlConn; c.N != 0 {
+		t.Fatalf("10,000 Services: control %+v, want none", c)
+	}
+	if md := r.Markdown(); !strings.Contains(md, "Control: in the same runs, 2 pairs") || !strings.Contains(md, "new connections/s 100.0% [98.0–102.0] of the other side") {
+		t.Errorf("the results file lacks the control line:\n%s", md)
 	}
 	if k.ConnPerSec.Median != 990 || k.Fresh[0].Median != 101 || k.PairedDirectConn.Median != 1000 {
 		t.Fatalf("kpr's own figures: %+v %+v", k.ConnPerSec, k.Fresh[0])

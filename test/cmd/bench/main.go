@@ -59,6 +59,7 @@ func run() error {
 	latency := flag.Duration("latency-duration", 0, "measured time of each latency run (default 5s)")
 	kubeProxyLimit := flag.Duration("kube-proxy-timeout", 0, "how long kube-proxy may take to answer after its start (default 3m)")
 	pairs := flag.Int("pairs", 0, "pairs of kpr and direct samples in each kpr run (default 5)")
+	controlPairs := flag.Int("control-pairs", -1, "control pairs (both sides direct) in each kpr run of the ClusterIP scenario (default 2, 0 with -quick)")
 	slice := flag.Duration("slice", 0, "in a pair, the kpr and direct clients take turns in slices of this (default 250ms)")
 	noPin := flag.Bool("no-pin", false, "do not pin the clients and the servers to separate CPUs")
 	out := flag.String("out", "", "results file (Markdown; a .json beside it); default docs/bench/clusterip.md for a full run, none with -quick")
@@ -117,6 +118,9 @@ func run() error {
 	}
 	if *pairs > 0 {
 		cfg.Pairs = *pairs
+	}
+	if *controlPairs >= 0 {
+		cfg.ControlPairs = *controlPairs
 	}
 	if *noPin {
 		cfg.Pin = false
