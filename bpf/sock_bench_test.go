@@ -10,16 +10,18 @@ import (
 )
 
 // BenchmarkConnectedSocket measures what kpr's socket programs add to the life of a
-// connected socket: socket(), connect(), getpeername() and close(), straight to a backend
-// ("backend", after the VIP case: kpr's connect4 and getpeername4 run and find nothing; a TCP
-// backend's port is one that translated sockets have, so getpeername4 looks in the full LRU
-// map) or to a VIP ("vip": translated, its reverse translation recorded and read back), or
-// to a port no backend has ("other": getpeername4 stops at the port mark). A UDP socket sends nothing;
-// a TCP one makes its handshake with a server in the test's namespace and closes with a
-// reset (no TIME_WAIT). The VIP cases first make as many sockets as the default reverse map
-// holds, so that its LRU is full, as on a busy node. Besides ns/op it reports connect4's and
-// getpeername4's run time per call from the kernel's statistics (which are on for the run
-// and add two clock reads to every program run).
+// connected socket: socket(), connect(), getpeername() and close(), in three cases:
+//   - "vip": to a VIP, translated, its reverse translation recorded and read back;
+//   - "backend", after the VIP case: straight to a backend; connect4 and getpeername4 run and
+//     find nothing (a TCP backend's port is one translated sockets have, so getpeername4
+//     looks in the full LRU map);
+//   - "other": to a port no backend has; getpeername4 stops at the port mark.
+//
+// A UDP socket sends nothing; a TCP one makes its handshake with a server in the test's
+// namespace and closes with a reset (no TIME_WAIT). The VIP cases first make as many sockets
+// as the default reverse map holds, so that its LRU is full, as on a busy node. Besides ns/op
+// it reports connect4's and getpeername4's run time per call from the kernel's statistics
+// (on for the run; they add two clock reads to every program run).
 //
 //	go test -run '^$' -bench ConnectedSocket -benchtime 100000x ./bpf/
 func BenchmarkConnectedSocket(b *testing.B) {
