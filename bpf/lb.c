@@ -331,29 +331,16 @@ struct {
  * its backend's Service); the agent seeds the map from the reverse entries
  * when it was created new over older ones (bpf.LoadNodePort).
  */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__type(key, __u32);
-	__type(value, __u8);
-	__uint(max_entries, 65536);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} kpr_lb_reply_ports_v1 SEC(".maps");
+PORT_MARKS(kpr_lb_reply_ports_v1);
 
 static __always_inline void reply_port_mark(__be16 port)
 {
-	__u32 k = port;
-	__u8 *v = bpf_map_lookup_elem(&kpr_lb_reply_ports_v1, &k);
-
-	if (v && !*v)
-		*v = 1;
+	port_mark(&kpr_lb_reply_ports_v1, port);
 }
 
 static __always_inline int reply_port_seen(__be16 port)
 {
-	__u32 k = port;
-	__u8 *v = bpf_map_lookup_elem(&kpr_lb_reply_ports_v1, &k);
-
-	return v && *v;
+	return port_marked(&kpr_lb_reply_ports_v1, port);
 }
 
 /* A frontend's Maglev table: backend IDs, 0 for "none"; swapped whole by the agent. */

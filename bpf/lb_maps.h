@@ -135,4 +135,38 @@ static __always_inline int addr_equal(const union addr16 *a, const union addr16 
 	       a->w[3] == b->w[3];
 }
 
+/*
+ * Port marks: an array of 65536 bytes indexed by a port as packets and socket
+ * addresses carry it (network order, read natively), 1 once port_mark() set
+ * it, never cleared. A hook that only matters for traffic from a marked port
+ * stops at one array read for the rest. Each object declares its own
+ * (kpr_lb_reply_ports_v1 in lb.c, kpr_sk_revnat_ports_v1 in sock.c).
+ */
+#define PORT_MARKS(name)                                   \
+	struct {                                           \
+		__uint(type, BPF_MAP_TYPE_ARRAY);          \
+		__type(key, __u32);                        \
+		__type(value, __u8);                       \
+		__uint(max_entries, 65536);                \
+		__uint(pinning, LIBBPF_PIN_BY_NAME);       \
+	} name SEC(".maps")
+
+static __always_inline void port_mark(void *marks, __be16 port)
+{
+	__u32 k = port;
+	__u8 *v = bpf_map_lookup_elem(marks, &k);
+
+	/* Read first: a write would dirty a cache line every CPU reads. */
+	if (v && !*v)
+		*v = 1;
+}
+
+static __always_inline int port_marked(void *marks, __be16 port)
+{
+	__u32 k = port;
+	__u8 *v = bpf_map_lookup_elem(marks, &k);
+
+	return v && *v;
+}
+
 #endif /* KPR_LB_MAPS_H */

@@ -190,8 +190,7 @@ func Load(cfg Config) (_ *Datapath, err error) {
 	}
 
 	// An older kpr's reverse entries have no port marks yet (seeded below).
-	_, statErr := os.Stat(filepath.Join(cfg.PinDir, sockMapKprSkRevnatPortsV1))
-	seedPorts := errors.Is(statErr, os.ErrNotExist)
+	seedPorts := notPinned(cfg.PinDir, sockMapKprSkRevnatPortsV1)
 
 	var objs sockObjects
 	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: cfg.PinDir}}
@@ -227,6 +226,12 @@ func Load(cfg Config) (_ *Datapath, err error) {
 func seedSockRevNatPorts(revNat, ports *ebpf.Map) error {
 	return seedPortMarks(revNat, ports, func(k *sockSkRevnatKey) uint16 { return k.Port },
 		sockMapKprSkRevnatV1, sockMapKprSkRevnatPortsV1)
+}
+
+// notPinned reports whether pinDir holds no map called name: the loader will create it.
+func notPinned(pinDir, name string) bool {
+	_, err := os.Stat(filepath.Join(pinDir, name))
+	return errors.Is(err, os.ErrNotExist)
 }
 
 // seedPortMarks sets to 1 the entry of the port array ports (named portsName) at the port

@@ -65,8 +65,7 @@ func LoadNodePort(cfg Config, np NodePortConfig) (_ *NodePort, err error) {
 		return nil, err
 	}
 
-	_, err = os.Stat(filepath.Join(cfg.PinDir, lbMapKprLbReplyPortsV1))
-	newReplyPorts := errors.Is(err, os.ErrNotExist)
+	newReplyPorts := notPinned(cfg.PinDir, lbMapKprLbReplyPortsV1)
 	n := &NodePort{pinDir: cfg.PinDir}
 	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: cfg.PinDir}}
 	if err := spec.LoadAndAssign(&n.objs, opts); err != nil {

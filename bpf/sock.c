@@ -123,13 +123,7 @@ struct {
  * on the node pays those hooks, most for peers that were never translated.
  * Marks are never cleared: an entry can outlive its Service.
  */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__type(key, __u32);
-	__type(value, __u8);
-	__uint(max_entries, 65536);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} kpr_sk_revnat_ports_v1 SEC(".maps");
+PORT_MARKS(kpr_sk_revnat_ports_v1);
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -327,13 +321,8 @@ static __always_inline void record_sk_revnat(struct bpf_sock_addr *ctx, const un
 		if (addr_equal(&o, vip))
 			return;
 	}
-	if (bpf_map_update_elem(&kpr_sk_revnat_v1, &k, &v, BPF_ANY) == 0) {
-		__u32 idx = be_port;
-		__u8 *mark = bpf_map_lookup_elem(&kpr_sk_revnat_ports_v1, &idx);
-
-		if (mark && !*mark)
-			*mark = 1;
-	}
+	if (bpf_map_update_elem(&kpr_sk_revnat_v1, &k, &v, BPF_ANY) == 0)
+		port_mark(&kpr_sk_revnat_ports_v1, be_port);
 }
 
 /*
@@ -370,8 +359,8 @@ static __always_inline void forget_sk_peer(struct bpf_sock_addr *ctx)
 {
 	struct bpf_sock *sk = ctx->sk;
 
-	if (sk && bpf_sk_storage_get(&kpr_sk_peer_v1, sk, 0, 0))
-		bpf_sk_storage_delete(&kpr_sk_peer_v1, sk);
+	if (sk)
+		bpf_sk_storage_delete(&kpr_sk_peer_v1, sk); /* -ENOENT when it had none */
 }
 
 /*
@@ -493,8 +482,7 @@ static __always_inline int sock_revnat(struct bpf_sock_addr *ctx, int v4)
 	struct bpf_sock *sk;
 	union addr16 peer, vip, cur;
 	__be16 port, vip_port;
-	__u32 svc_id, idx;
-	__u8 *mark;
+	__u32 svc_id;
 
 	if (v4)
 		addr_from_v4(&peer, ctx->user_ip4);
@@ -515,9 +503,7 @@ static __always_inline int sock_revnat(struct bpf_sock_addr *ctx, int v4)
 		}
 	}
 
-	idx = port;
-	mark = bpf_map_lookup_elem(&kpr_sk_revnat_ports_v1, &idx);
-	if (!mark || !*mark)
+	if (!port_marked(&kpr_sk_revnat_ports_v1, port))
 		return 1;
 
 	k.cookie = bpf_get_socket_cookie(ctx);

@@ -49,13 +49,13 @@ func (b *bench) measure(ctx context.Context, client Path, cgroupFD int, targets 
 // direct, direct, own, ... or the reverse when directFirst), for the warm-up and then for the
 // measured time. A slow change of the machine's speed (other guests, frequency, the proxy's
 // periodic work) then weighs on both sides alike, which samples taken one after the other,
-// seconds apart, cannot promise.
-func (b *bench) measurePair(ctx context.Context, own clientSpec, directFirst bool, run *PathRun) error {
+// seconds apart, cannot promise. The caller files the pair; with an error it holds what was
+// measured before.
+func (b *bench) measurePair(ctx context.Context, own clientSpec, directFirst bool, run *PathRun) (*Pair, error) {
 	own.workers = b.cfg.Workers
 	direct := clientSpec{Direct, b.plain.FD, b.podTargets(), b.cfg.Workers}
 	p := &Pair{Path: &Sample{Client: own.path}, Direct: &Sample{Client: Direct}, DirectFirst: directFirst,
 		SliceSeconds: b.cfg.Slice.Seconds()}
-	run.Pairs = append(run.Pairs, p)
 	clients := [2]clientSpec{own, direct}
 	samples := [2]*Sample{p.Path, p.Direct}
 	first := 0
@@ -67,7 +67,7 @@ func (b *bench) measurePair(ctx context.Context, own clientSpec, directFirst boo
 			b.waitQuiet(ctx)
 			res, err := b.interleave(ctx, run, m, clients, first)
 			if err != nil {
-				return err
+				return p, err
 			}
 			if res.others > b.cfg.OthersLimit && attempt < b.cfg.Retakes && b.disturbedSpent < b.cfg.DisturbanceBudget {
 				for i, c := range clients {
@@ -91,7 +91,7 @@ func (b *bench) measurePair(ctx context.Context, own clientSpec, directFirst boo
 			break
 		}
 	}
-	return nil
+	return p, nil
 }
 
 // mode is one of the three client measurements.

@@ -93,19 +93,20 @@ func (b *bench) runKpr(ctx context.Context, run *PathRun) (err error) {
 	// is the floor. A comparison within a few percent needs both sides measured on the same
 	// machine within seconds; alternating the order cancels the advantage of going second.
 	for i := range b.cfg.Pairs {
-		if err := b.measurePair(ctx, clientSpec{path: run.Path, cgroupFD: clientFD, targets: []string{b.svcTarget}}, i%2 == 1, run); err != nil {
+		p, err := b.measurePair(ctx, clientSpec{path: run.Path, cgroupFD: clientFD, targets: []string{b.svcTarget}}, i%2 == 1, run)
+		run.Pairs = append(run.Pairs, p)
+		if err != nil {
 			return err
 		}
 	}
 	// The control: the same measurement with a direct client on both sides, in the same run.
 	if b.cfg.Scenario == ClusterIP {
 		for i := range b.cfg.ControlPairs {
-			if err := b.measurePair(ctx, clientSpec{path: DirectControl, cgroupFD: b.plain.FD, targets: b.podTargets()}, i%2 == 1, run); err != nil {
+			p, err := b.measurePair(ctx, clientSpec{path: DirectControl, cgroupFD: b.plain.FD, targets: b.podTargets()}, i%2 == 1, run)
+			run.ControlPairs = append(run.ControlPairs, p)
+			if err != nil {
 				return err
 			}
-			last := len(run.Pairs) - 1
-			run.ControlPairs = append(run.ControlPairs, run.Pairs[last])
-			run.Pairs = run.Pairs[:last]
 		}
 	}
 	if b.cfg.Scenario == NodePort {

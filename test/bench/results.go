@@ -437,9 +437,12 @@ type Summary struct {
 }
 
 // pairs are the run's pairs as (path, direct).
-func pairs(r *PathRun) [][2]*Sample {
+func pairs(r *PathRun) [][2]*Sample { return pairSamples(r.Pairs) }
+
+// pairSamples are ps as (own side, direct), without the pairs missing a side.
+func pairSamples(ps []*Pair) [][2]*Sample {
 	var out [][2]*Sample
-	for _, p := range r.Pairs {
+	for _, p := range ps {
 		if p.Path != nil && p.Direct != nil {
 			out = append(out, [2]*Sample{p.Path, p.Direct})
 		}
@@ -496,17 +499,6 @@ func summarize(pr *PathResult, othersLimit float64) Summary {
 			if max(p[0].OthersCPU(), p[1].OthersCPU()) > othersLimit {
 				s.DisturbedPairs++
 			}
-			ratio := func(m metric, others func(*Sample) float64, clean, all *[]float64) {
-				a, okA := m(p[0])
-				b, okB := m(p[1])
-				if !okA || !okB || b == 0 {
-					return
-				}
-				*all = append(*all, a/b)
-				if max(others(p[0]), others(p[1])) <= othersLimit {
-					*clean = append(*clean, a/b)
-				}
-			}
 			if c, ok := bpfCost(p[0], p[1]); ok {
 				bpfNanos = append(bpfNanos, c.nanosPerConn)
 				bpfRuns = append(bpfRuns, c.runsPerConn)
@@ -521,13 +513,13 @@ func summarize(pr *PathResult, othersLimit float64) Summary {
 				bpfPerRun = append(bpfPerRun, float64(k.RateBPF.Nanos)/float64(k.RateBPF.Runs))
 				bpfRuns = append(bpfRuns, float64(k.RateBPF.Runs)/(k.Rate.PerSecond*k.RateSpanSeconds))
 			}
-			ratio(connPerSec, rateOthers, &pConn.clean, &pConn.all)
+			pConn.add(p, connPerSec, rateOthers, othersLimit)
 			if v, ok := connPerSec(p[1]); ok {
 				pDirect = append(pDirect, v)
 			}
 			for q := range 3 {
-				ratio(latencyAt(freshOf, q), freshOthers, &pFresh[q].clean, &pFresh[q].all)
-				ratio(latencyAt(establishedOf, q), establishedOthers, &pEst[q].clean, &pEst[q].all)
+				pFresh[q].add(p, latencyAt(freshOf, q), freshOthers, othersLimit)
+				pEst[q].add(p, latencyAt(establishedOf, q), establishedOthers, othersLimit)
 			}
 		}
 	}
@@ -552,19 +544,8 @@ func summarize(pr *PathResult, othersLimit float64) Summary {
 func controlConn(runs []*PathRun, othersLimit float64) Stat {
 	var r ratios
 	for _, run := range runs {
-		for _, p := range run.ControlPairs {
-			if p.Path == nil || p.Direct == nil {
-				continue
-			}
-			a, okA := connPerSec(p.Path)
-			b, okB := connPerSec(p.Direct)
-			if !okA || !okB || b == 0 {
-				continue
-			}
-			r.all = append(r.all, a/b)
-			if max(p.Path.RateOthers, p.Direct.RateOthers) <= othersLimit {
-				r.clean = append(r.clean, a/b)
-			}
+		for _, p := range pairSamples(run.ControlPairs) {
+			r.add(p, connPerSec, rateOthers, othersLimit)
 		}
 	}
 	return r.stat()
@@ -613,6 +594,20 @@ func bpfCost(k, d *Sample) (datapathCost, bool) {
 
 // ratios of one figure over pairs: all of them, and those no other process disturbed.
 type ratios struct{ clean, all []float64 }
+
+// add records pair p's figure m, own side over direct, if both sides have it; clean too when
+// others took no more than othersLimit during either side's measurement.
+func (r *ratios) add(p [2]*Sample, m metric, others func(*Sample) float64, othersLimit float64) {
+	a, okA := m(p[0])
+	b, okB := m(p[1])
+	if !okA || !okB || b == 0 {
+		return
+	}
+	r.all = append(r.all, a/b)
+	if max(others(p[0]), others(p[1])) <= othersLimit {
+		r.clean = append(r.clean, a/b)
+	}
+}
 
 // stat is over the undisturbed pairs, or over all when every pair was disturbed.
 func (r ratios) stat() Stat {
