@@ -613,7 +613,7 @@ func TestRestartAndCleanup(t *testing.T) {
 	}
 	names, err := Attached(e.pinDir)
 	must(t, err)
-	wantNames := []string{"bind4", "bind6", "connect4", "connect6", "getpeername4", "getpeername6", "recvmsg4", "recvmsg6", "sendmsg4", "sendmsg6"}
+	wantNames := []string{"bind4", "bind6", "connect4", "connect6", "getpeername4", "getpeername6", "recvmsg4", "recvmsg6", "sendmsg4", "sendmsg6", "sock_release"}
 	if !slices.Equal(names, wantNames) {
 		t.Fatalf("Attached = %v, want %v", names, wantNames)
 	}

@@ -23,9 +23,13 @@ const (
 	DefaultBackendMapSize       = 262144
 	DefaultRevNatMapSize        = 65536
 	DefaultSockRevNatMapSize    = 131072
+	DefaultSockConnMapSize      = 131072
 	DefaultAffinityMapSize      = 65536
 	DefaultAffinityMatchMapSize = 65536
 )
+
+// sockConnSlotsVar is sock.c's constant that holds kpr_sk_conn_v1's size.
+const sockConnSlotsVar = "sk_conn_slots"
 
 // linksDir is where the cgroup links are pinned, below Config.PinDir.
 const linksDir = "links"
@@ -42,7 +46,10 @@ type Config struct {
 	BackendMapSize    int
 	RevNatMapSize     int
 	SockRevNatMapSize int
-	AffinityMapSize   int
+	// SockConnMapSize is the number of slots for live TCP sockets connected to a VIP
+	// (kpr_sk_conn_v1), which keep their reverse translation outside the LRU map.
+	SockConnMapSize int
+	AffinityMapSize int
 	// AffinityMatchMapSize bounds the (frontend, backend) pairs of all frontends with
 	// session affinity together.
 	AffinityMatchMapSize int
@@ -73,11 +80,12 @@ func (c Config) mapSizes() ([]mapSize, error) {
 		{sockMapKprBackendsV1, "BackendMapSize", c.BackendMapSize},
 		{sockMapKprRevnatV1, "RevNatMapSize", c.RevNatMapSize},
 		{sockMapKprSkRevnatV1, "SockRevNatMapSize", c.SockRevNatMapSize},
+		{sockMapKprSkConnV1, "SockConnMapSize", c.SockConnMapSize},
 		{sockMapKprAffinityV1, "AffinityMapSize", c.AffinityMapSize},
 		{sockMapKprAffinityMatchV1, "AffinityMatchMapSize", c.AffinityMatchMapSize},
 	}
 	defaults := []int{DefaultServiceMapSize, DefaultBackendMapSize, DefaultRevNatMapSize,
-		DefaultSockRevNatMapSize, DefaultAffinityMapSize, DefaultAffinityMatchMapSize}
+		DefaultSockRevNatMapSize, DefaultSockConnMapSize, DefaultAffinityMapSize, DefaultAffinityMatchMapSize}
 	for i := range sizes {
 		switch {
 		case sizes[i].size < 0 || uint64(sizes[i].size) > math.MaxUint32:
@@ -94,9 +102,9 @@ func (c Config) mapSizes() ([]mapSize, error) {
 	return sizes, nil
 }
 
-// hook is one cgroup sock_addr program and where it attaches. Reverse
-// translation hooks come first so a socket is never translated forward while
-// replies to it would not be translated back.
+// hook is one cgroup program and where it attaches. The release hook and the reverse
+// translation hooks come first, so a socket is never translated forward while replies to it
+// would not be translated back or its entry would outlive it.
 type hook struct {
 	name   string
 	attach ebpf.AttachType
@@ -104,6 +112,7 @@ type hook struct {
 }
 
 var hooks = []hook{
+	{sockProgSockRelease, ebpf.AttachCgroupInetSockRelease, func(p *sockPrograms) *ebpf.Program { return p.SockRelease }},
 	{sockProgGetpeername4, ebpf.AttachCgroupInet4GetPeername, func(p *sockPrograms) *ebpf.Program { return p.Getpeername4 }},
 	{sockProgGetpeername6, ebpf.AttachCgroupInet6GetPeername, func(p *sockPrograms) *ebpf.Program { return p.Getpeername6 }},
 	{sockProgRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg, func(p *sockPrograms) *ebpf.Program { return p.Recvmsg4 }},
@@ -145,6 +154,14 @@ func Probe() error {
 			return fmt.Errorf("kernel feature missing: %s: %w", h.desc, err)
 		}
 	}
+	// sock_release: cgroup_sock program type, attach type BPF_CGROUP_INET_SOCK_RELEASE (Linux
+	// 5.9, with the cookie helper for it); the attach type itself is checked by attaching.
+	if err := features.HaveProgramType(ebpf.CGroupSock); err != nil {
+		return fmt.Errorf("kernel feature missing: BPF program type cgroup_sock (Linux 4.10): %w", err)
+	}
+	if err := features.HaveProgramHelper(ebpf.CGroupSock, asm.FnGetSocketCookie); err != nil {
+		return fmt.Errorf("kernel feature missing: helper bpf_get_socket_cookie for cgroup_sock (Linux 5.9, for the sock_release hook): %w", err)
+	}
 	return nil
 }
 
@@ -180,6 +197,10 @@ func Load(cfg Config) (_ *Datapath, err error) {
 	}
 	for _, s := range sizes {
 		spec.Maps[s.mapName].MaxEntries = uint32(s.size)
+	}
+	// The programs pick a socket's slot in kpr_sk_conn_v1 by its size.
+	if err := spec.Variables[sockConnSlotsVar].Set(spec.Maps[sockMapKprSkConnV1].MaxEntries); err != nil {
+		return nil, fmt.Errorf("set %s: %w", sockConnSlotsVar, err)
 	}
 
 	if err := os.MkdirAll(filepath.Join(cfg.PinDir, linksDir), 0o700); err != nil {

@@ -20,9 +20,12 @@ type LBMaps struct {
 	backends   *ebpf.Map
 	revNat     *ebpf.Map
 	sockRevNat *ebpf.Map
-	// sockPeer is the socket storage of connected sockets' reverse translation; only the
+	// sockPeer is the socket storage of connected UDP sockets' reverse translation; only the
 	// kernel writes it.
 	sockPeer *ebpf.Map
+	// sockConn holds the reverse translation of live TCP sockets connected to a VIP; only
+	// the kernel writes it.
+	sockConn *ebpf.Map
 	// sockRevNatPorts marks the backend ports of sockRevNat's entries; only the kernel
 	// writes it, but for seedSockRevNatPorts.
 	sockRevNatPorts *ebpf.Map
@@ -43,6 +46,7 @@ var mapNames = []string{
 	sockMapKprRevnatV1,
 	sockMapKprSkRevnatV1,
 	sockMapKprSkPeerV1,
+	sockMapKprSkConnV1,
 	sockMapKprSkRevnatPortsV1,
 	sockMapKprAffinityV1,
 	sockMapKprAffinityMatchV1,
@@ -57,6 +61,7 @@ func newLBMaps(m *sockMaps) *LBMaps {
 		revNat:          m.KprRevnatV1,
 		sockRevNat:      m.KprSkRevnatV1,
 		sockPeer:        m.KprSkPeerV1,
+		sockConn:        m.KprSkConnV1,
 		sockRevNatPorts: m.KprSkRevnatPortsV1,
 		affinity:        m.KprAffinityV1,
 		affinityMatch:   m.KprAffinityMatchV1,
@@ -72,6 +77,7 @@ func (m *LBMaps) byName() map[string]**ebpf.Map {
 		sockMapKprRevnatV1:        &m.revNat,
 		sockMapKprSkRevnatV1:      &m.sockRevNat,
 		sockMapKprSkPeerV1:        &m.sockPeer,
+		sockMapKprSkConnV1:        &m.sockConn,
 		sockMapKprSkRevnatPortsV1: &m.sockRevNatPorts,
 		sockMapKprAffinityV1:      &m.affinity,
 		sockMapKprAffinityMatchV1: &m.affinityMatch,
@@ -89,6 +95,7 @@ var mapLayouts = map[string][2]int{
 	sockMapKprRevnatV1:        {binary.Size(uint32(0)), binary.Size(sockRevnat{})},
 	sockMapKprSkRevnatV1:      {binary.Size(sockSkRevnatKey{}), binary.Size(sockSkRevnatValue{})},
 	sockMapKprSkPeerV1:        {binary.Size(int32(0)), binary.Size(sockSkPeer{})},
+	sockMapKprSkConnV1:        {binary.Size(uint32(0)), binary.Size(sockSkConn{})},
 	sockMapKprSkRevnatPortsV1: {binary.Size(uint32(0)), binary.Size(uint8(0))},
 	sockMapKprAffinityV1:      {binary.Size(sockAffinityKey{}), binary.Size(sockAffinityValue{})},
 	sockMapKprAffinityMatchV1: {binary.Size(sockAffinityMatchKey{}), binary.Size(uint8(0))},

@@ -21,6 +21,7 @@ var schemaSizes = map[string][2]int{
 	sockMapKprRevnatV1:        {4, 20},
 	sockMapKprSkRevnatV1:      {32, 24},
 	sockMapKprSkPeerV1:        {4, 44},
+	sockMapKprSkConnV1:        {4, 8 + 44 + 4},
 	sockMapKprSkRevnatPortsV1: {4, 1},
 	sockMapKprAffinityV1:      {16, 8},
 	sockMapKprAffinityMatchV1: {8, 1},

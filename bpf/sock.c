@@ -25,6 +25,7 @@
 /* Default sizes; the loader overrides max_entries from its Config. */
 #define REVNAT_MAP_SIZE 65536
 #define SK_REVNAT_MAP_SIZE 131072
+#define SK_CONN_MAP_SIZE 131072
 #define AFFINITY_MAP_SIZE 65536
 /* Fixed: a cluster has one or two Service CIDRs (a few more while one is being migrated). */
 #define SVC_CIDR_MAP_SIZE 64
@@ -79,9 +80,8 @@ struct {
  * in the socket itself: every datagram it receives is reverse-translated, for
  * as long as it lives, so its entry must not be evicted by other sockets' (as
  * in the LRU map below), and a connect() elsewhere must drop it. TCP sockets
- * stay in the LRU map: the allocation and the deferred free of socket storage
- * cost more than an LRU insert (BenchmarkConnectedSocket), and a TCP socket's
- * peer is asked once, right after connect(), in practice.
+ * use kpr_sk_conn_v1 below: the allocation and the deferred free of socket
+ * storage cost more (BenchmarkConnectedSocket).
  */
 struct sk_peer {
 	__u8 be_addr[16];
@@ -102,10 +102,47 @@ struct {
 } kpr_sk_peer_v1 SEC(".maps");
 
 /*
- * Reverse translations of TCP sockets and unconnected UDP sockets (sendmsg()
- * to a VIP, one per socket and backend), and of connected UDP sockets whose
- * storage could not be allocated. LRU: entries of closed sockets age out;
- * there is no socket-close hook here.
+ * The reverse translation of a TCP socket connected to a VIP, from connect()
+ * until the socket is released (sock_release below frees it), in the slot its
+ * socket cookie picks: cookie % sk_conn_slots. A slot belongs to the socket
+ * whose cookie it holds (0: free), taken and given back with a compare and
+ * exchange. The kernel hands out cookies in ascending runs per CPU, so
+ * sockets made one after the other use neighbouring slots: connect4,
+ * getpeername4 and sock_release touch one array element each, with no hash, no
+ * lock and no eviction. In the full LRU map below, connect4's insert evicted
+ * some other socket's entry, most of its run time on a busy node. A socket
+ * whose slot is held by another live socket (one that lived while as many
+ * newer cookies were made as there are slots) keeps its entry in the LRU map.
+ */
+struct sk_conn {
+	__u64 cookie;
+	struct sk_peer peer;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct sk_conn);
+	__uint(max_entries, SK_CONN_MAP_SIZE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kpr_sk_conn_v1 SEC(".maps");
+
+/* kpr_sk_conn_v1's max_entries; the loader sets both. */
+volatile const __u32 sk_conn_slots = SK_CONN_MAP_SIZE;
+
+static __always_inline struct sk_conn *sk_conn_slot(__u64 cookie)
+{
+	__u32 i = (__u32)(cookie % sk_conn_slots);
+
+	return bpf_map_lookup_elem(&kpr_sk_conn_v1, &i);
+}
+
+/*
+ * Reverse translations of unconnected UDP sockets (sendmsg() to a VIP, one per
+ * socket and backend), of connected UDP sockets whose storage could not be
+ * allocated, and of TCP sockets whose slot in kpr_sk_conn_v1 was taken. LRU:
+ * entries of closed sockets age out.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -325,6 +362,17 @@ static __always_inline void record_sk_revnat(struct bpf_sock_addr *ctx, const un
 		port_mark(&kpr_sk_revnat_ports_v1, be_port);
 }
 
+static __always_inline void fill_sk_peer(struct sk_peer *p, const union addr16 *be_addr,
+					 __be16 be_port, const union addr16 *vip, __be16 vip_port,
+					 __u32 svc_id)
+{
+	__builtin_memcpy(p->be_addr, be_addr->b, sizeof(p->be_addr));
+	p->be_port = be_port;
+	__builtin_memcpy(p->vip_addr, vip->b, sizeof(p->vip_addr));
+	p->vip_port = vip_port;
+	p->svc_id = svc_id;
+}
+
 /*
  * connect() of a UDP socket: it has one peer from now on. Falls back to the
  * LRU map when the socket's storage cannot be allocated (its optmem limit).
@@ -341,13 +389,33 @@ static __always_inline void record_sk_peer(struct bpf_sock_addr *ctx, const unio
 	p = bpf_sk_storage_get(&kpr_sk_peer_v1, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!p)
 		goto fallback;
-	__builtin_memcpy(p->be_addr, be_addr->b, sizeof(p->be_addr));
-	p->be_port = be_port;
-	__builtin_memcpy(p->vip_addr, vip->b, sizeof(p->vip_addr));
-	p->vip_port = vip_port;
-	p->svc_id = svc_id;
+	fill_sk_peer(p, be_addr, be_port, vip, vip_port, svc_id);
 	return;
 fallback:
+	record_sk_revnat(ctx, be_addr, be_port, vip, vip_port, svc_id, 1);
+}
+
+/*
+ * connect() of a TCP socket. A socket that connects again after a failed
+ * connect() overwrites its entry; one that connects to no VIP keeps a stale
+ * entry until it is released, which never matches its new peer.
+ */
+static __always_inline void record_sk_conn(struct bpf_sock_addr *ctx, const union addr16 *be_addr,
+					   __be16 be_port, const union addr16 *vip,
+					   __be16 vip_port, __u32 svc_id)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct sk_conn *c = sk_conn_slot(cookie);
+
+	if (c) {
+		__u64 owner = __sync_val_compare_and_swap(&c->cookie, 0, cookie);
+
+		if (owner == 0 || owner == cookie) {
+			fill_sk_peer(&c->peer, be_addr, be_port, vip, vip_port, svc_id);
+			port_mark(&kpr_sk_revnat_ports_v1, be_port);
+			return;
+		}
+	}
 	record_sk_revnat(ctx, be_addr, be_port, vip, vip_port, svc_id, 1);
 }
 
@@ -465,10 +533,33 @@ static __always_inline int sock_lb(struct bpf_sock_addr *ctx, int v4, int is_con
 	addr_to_ctx(ctx, &be_addr, v4);
 	ctx->user_port = (__u32)be_port;
 
-	if (proto == IPPROTO_UDP && is_connect)
+	if (!is_connect)
+		record_sk_revnat(ctx, &be_addr, be_port, &vip, vip_port, svc_id, 0);
+	else if (proto == IPPROTO_UDP)
 		record_sk_peer(ctx, &be_addr, be_port, &vip, vip_port, svc_id);
-	else if (proto == IPPROTO_UDP || is_connect)
-		record_sk_revnat(ctx, &be_addr, be_port, &vip, vip_port, svc_id, is_connect);
+	else
+		record_sk_conn(ctx, &be_addr, be_port, &vip, vip_port, svc_id);
+	return 1;
+}
+
+/*
+ * Whether p, a connected socket's entry, is for this peer; if so, the VIP it
+ * stands for goes to vip, vip_port and svc_id.
+ */
+static __always_inline int sk_peer_match(const struct sk_peer *p, const union addr16 *peer,
+					 __be16 port, union addr16 *vip, __be16 *vip_port,
+					 __u32 *svc_id)
+{
+	union addr16 cur;
+
+	if (p->be_port != port)
+		return 0;
+	__builtin_memcpy(cur.b, p->be_addr, sizeof(cur.b));
+	if (!addr_equal(&cur, peer))
+		return 0;
+	__builtin_memcpy(vip->b, p->vip_addr, sizeof(vip->b));
+	*vip_port = p->vip_port;
+	*svc_id = p->svc_id;
 	return 1;
 }
 
@@ -493,20 +584,20 @@ static __always_inline int sock_revnat(struct bpf_sock_addr *ctx, int v4)
 
 	sk = ctx->sk;
 	p = sk && ctx->protocol == IPPROTO_UDP ? bpf_sk_storage_get(&kpr_sk_peer_v1, sk, 0, 0) : NULL;
-	if (p && p->be_port == port) {
-		__builtin_memcpy(cur.b, p->be_addr, sizeof(cur.b));
-		if (addr_equal(&cur, &peer)) {
-			__builtin_memcpy(vip.b, p->vip_addr, sizeof(vip.b));
-			vip_port = p->vip_port;
-			svc_id = p->svc_id;
-			goto found;
-		}
-	}
+	if (p && sk_peer_match(p, &peer, port, &vip, &vip_port, &svc_id))
+		goto found;
 
 	if (!port_marked(&kpr_sk_revnat_ports_v1, port))
 		return 1;
 
 	k.cookie = bpf_get_socket_cookie(ctx);
+	if (ctx->protocol == IPPROTO_TCP) {
+		struct sk_conn *c = sk_conn_slot(k.cookie);
+
+		if (c && c->cookie == k.cookie &&
+		    sk_peer_match(&c->peer, &peer, port, &vip, &vip_port, &svc_id))
+			goto found;
+	}
 	__builtin_memcpy(k.addr, peer.b, sizeof(k.addr));
 	k.port = port;
 
@@ -579,6 +670,34 @@ SEC("cgroup/getpeername6")
 int getpeername6(struct bpf_sock_addr *ctx)
 {
 	return sock_revnat(ctx, 0);
+}
+
+/*
+ * A socket's release (its last close()): a TCP socket gives its
+ * kpr_sk_conn_v1 slot back. Runs for every TCP socket in the cgroup, so a
+ * socket whose peer port no entry has stops at the port mark. A peer port of
+ * 0 is no answer: a refused connect() clears it (tcp_disconnect). Not caught:
+ * a socket whose connect() to a VIP failed and which then connected again, to
+ * a port that is no backend's, keeps its slot; the sockets that would have
+ * used it later keep their entries in the LRU map instead.
+ */
+SEC("cgroup/sock_release")
+int sock_release(struct bpf_sock *sk)
+{
+	struct sk_conn *c;
+	__be16 port;
+	__u64 cookie;
+
+	if (sk->protocol != IPPROTO_TCP)
+		return 1;
+	port = (__be16)sk->dst_port;
+	if (port && !port_marked(&kpr_sk_revnat_ports_v1, port))
+		return 1;
+	cookie = bpf_get_socket_cookie(sk);
+	c = sk_conn_slot(cookie);
+	if (c && c->cookie == cookie)
+		__sync_val_compare_and_swap(&c->cookie, cookie, 0);
+	return 1;
 }
 
 SEC("cgroup/bind4")

@@ -13,21 +13,23 @@ import (
 // connected socket: socket(), connect(), getpeername() and close(), in three cases:
 //   - "vip": to a VIP, translated, its reverse translation recorded and read back;
 //   - "backend", after the VIP case: straight to a backend; connect4 and getpeername4 run and
-//     find nothing (a TCP backend's port is one translated sockets have, so getpeername4
-//     looks in the full LRU map);
+//     find nothing (a backend's port is one translated sockets have, so getpeername4 looks
+//     for the socket's entry);
 //   - "other": to a port no backend has; getpeername4 stops at the port mark.
 //
 // A UDP socket sends nothing; a TCP one makes its handshake with a server in the test's
 // namespace and closes with a reset (no TIME_WAIT). The VIP cases first make as many sockets
-// as the default reverse map holds, so that its LRU is full, as on a busy node. Besides ns/op
-// it reports connect4's and getpeername4's run time per call from the kernel's statistics
-// (on for the run; they add two clock reads to every program run).
+// as the default maps hold, so that a TCP socket's slot in kpr_sk_conn_v1 has been used
+// before, as on a busy node. Besides ns/op it reports connect4's, getpeername4's and
+// sock_release's run time per call from the kernel's statistics (on for the run; they add two
+// clock reads to every program run).
 //
 //	go test -run '^$' -bench ConnectedSocket -benchtime 100000x ./bpf/
 func BenchmarkConnectedSocket(b *testing.B) {
 	e := newTestEnv(b)
 	cfg := e.config()
 	cfg.SockRevNatMapSize = DefaultSockRevNatMapSize
+	cfg.SockConnMapSize = DefaultSockConnMapSize
 	d, err := Load(cfg)
 	if err != nil {
 		b.Fatalf("Load: %v", err)
@@ -102,7 +104,7 @@ func BenchmarkConnectedSocket(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			for _, p := range []string{sockProgConnect4, sockProgGetpeername4} {
+			for _, p := range []string{sockProgConnect4, sockProgGetpeername4, sockProgSockRelease} {
 				runs := after[p].RunCount - before[p].RunCount
 				if runs == 0 {
 					b.Fatalf("%s did not run", p)

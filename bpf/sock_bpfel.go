@@ -58,6 +58,13 @@ type sockRevnat struct {
 	Pad  uint16
 }
 
+type sockSkConn struct {
+	_      structs.HostLayout
+	Cookie uint64
+	Peer   sockSkPeer
+	Pad    uint32
+}
+
 type sockSkPeer struct {
 	_       structs.HostLayout
 	BeAddr  [16]uint8
@@ -118,6 +125,7 @@ const (
 	sockMapKprBackendsV1      = "kpr_backends_v1"
 	sockMapKprBindGuardV1     = "kpr_bind_guard_v1"
 	sockMapKprRevnatV1        = "kpr_revnat_v1"
+	sockMapKprSkConnV1        = "kpr_sk_conn_v1"
 	sockMapKprSkPeerV1        = "kpr_sk_peer_v1"
 	sockMapKprSkRevnatPortsV1 = "kpr_sk_revnat_ports_v1"
 	sockMapKprSkRevnatV1      = "kpr_sk_revnat_v1"
@@ -133,6 +141,8 @@ const (
 	sockProgRecvmsg6          = "recvmsg6"
 	sockProgSendmsg4          = "sendmsg4"
 	sockProgSendmsg6          = "sendmsg6"
+	sockProgSockRelease       = "sock_release"
+	sockVarSkConnSlots        = "sk_conn_slots"
 )
 
 // loadSock returns the embedded CollectionSpec for sock.
@@ -187,6 +197,7 @@ type sockProgramSpecs struct {
 	Recvmsg6     *ebpf.ProgramSpec `ebpf:"recvmsg6"`
 	Sendmsg4     *ebpf.ProgramSpec `ebpf:"sendmsg4"`
 	Sendmsg6     *ebpf.ProgramSpec `ebpf:"sendmsg6"`
+	SockRelease  *ebpf.ProgramSpec `ebpf:"sock_release"`
 }
 
 // sockMapSpecs contains maps before they are loaded into the kernel.
@@ -198,6 +209,7 @@ type sockMapSpecs struct {
 	KprBackendsV1      *ebpf.MapSpec `ebpf:"kpr_backends_v1"`
 	KprBindGuardV1     *ebpf.MapSpec `ebpf:"kpr_bind_guard_v1"`
 	KprRevnatV1        *ebpf.MapSpec `ebpf:"kpr_revnat_v1"`
+	KprSkConnV1        *ebpf.MapSpec `ebpf:"kpr_sk_conn_v1"`
 	KprSkPeerV1        *ebpf.MapSpec `ebpf:"kpr_sk_peer_v1"`
 	KprSkRevnatPortsV1 *ebpf.MapSpec `ebpf:"kpr_sk_revnat_ports_v1"`
 	KprSkRevnatV1      *ebpf.MapSpec `ebpf:"kpr_sk_revnat_v1"`
@@ -209,6 +221,7 @@ type sockMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockVariableSpecs struct {
+	SkConnSlots *ebpf.VariableSpec `ebpf:"sk_conn_slots"`
 }
 
 // sockObjects contains all objects after they have been loaded into the kernel.
@@ -236,6 +249,7 @@ type sockMaps struct {
 	KprBackendsV1      *ebpf.Map `ebpf:"kpr_backends_v1"`
 	KprBindGuardV1     *ebpf.Map `ebpf:"kpr_bind_guard_v1"`
 	KprRevnatV1        *ebpf.Map `ebpf:"kpr_revnat_v1"`
+	KprSkConnV1        *ebpf.Map `ebpf:"kpr_sk_conn_v1"`
 	KprSkPeerV1        *ebpf.Map `ebpf:"kpr_sk_peer_v1"`
 	KprSkRevnatPortsV1 *ebpf.Map `ebpf:"kpr_sk_revnat_ports_v1"`
 	KprSkRevnatV1      *ebpf.Map `ebpf:"kpr_sk_revnat_v1"`
@@ -250,6 +264,7 @@ func (m *sockMaps) Close() error {
 		m.KprBackendsV1,
 		m.KprBindGuardV1,
 		m.KprRevnatV1,
+		m.KprSkConnV1,
 		m.KprSkPeerV1,
 		m.KprSkRevnatPortsV1,
 		m.KprSkRevnatV1,
@@ -262,6 +277,7 @@ func (m *sockMaps) Close() error {
 //
 // It can be passed to loadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockVariables struct {
+	SkConnSlots *ebpf.Variable `ebpf:"sk_conn_slots"`
 }
 
 // sockPrograms contains all programs after they have been loaded into the kernel.
@@ -278,6 +294,7 @@ type sockPrograms struct {
 	Recvmsg6     *ebpf.Program `ebpf:"recvmsg6"`
 	Sendmsg4     *ebpf.Program `ebpf:"sendmsg4"`
 	Sendmsg6     *ebpf.Program `ebpf:"sendmsg6"`
+	SockRelease  *ebpf.Program `ebpf:"sock_release"`
 }
 
 func (p *sockPrograms) Close() error {
@@ -292,6 +309,7 @@ func (p *sockPrograms) Close() error {
 		p.Recvmsg6,
 		p.Sendmsg4,
 		p.Sendmsg6,
+		p.SockRelease,
 	)
 }
 

@@ -1,6 +1,7 @@
 package bpf
 
 import (
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -92,6 +93,116 @@ func TestConnectedPeerKeptWithTheSocket(t *testing.T) {
 	}
 }
 
+// TestTCPPeerKeptWhileSocketsComeAndGo: a TCP socket connected to a VIP keeps its reverse
+// translation in a slot of kpr_sk_conn_v1 until it is released, whether its connection
+// succeeded or was refused; then the slot is free for later sockets. A long-lived socket
+// keeps showing the VIP however many sockets came and went (before, its entry was an LRU
+// map's, where the newest sockets push out the oldest), and so do sockets whose slot is
+// taken, from the LRU map.
+func TestTCPPeerKeptWhileSocketsComeAndGo(t *testing.T) {
+	const slots, alive = 8, 12
+	e := newTestEnv(t)
+	cfg := e.config()
+	cfg.SockConnMapSize = slots
+	cfg.SockRevNatMapSize = alive // room for the sockets whose slot is taken
+	d, err := Load(cfg)
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	t.Cleanup(func() {
+		d.Close()
+		if err := Cleanup(e.pinDir); err != nil {
+			t.Errorf("Cleanup: %v", err)
+		}
+	})
+	startAllServers(e)
+	programServices(t, d.Maps)
+	// A VIP whose backend has no listener: connect() is refused by the backend.
+	const svcRefused, beRefused = 6, 7
+	keyRefused := ServiceKey{Addr: vip4, Port: 81, Proto: ProtoTCP}
+	must(t, d.Maps.UpsertBackend(beRefused, Backend{tcpA.Addr(), 9, ProtoTCP}))
+	must(t, d.Maps.UpsertService(keyRefused, Service{ID: svcRefused, Backends: []uint32{beRefused}}, 0))
+	must(t, d.Maps.UpsertRevNat(svcRefused, RevNat{Addr: vip4, Port: 81}))
+	vip := netip.AddrPortFrom(vip4, 80)
+
+	var fds []int
+	t.Cleanup(func() {
+		for _, fd := range fds {
+			unix.Close(fd)
+		}
+	})
+	open := func() {
+		t.Helper()
+		must(t, e.do(func() error {
+			fd, err := socket(unix.AF_INET, unix.SOCK_STREAM)
+			if err != nil {
+				return err
+			}
+			fds = append(fds, fd)
+			return unix.Connect(fd, sockaddr(vip, unix.AF_INET))
+		}))
+	}
+	peers := func(when string) {
+		t.Helper()
+		for i, fd := range fds {
+			sa, err := unix.Getpeername(fd)
+			must(t, err)
+			if p := addrPortOf(sa); p != vip {
+				t.Errorf("%s: socket %d of %d alive: getpeername = %s, want the VIP %s", when, i+1, len(fds), p, vip)
+			}
+		}
+	}
+	open() // the long-lived one
+
+	// Four times as many connections as there are slots, and as many refused ones, each
+	// closed.
+	for i := range 4 * slots {
+		ex, err := e.dialTCP(unix.AF_INET, vip)
+		if err != nil {
+			t.Fatalf("TCP connection %d: %v", i, err)
+		}
+		if ex.peer != vip {
+			t.Fatalf("TCP connection %d: getpeername = %s, want the VIP %s", i, ex.peer, vip)
+		}
+		err = e.do(func() error {
+			fd, err := socket(unix.AF_INET, unix.SOCK_STREAM)
+			if err != nil {
+				return err
+			}
+			defer unix.Close(fd)
+			return unix.Connect(fd, sockaddr(netip.AddrPortFrom(vip4, 81), unix.AF_INET))
+		})
+		wantErrno(t, fmt.Sprintf("connect %d to a VIP whose backend has no listener", i), err, unix.ECONNREFUSED)
+	}
+	peers("after 64 other sockets")
+	if n := takenSlots(t, d.Maps); n != 1 {
+		t.Fatalf("%d slots of %s taken with one socket alive: closed sockets keep theirs", n, sockMapKprSkConnV1)
+	}
+
+	for len(fds) < alive {
+		open()
+	}
+	peers("more sockets alive than slots")
+}
+
+// takenSlots counts the slots of kpr_sk_conn_v1 that hold a socket's cookie.
+func takenSlots(t *testing.T, m *LBMaps) int {
+	t.Helper()
+	var (
+		slot uint32
+		c    sockSkConn
+		n    int
+	)
+	it := m.sockConn.Iterate()
+	for it.Next(&slot, &c) {
+		if c.Cookie != 0 {
+			n++
+		}
+	}
+	must(t, it.Err())
+	return n
+}
+
 // TestSockRevNatPortsSeeded: getpeername4 and recvmsg4 look a peer up in kpr_sk_revnat_v1
 // only if some entry had its port (kpr_sk_revnat_ports_v1). A kpr that creates the port map
 // over an older kpr's pinned entries marks their ports, so sockets translated before the
@@ -123,7 +234,23 @@ func TestSockRevNatPortsSeeded(t *testing.T) {
 	}
 	peer("before")
 
-	// The older kpr had no port map: its pin goes, and the programs are loaded again.
+	// The older kpr kept a TCP socket's entry in kpr_sk_revnat_v1, keyed by cookie and
+	// backend, and had no port map: the entry moves, the port map's pin goes, and the
+	// programs are loaded again.
+	var (
+		slot uint32
+		c    sockSkConn
+	)
+	it := d.Maps.sockConn.Iterate()
+	for it.Next(&slot, &c) && c.Cookie == 0 {
+	}
+	if c.Cookie == 0 {
+		t.Fatalf("no slot of %s taken after connect(): %v", sockMapKprSkConnV1, it.Err())
+	}
+	must(t, d.Maps.sockConn.Put(slot, sockSkConn{}))
+	p := c.Peer
+	must(t, d.Maps.sockRevNat.Put(sockSkRevnatKey{Cookie: c.Cookie, Addr: p.BeAddr, Port: p.BePort},
+		sockSkRevnatValue{Addr: p.VipAddr, Port: p.VipPort, SvcId: p.SvcId}))
 	d.Close()
 	must(t, os.Remove(filepath.Join(e.pinDir, sockMapKprSkRevnatPortsV1)))
 	d2, err := Load(e.config())

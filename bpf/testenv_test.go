@@ -217,6 +217,7 @@ func (e *testEnv) config() Config {
 		BackendMapSize:       1024,
 		RevNatMapSize:        256,
 		SockRevNatMapSize:    1024,
+		SockConnMapSize:      1024,
 		AffinityMapSize:      256,
 		AffinityMatchMapSize: 256,
 	}

@@ -252,6 +252,7 @@ func (a *Agent) setup(ctx context.Context) error {
 		ServiceMapSize:       a.cfg.ServiceMapSize,
 		BackendMapSize:       a.cfg.BackendMapSize,
 		SockRevNatMapSize:    a.cfg.SockRevNatMapSize,
+		SockConnMapSize:      a.cfg.SockConnMapSize,
 		AffinityMapSize:      a.cfg.AffinityMapSize,
 		AffinityMatchMapSize: a.cfg.AffinityMatchMapSize,
 	})

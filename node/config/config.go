@@ -51,6 +51,7 @@ type Config struct {
 	ServiceMapSize    int    `mapstructure:"serviceMapSize"`
 	BackendMapSize    int    `mapstructure:"backendMapSize"`
 	SockRevNatMapSize int    `mapstructure:"sockRevNatMapSize"`
+	SockConnMapSize   int    `mapstructure:"sockConnMapSize"`
 	AffinityMapSize   int    `mapstructure:"affinityMapSize"`
 	// AffinityMatchMapSize bounds the {frontend, backend} pairs under session affinity.
 	AffinityMatchMapSize int `mapstructure:"affinityMatchMapSize"`
@@ -108,7 +109,8 @@ var settings = []setting{
 	{"bpfPinDir", "bpf-pin-dir", "bpffs directory where kpr pins its maps and links", "/sys/fs/bpf/kpr"},
 	{"serviceMapSize", "service-map-size", "entries in the service map (frontends plus backend slots)", 262144},
 	{"backendMapSize", "backend-map-size", "entries in the backend map", 262144},
-	{"sockRevNatMapSize", "sock-revnat-map-size", "entries in the socket reverse-NAT map (UDP replies, getpeername)", 131072},
+	{"sockRevNatMapSize", "sock-revnat-map-size", "entries in the socket reverse-NAT map, an LRU (replies to unconnected UDP sockets; TCP sockets when the connected-socket map is full)", 131072},
+	{"sockConnMapSize", "sock-conn-map-size", "TCP sockets connected to a Service that can be alive at once with their reverse translation (getpeername) outside the LRU map", 131072},
 	{"affinityMapSize", "affinity-map-size", "entries in the session-affinity map", 65536},
 	{"affinityMatchMapSize", "affinity-match-map-size", "entries in the map of backends each session-affinity frontend may stick to", 65536},
 	{"devices", "devices", "network devices whose incoming NodePort, ExternalIP and LoadBalancer traffic kpr serves (default: the devices of the default routes)", []string{}},
@@ -275,7 +277,7 @@ func (c *Config) Validate() error {
 	if c.RunDir == "" || !filepath.IsAbs(c.RunDir) {
 		bad("runDir", "%q must be an absolute path", c.RunDir)
 	}
-	for key, n := range map[string]int{"serviceMapSize": c.ServiceMapSize, "backendMapSize": c.BackendMapSize, "sockRevNatMapSize": c.SockRevNatMapSize, "affinityMapSize": c.AffinityMapSize, "affinityMatchMapSize": c.AffinityMatchMapSize} {
+	for key, n := range map[string]int{"serviceMapSize": c.ServiceMapSize, "backendMapSize": c.BackendMapSize, "sockRevNatMapSize": c.SockRevNatMapSize, "sockConnMapSize": c.SockConnMapSize, "affinityMapSize": c.AffinityMapSize, "affinityMatchMapSize": c.AffinityMatchMapSize} {
 		if n < 1 || n > 1<<24 {
 			bad(key, "%d is out of range 1..16777216", n)
 		}

@@ -494,7 +494,7 @@ func TestClusterIP(t *testing.T) {
 			t.Fatalf("after the restart: %v", f)
 		}
 		status, err := e.kprCmd("status")
-		if err != nil || !strings.Contains(status, "running") || !strings.Contains(status, "10 programs attached") {
+		if err != nil || !strings.Contains(status, "running") || !strings.Contains(status, "11 programs attached") {
 			t.Fatalf("kpr status: %v\n%s", err, status)
 		}
 	})
