@@ -76,12 +76,13 @@ struct {
 } kpr_revnat_v1 SEC(".maps");
 
 /*
- * The reverse translation of a connected UDP socket (connect() to a VIP), kept
- * in the socket itself: every datagram it receives is reverse-translated, for
- * as long as it lives, so its entry must not be evicted by other sockets' (as
- * in the LRU map below), and a connect() elsewhere must drop it. TCP sockets
- * use kpr_sk_conn_v1 below: the allocation and the deferred free of socket
- * storage cost more (BenchmarkConnectedSocket).
+ * The reverse translation of a connected UDP socket (connect() to a VIP) whose
+ * slot in kpr_sk_conn_v1 (below) is taken, kept in the socket itself: every
+ * datagram it receives is reverse-translated, for as long as it lives, so its
+ * entry must not be evicted by other sockets' (as in the LRU map below), and a
+ * connect() elsewhere must drop it. Not the first choice: the allocation and
+ * the deferred free of socket storage cost more than a slot
+ * (BenchmarkConnectedSocket).
  */
 struct sk_peer {
 	__u8 be_addr[16];
@@ -102,8 +103,9 @@ struct {
 } kpr_sk_peer_v1 SEC(".maps");
 
 /*
- * The reverse translation of a TCP socket connected to a VIP, from connect()
- * until the socket is released (sock_release below frees it), in the slot its
+ * The reverse translation of a TCP or UDP socket connected to a VIP, from
+ * connect() until the socket is released (sock_release below frees it) or a
+ * UDP socket connects elsewhere, in the slot its
  * socket cookie picks: cookie % sk_conn_slots. A slot belongs to the socket
  * whose cookie it holds (0: free), taken and given back with a compare and
  * exchange. The kernel hands out cookies in ascending runs per CPU, so
@@ -112,7 +114,8 @@ struct {
  * lock and no eviction. In the full LRU map below, connect4's insert evicted
  * some other socket's entry, most of its run time on a busy node. A socket
  * whose slot is held by another live socket (one that lived while as many
- * newer cookies were made as there are slots) keeps its entry in the LRU map.
+ * newer cookies were made as there are slots) keeps its entry in the LRU map
+ * (TCP) or in kpr_sk_peer_v1 (UDP).
  */
 struct sk_conn {
 	__u64 cookie;
@@ -374,8 +377,9 @@ static __always_inline void fill_sk_peer(struct sk_peer *p, const union addr16 *
 }
 
 /*
- * connect() of a UDP socket: it has one peer from now on. Falls back to the
- * LRU map when the socket's storage cannot be allocated (its optmem limit).
+ * connect() of a UDP socket whose slot in kpr_sk_conn_v1 is taken: it has one
+ * peer from now on, kept in its storage. Falls back to the LRU map when the
+ * storage cannot be allocated (its optmem limit).
  */
 static __always_inline void record_sk_peer(struct bpf_sock_addr *ctx, const union addr16 *be_addr,
 					   __be16 be_port, const union addr16 *vip,
@@ -396,13 +400,41 @@ fallback:
 }
 
 /*
- * connect() of a TCP socket. A socket that connects again after a failed
- * connect() overwrites its entry; one that connects to no VIP keeps a stale
- * entry until it is released, which never matches its new peer.
+ * connect() to an address that is no VIP: a UDP socket connected to a VIP
+ * before now talks to someone else, so its old peer must not be translated.
+ * Its slot, if it has one, is found by the peer it is connected to until now
+ * (a backend's port is marked; a fresh socket has none).
+ */
+static __always_inline void forget_sk_peer(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	__be16 old;
+
+	if (!sk)
+		return;
+	bpf_sk_storage_delete(&kpr_sk_peer_v1, sk); /* -ENOENT when it had none */
+	old = (__be16)sk->dst_port;
+	if (old && port_marked(&kpr_sk_revnat_ports_v1, old)) {
+		__u64 cookie = bpf_get_socket_cookie(ctx);
+		struct sk_conn *c = sk_conn_slot(cookie);
+
+		if (c && c->cookie == cookie)
+			__sync_val_compare_and_swap(&c->cookie, cookie, 0);
+	}
+}
+
+/*
+ * connect() of a TCP or UDP socket to a VIP: its slot, if free or already
+ * its own (a TCP socket connecting again after a failed connect(), a UDP
+ * socket connecting elsewhere). A TCP socket that connects to no VIP after a
+ * failed connect() keeps its entry until it is released; the entry never
+ * matches its new peer. A socket whose slot is taken keeps its entry in the
+ * LRU map (TCP) or in its storage (UDP: it may live long and receive from
+ * that peer all along, and the LRU map would evict it).
  */
 static __always_inline void record_sk_conn(struct bpf_sock_addr *ctx, const union addr16 *be_addr,
 					   __be16 be_port, const union addr16 *vip,
-					   __be16 vip_port, __u32 svc_id)
+					   __be16 vip_port, __u32 svc_id, int udp)
 {
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 	struct sk_conn *c = sk_conn_slot(cookie);
@@ -413,22 +445,16 @@ static __always_inline void record_sk_conn(struct bpf_sock_addr *ctx, const unio
 		if (owner == 0 || owner == cookie) {
 			fill_sk_peer(&c->peer, be_addr, be_port, vip, vip_port, svc_id);
 			port_mark(&kpr_sk_revnat_ports_v1, be_port);
+			/* An older peer in its storage, from when its slot was taken. */
+			if (udp && ctx->sk)
+				bpf_sk_storage_delete(&kpr_sk_peer_v1, ctx->sk);
 			return;
 		}
 	}
-	record_sk_revnat(ctx, be_addr, be_port, vip, vip_port, svc_id, 1);
-}
-
-/*
- * connect() to an address that is no VIP: a UDP socket connected to a VIP
- * before now talks to someone else, so its old peer must not be translated.
- */
-static __always_inline void forget_sk_peer(struct bpf_sock_addr *ctx)
-{
-	struct bpf_sock *sk = ctx->sk;
-
-	if (sk)
-		bpf_sk_storage_delete(&kpr_sk_peer_v1, sk); /* -ENOENT when it had none */
+	if (udp)
+		record_sk_peer(ctx, be_addr, be_port, vip, vip_port, svc_id);
+	else
+		record_sk_revnat(ctx, be_addr, be_port, vip, vip_port, svc_id, 1);
 }
 
 /*
@@ -533,12 +559,10 @@ static __always_inline int sock_lb(struct bpf_sock_addr *ctx, int v4, int is_con
 	addr_to_ctx(ctx, &be_addr, v4);
 	ctx->user_port = (__u32)be_port;
 
-	if (!is_connect)
-		record_sk_revnat(ctx, &be_addr, be_port, &vip, vip_port, svc_id, 0);
-	else if (proto == IPPROTO_UDP)
-		record_sk_peer(ctx, &be_addr, be_port, &vip, vip_port, svc_id);
+	if (is_connect)
+		record_sk_conn(ctx, &be_addr, be_port, &vip, vip_port, svc_id, proto == IPPROTO_UDP);
 	else
-		record_sk_conn(ctx, &be_addr, be_port, &vip, vip_port, svc_id);
+		record_sk_revnat(ctx, &be_addr, be_port, &vip, vip_port, svc_id, 0);
 	return 1;
 }
 
@@ -591,7 +615,7 @@ static __always_inline int sock_revnat(struct bpf_sock_addr *ctx, int v4)
 		return 1;
 
 	k.cookie = bpf_get_socket_cookie(ctx);
-	if (ctx->protocol == IPPROTO_TCP) {
+	{
 		struct sk_conn *c = sk_conn_slot(k.cookie);
 
 		if (c && c->cookie == k.cookie &&
@@ -673,26 +697,30 @@ int getpeername6(struct bpf_sock_addr *ctx)
 }
 
 /*
- * A socket's release (its last close()): a TCP socket gives its
- * kpr_sk_conn_v1 slot back. Runs for every TCP socket in the cgroup, so a
- * socket whose peer port no entry has stops at the port mark. A peer port of
- * 0 is no answer: a refused connect() clears it (tcp_disconnect). Not caught:
- * a socket whose connect() to a VIP failed and which then connected again, to
- * a port that is no backend's, keeps its slot; the sockets that would have
- * used it later keep their entries in the LRU map instead.
+ * A socket's release (its last close()): it gives its kpr_sk_conn_v1 slot
+ * back. Runs for every TCP and UDP socket in the cgroup, so a socket whose
+ * peer port no entry has stops at the port mark. A TCP peer port of 0 is no
+ * answer: a refused connect() clears it (tcp_disconnect); a UDP socket without
+ * a peer port (never connected, or disconnected with AF_UNSPEC) stops there.
+ * Not caught: a TCP socket whose connect() to a VIP failed and which then
+ * connected again, to a port that is no backend's, and a UDP socket
+ * disconnected with AF_UNSPEC after connecting to a VIP, keep their slot; the
+ * sockets that would have used it later keep their entries in the LRU map or
+ * in their storage instead.
  */
 SEC("cgroup/sock_release")
 int sock_release(struct bpf_sock *sk)
 {
 	struct sk_conn *c;
-	__be16 port;
+	__be16 port = (__be16)sk->dst_port;
 	__u64 cookie;
 
-	if (sk->protocol != IPPROTO_TCP)
+	if (sk->protocol == IPPROTO_TCP) {
+		if (port && !port_marked(&kpr_sk_revnat_ports_v1, port))
+			return 1;
+	} else if (sk->protocol != IPPROTO_UDP || !port_marked(&kpr_sk_revnat_ports_v1, port)) {
 		return 1;
-	port = (__be16)sk->dst_port;
-	if (port && !port_marked(&kpr_sk_revnat_ports_v1, port))
-		return 1;
+	}
 	cookie = bpf_get_socket_cookie(sk);
 	c = sk_conn_slot(cookie);
 	if (c && c->cookie == cookie)

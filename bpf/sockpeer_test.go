@@ -10,11 +10,12 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// TestConnectedPeerKeptWithTheSocket: a connected socket's VIP is kept with the socket
-// (kpr_sk_peer_v1), so however many other sockets come and go, getpeername() and
-// recvfrom() of a long-lived connection keep showing the VIP; before, its entry was one of
-// an LRU map's and a burst of short connections pushed it out. A socket connected again,
-// to an address that is no VIP, shows that address.
+// TestConnectedPeerKeptWithTheSocket: a connected UDP socket's VIP is kept until the socket
+// is released (its slot of kpr_sk_conn_v1), so however many other sockets come and go,
+// getpeername() and recvfrom() of a long-lived connection keep showing the VIP; before,
+// its entry was one of an LRU map's and a burst of short connections pushed it out. Closed
+// sockets give their slots back. A socket connected again, to an address that is no VIP,
+// shows that address.
 func TestConnectedPeerKeptWithTheSocket(t *testing.T) {
 	e := newTestEnv(t)
 	cfg := e.config()
@@ -49,7 +50,7 @@ func TestConnectedPeerKeptWithTheSocket(t *testing.T) {
 		must(t, err)
 		return addrPortOf(sa)
 	}
-	exchange := func() netip.AddrPort {
+	source := func() netip.AddrPort {
 		t.Helper()
 		if _, err := unix.Write(fd, []byte("long-lived")); err != nil {
 			t.Fatalf("send: %v", err)
@@ -61,11 +62,12 @@ func TestConnectedPeerKeptWithTheSocket(t *testing.T) {
 		}
 		return addrPortOf(from)
 	}
-	if p, from := peer(), exchange(); p != vipUDP || from != vipUDP {
+	if p, from := peer(), source(); p != vipUDP || from != vipUDP {
 		t.Fatalf("getpeername = %s, recvfrom source = %s, want the VIP %s", p, from, vipUDP)
 	}
 
-	// 64 short TCP connections and 64 unconnected UDP exchanges: four times the LRU map.
+	// 64 short TCP connections, 64 unconnected and 64 connected UDP exchanges: four times the
+	// LRU map, and each closed.
 	for i := range 64 {
 		ex, err := e.dialTCP(unix.AF_INET, netip.AddrPortFrom(vip4, 80))
 		if err != nil {
@@ -74,7 +76,93 @@ func TestConnectedPeerKeptWithTheSocket(t *testing.T) {
 		if ex.peer != netip.AddrPortFrom(vip4, 80) {
 			t.Fatalf("TCP connection %d: getpeername = %s, want the VIP", i, ex.peer)
 		}
-		ex, err = e.udpUnconnected(unix.AF_INET, vipUDP)
+		for _, f := range []func(int, netip.AddrPort) (exchange, error){e.udpUnconnected, e.udpConnected} {
+			ex, err = f(unix.AF_INET, vipUDP)
+			if err != nil {
+				t.Fatalf("UDP exchange %d: %v", i, err)
+			}
+			if ex.from != vipUDP {
+				t.Fatalf("UDP exchange %d: recvfrom source = %s, want the VIP", i, ex.from)
+			}
+		}
+	}
+	if p, from := peer(), source(); p != vipUDP || from != vipUDP {
+		t.Fatalf("after 192 other sockets: getpeername = %s, recvfrom source = %s, want the VIP %s", p, from, vipUDP)
+	}
+	if n := takenSlots(t, d.Maps); n != 1 {
+		t.Fatalf("%d slots of %s taken with one socket alive: closed sockets keep theirs", n, sockMapKprSkConnV1)
+	}
+
+	// Connected again, straight to each backend (one of them is the one it was translated
+	// to): that backend is the peer now, not the VIP.
+	for _, be := range []netip.AddrPort{udpA, udpB} {
+		must(t, e.do(func() error { return unix.Connect(fd, sockaddr(be, unix.AF_INET)) }))
+		if p, from := peer(), source(); p != be || from != be {
+			t.Fatalf("connected to %s itself: getpeername = %s, recvfrom source = %s, want %s", be, p, from, be)
+		}
+	}
+}
+
+// TestConnectedUDPPeerWhenItsSlotIsTaken: a UDP socket connected to a VIP whose slot of
+// kpr_sk_conn_v1 another live socket holds keeps its reverse translation in its own storage
+// (kpr_sk_peer_v1), not in the LRU map, where other sockets' traffic would push it out; and it
+// still drops it when it connects elsewhere.
+func TestConnectedUDPPeerWhenItsSlotIsTaken(t *testing.T) {
+	e := newTestEnv(t)
+	cfg := e.config()
+	cfg.SockConnMapSize = 1 // one slot: the first socket takes it
+	cfg.SockRevNatMapSize = 16
+	d, err := Load(cfg)
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	t.Cleanup(func() {
+		d.Close()
+		if err := Cleanup(e.pinDir); err != nil {
+			t.Errorf("Cleanup: %v", err)
+		}
+	})
+	startAllServers(e)
+	programServices(t, d.Maps)
+	vipTCP, vipUDP := netip.AddrPortFrom(vip4, 80), netip.AddrPortFrom(vip4, 53)
+
+	var holder, fd int
+	must(t, e.do(func() error {
+		var err error
+		if holder, err = socket(unix.AF_INET, unix.SOCK_STREAM); err != nil {
+			return err
+		}
+		if err := unix.Connect(holder, sockaddr(vipTCP, unix.AF_INET)); err != nil {
+			return err
+		}
+		if fd, err = socket(unix.AF_INET, unix.SOCK_DGRAM); err != nil {
+			return err
+		}
+		return unix.Connect(fd, sockaddr(vipUDP, unix.AF_INET))
+	}))
+	defer unix.Close(holder)
+	defer unix.Close(fd)
+	if n := takenSlots(t, d.Maps); n != 1 {
+		t.Fatalf("%d slots taken, want the one", n)
+	}
+
+	peerAndSource := func() (netip.AddrPort, netip.AddrPort) {
+		t.Helper()
+		sa, err := unix.Getpeername(fd)
+		must(t, err)
+		if _, err := unix.Write(fd, []byte("slot taken")); err != nil {
+			t.Fatalf("send: %v", err)
+		}
+		buf := make([]byte, 1500)
+		_, from, err := unix.Recvfrom(fd, buf, 0)
+		if err != nil {
+			t.Fatalf("recvfrom: %v", err)
+		}
+		return addrPortOf(sa), addrPortOf(from)
+	}
+	// Unconnected UDP exchanges: four times the LRU map.
+	for i := range 64 {
+		ex, err := e.udpUnconnected(unix.AF_INET, vipUDP)
 		if err != nil {
 			t.Fatalf("UDP exchange %d: %v", i, err)
 		}
@@ -82,13 +170,17 @@ func TestConnectedPeerKeptWithTheSocket(t *testing.T) {
 			t.Fatalf("UDP exchange %d: recvfrom source = %s, want the VIP", i, ex.from)
 		}
 	}
-	if p, from := peer(), exchange(); p != vipUDP || from != vipUDP {
-		t.Fatalf("after 128 other sockets: getpeername = %s, recvfrom source = %s, want the VIP %s", p, from, vipUDP)
+	if p, from := peerAndSource(); p != vipUDP || from != vipUDP {
+		t.Fatalf("after 64 other sockets: getpeername = %s, recvfrom source = %s, want the VIP %s", p, from, vipUDP)
+	}
+	sa, err := unix.Getpeername(holder)
+	must(t, err)
+	if p := addrPortOf(sa); p != vipTCP {
+		t.Fatalf("the slot's TCP socket: getpeername = %s, want the VIP %s", p, vipTCP)
 	}
 
-	// Connected again, straight to a backend: that backend is the peer now, not the VIP.
 	must(t, e.do(func() error { return unix.Connect(fd, sockaddr(udpA, unix.AF_INET)) }))
-	if p, from := peer(), exchange(); p != udpA || from != udpA {
+	if p, from := peerAndSource(); p != udpA || from != udpA {
 		t.Fatalf("connected to %s itself: getpeername = %s, recvfrom source = %s, want %s", udpA, p, from, udpA)
 	}
 }
