@@ -30,16 +30,7 @@ func BenchmarkConnectedSocket(b *testing.B) {
 	cfg := e.config()
 	cfg.SockRevNatMapSize = DefaultSockRevNatMapSize
 	cfg.SockConnMapSize = DefaultSockConnMapSize
-	d, err := Load(cfg)
-	if err != nil {
-		b.Fatalf("Load: %v", err)
-	}
-	b.Cleanup(func() {
-		d.Close()
-		if err := Cleanup(e.pinDir); err != nil {
-			b.Errorf("Cleanup: %v", err)
-		}
-	})
+	d := e.loadConfig(cfg)
 	startAllServers(e)
 	programServices(b, d.Maps)
 	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))

@@ -20,16 +20,7 @@ func TestConnectedPeerKeptWithTheSocket(t *testing.T) {
 	e := newTestEnv(t)
 	cfg := e.config()
 	cfg.SockRevNatMapSize = 16 // the LRU map that unconnected sockets still use
-	d, err := Load(cfg)
-	if err != nil {
-		t.Fatalf("Load: %v", err)
-	}
-	t.Cleanup(func() {
-		d.Close()
-		if err := Cleanup(e.pinDir); err != nil {
-			t.Errorf("Cleanup: %v", err)
-		}
-	})
+	d := e.loadConfig(cfg)
 	startAllServers(e)
 	programServices(t, d.Maps)
 	vipUDP := netip.AddrPortFrom(vip4, 53)
@@ -44,25 +35,7 @@ func TestConnectedPeerKeptWithTheSocket(t *testing.T) {
 		return unix.Connect(fd, sockaddr(vipUDP, unix.AF_INET))
 	}))
 	defer unix.Close(fd)
-	peer := func() netip.AddrPort {
-		t.Helper()
-		sa, err := unix.Getpeername(fd)
-		must(t, err)
-		return addrPortOf(sa)
-	}
-	source := func() netip.AddrPort {
-		t.Helper()
-		if _, err := unix.Write(fd, []byte("long-lived")); err != nil {
-			t.Fatalf("send: %v", err)
-		}
-		buf := make([]byte, 1500)
-		_, from, err := unix.Recvfrom(fd, buf, 0)
-		if err != nil {
-			t.Fatalf("recvfrom: %v", err)
-		}
-		return addrPortOf(from)
-	}
-	if p, from := peer(), source(); p != vipUDP || from != vipUDP {
+	if p, from := connectedPeer(t, fd); p != vipUDP || from != vipUDP {
 		t.Fatalf("getpeername = %s, recvfrom source = %s, want the VIP %s", p, from, vipUDP)
 	}
 
@@ -86,7 +59,7 @@ func TestConnectedPeerKeptWithTheSocket(t *testing.T) {
 			}
 		}
 	}
-	if p, from := peer(), source(); p != vipUDP || from != vipUDP {
+	if p, from := connectedPeer(t, fd); p != vipUDP || from != vipUDP {
 		t.Fatalf("after 192 other sockets: getpeername = %s, recvfrom source = %s, want the VIP %s", p, from, vipUDP)
 	}
 	if n := takenSlots(t, d.Maps); n != 1 {
@@ -97,7 +70,7 @@ func TestConnectedPeerKeptWithTheSocket(t *testing.T) {
 	// to): that backend is the peer now, not the VIP.
 	for _, be := range []netip.AddrPort{udpA, udpB} {
 		must(t, e.do(func() error { return unix.Connect(fd, sockaddr(be, unix.AF_INET)) }))
-		if p, from := peer(), source(); p != be || from != be {
+		if p, from := connectedPeer(t, fd); p != be || from != be {
 			t.Fatalf("connected to %s itself: getpeername = %s, recvfrom source = %s, want %s", be, p, from, be)
 		}
 	}
@@ -112,16 +85,7 @@ func TestConnectedUDPPeerWhenItsSlotIsTaken(t *testing.T) {
 	cfg := e.config()
 	cfg.SockConnMapSize = 1 // one slot: the first socket takes it
 	cfg.SockRevNatMapSize = 16
-	d, err := Load(cfg)
-	if err != nil {
-		t.Fatalf("Load: %v", err)
-	}
-	t.Cleanup(func() {
-		d.Close()
-		if err := Cleanup(e.pinDir); err != nil {
-			t.Errorf("Cleanup: %v", err)
-		}
-	})
+	d := e.loadConfig(cfg)
 	startAllServers(e)
 	programServices(t, d.Maps)
 	vipTCP, vipUDP := netip.AddrPortFrom(vip4, 80), netip.AddrPortFrom(vip4, 53)
@@ -146,20 +110,6 @@ func TestConnectedUDPPeerWhenItsSlotIsTaken(t *testing.T) {
 		t.Fatalf("%d slots taken, want the one", n)
 	}
 
-	peerAndSource := func() (netip.AddrPort, netip.AddrPort) {
-		t.Helper()
-		sa, err := unix.Getpeername(fd)
-		must(t, err)
-		if _, err := unix.Write(fd, []byte("slot taken")); err != nil {
-			t.Fatalf("send: %v", err)
-		}
-		buf := make([]byte, 1500)
-		_, from, err := unix.Recvfrom(fd, buf, 0)
-		if err != nil {
-			t.Fatalf("recvfrom: %v", err)
-		}
-		return addrPortOf(sa), addrPortOf(from)
-	}
 	// Unconnected UDP exchanges: four times the LRU map.
 	for i := range 64 {
 		ex, err := e.udpUnconnected(unix.AF_INET, vipUDP)
@@ -170,7 +120,7 @@ func TestConnectedUDPPeerWhenItsSlotIsTaken(t *testing.T) {
 			t.Fatalf("UDP exchange %d: recvfrom source = %s, want the VIP", i, ex.from)
 		}
 	}
-	if p, from := peerAndSource(); p != vipUDP || from != vipUDP {
+	if p, from := connectedPeer(t, fd); p != vipUDP || from != vipUDP {
 		t.Fatalf("after 64 other sockets: getpeername = %s, recvfrom source = %s, want the VIP %s", p, from, vipUDP)
 	}
 	sa, err := unix.Getpeername(holder)
@@ -180,7 +130,7 @@ func TestConnectedUDPPeerWhenItsSlotIsTaken(t *testing.T) {
 	}
 
 	must(t, e.do(func() error { return unix.Connect(fd, sockaddr(udpA, unix.AF_INET)) }))
-	if p, from := peerAndSource(); p != udpA || from != udpA {
+	if p, from := connectedPeer(t, fd); p != udpA || from != udpA {
 		t.Fatalf("connected to %s itself: getpeername = %s, recvfrom source = %s, want %s", udpA, p, from, udpA)
 	}
 }
@@ -197,16 +147,7 @@ func TestTCPPeerKeptWhileSocketsComeAndGo(t *testing.T) {
 	cfg := e.config()
 	cfg.SockConnMapSize = slots
 	cfg.SockRevNatMapSize = alive // room for the sockets whose slot is taken
-	d, err := Load(cfg)
-	if err != nil {
-		t.Fatalf("Load: %v", err)
-	}
-	t.Cleanup(func() {
-		d.Close()
-		if err := Cleanup(e.pinDir); err != nil {
-			t.Errorf("Cleanup: %v", err)
-		}
-	})
+	d := e.loadConfig(cfg)
 	startAllServers(e)
 	programServices(t, d.Maps)
 	// A VIP whose backend has no listener: connect() is refused by the backend.
@@ -275,6 +216,23 @@ func TestTCPPeerKeptWhileSocketsComeAndGo(t *testing.T) {
 		open()
 	}
 	peers("more sockets alive than slots")
+}
+
+// connectedPeer is what the connected UDP socket fd reports as its peer: getpeername(), and
+// the source recvfrom() gives for the answer to a datagram it sends.
+func connectedPeer(t *testing.T, fd int) (peer, source netip.AddrPort) {
+	t.Helper()
+	sa, err := unix.Getpeername(fd)
+	must(t, err)
+	if _, err := unix.Write(fd, []byte("connected")); err != nil {
+		t.Fatalf("send: %v", err)
+	}
+	buf := make([]byte, 1500)
+	_, from, err := unix.Recvfrom(fd, buf, 0)
+	if err != nil {
+		t.Fatalf("recvfrom: %v", err)
+	}
+	return addrPortOf(sa), addrPortOf(from)
 }
 
 // takenSlots counts the slots of kpr_sk_conn_v1 that hold a socket's cookie.

@@ -226,7 +226,13 @@ func (e *testEnv) config() Config {
 // load loads the datapath and removes it (pins, links) at cleanup.
 func (e *testEnv) load() *Datapath {
 	e.t.Helper()
-	d, err := Load(e.config())
+	return e.loadConfig(e.config())
+}
+
+// loadConfig is load with a config of the test's own (e.config(), changed).
+func (e *testEnv) loadConfig(cfg Config) *Datapath {
+	e.t.Helper()
+	d, err := Load(cfg)
 	if err != nil {
 		e.t.Fatalf("Load: %v", err)
 	}
