@@ -556,6 +556,32 @@ func (m *LBMaps) SetServiceCIDRs(cidrs []netip.Prefix) error {
 	return nil
 }
 
+// SocketSlots counts the slots of kpr_sk_conn_v1 that a socket holds (a TCP or UDP socket
+// connected to a VIP, until it is released), and all its slots. Sockets beyond them keep their
+// reverse translation in the LRU map (TCP) or in socket storage (UDP).
+func (m *LBMaps) SocketSlots() (taken, slots int, err error) {
+	const chunk = 4096
+	var (
+		keys   = make([]uint32, chunk)
+		vals   = make([]sockSkConn, chunk)
+		cursor ebpf.MapBatchCursor
+	)
+	for {
+		n, err := m.sockConn.BatchLookup(&cursor, keys, vals, nil)
+		for _, v := range vals[:n] {
+			if v.Cookie != 0 {
+				taken++
+			}
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return taken, int(m.sockConn.MaxEntries()), nil
+		}
+		if err != nil {
+			return 0, 0, fmt.Errorf("read %s: %w", sockMapKprSkConnV1, err)
+		}
+	}
+}
+
 // ServiceCIDRs dumps the Service CIDRs, IPv4 first, each family in address order.
 func (m *LBMaps) ServiceCIDRs() ([]netip.Prefix, error) {
 	keys, err := m.serviceCIDRKeys()

@@ -238,19 +238,9 @@ func connectedPeer(t *testing.T, fd int) (peer, source netip.AddrPort) {
 // takenSlots counts the slots of kpr_sk_conn_v1 that hold a socket's cookie.
 func takenSlots(t *testing.T, m *LBMaps) int {
 	t.Helper()
-	var (
-		slot uint32
-		c    sockSkConn
-		n    int
-	)
-	it := m.sockConn.Iterate()
-	for it.Next(&slot, &c) {
-		if c.Cookie != 0 {
-			n++
-		}
-	}
-	must(t, it.Err())
-	return n
+	taken, _, err := m.SocketSlots()
+	must(t, err)
+	return taken
 }
 
 // TestSockRevNatPortsSeeded: getpeername4 and recvmsg4 look a peer up in kpr_sk_revnat_v1

@@ -195,6 +195,11 @@ func printStatus(out io.Writer, cfg *config.Config) error {
 		unalloc = "unallocated addresses in " + joinPrefixes(cidrs) + " refused"
 	}
 	fmt.Fprintf(w, "Load balancing:\t%d frontends, %d backends; %s\n", n, len(bes), unalloc)
+	if taken, slots, err := m.SocketSlots(); err != nil {
+		fmt.Fprintf(w, "Socket slots:\t%v\n", err)
+	} else {
+		fmt.Fprintf(w, "Socket slots:\t%d of %d held by sockets connected to a Service (the rest of them keep their reverse translation in the LRU map or in socket storage)\n", taken, slots)
+	}
 	if nm, err := bpf.OpenNodePortMaps(cfg.BPFPinDir); err == nil {
 		st, err := nm.Stats()
 		nm.Close()

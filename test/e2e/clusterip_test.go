@@ -494,7 +494,8 @@ func TestClusterIP(t *testing.T) {
 			t.Fatalf("after the restart: %v", f)
 		}
 		status, err := e.kprCmd("status")
-		if err != nil || !strings.Contains(status, "running") || !strings.Contains(status, "11 programs attached") {
+		if err != nil || !strings.Contains(status, "running") || !strings.Contains(status, "11 programs attached") ||
+			!strings.Contains(status, " of 131072 held by sockets connected to a Service") {
 			t.Fatalf("kpr status: %v\n%s", err, status)
 		}
 	})
