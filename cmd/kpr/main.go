@@ -198,7 +198,7 @@ func printStatus(out io.Writer, cfg *config.Config) error {
 	if taken, slots, err := m.SocketSlots(); err != nil {
 		fmt.Fprintf(w, "Socket slots:\t%v\n", err)
 	} else {
-		fmt.Fprintf(w, "Socket slots:\t%d of %d held by sockets connected to a Service (the rest of them keep their reverse translation in the LRU map or in socket storage)\n", taken, slots)
+		fmt.Fprintf(w, "Socket slots:\t%d of %d in use by sockets connected to a Service (a socket whose slot is in use keeps its reverse translation in the LRU map or in socket storage)\n", taken, slots)
 	}
 	if nm, err := bpf.OpenNodePortMaps(cfg.BPFPinDir); err == nil {
 		st, err := nm.Stats()

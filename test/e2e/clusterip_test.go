@@ -495,7 +495,7 @@ func TestClusterIP(t *testing.T) {
 		}
 		status, err := e.kprCmd("status")
 		if err != nil || !strings.Contains(status, "running") || !strings.Contains(status, "11 programs attached") ||
-			!strings.Contains(status, " of 131072 held by sockets connected to a Service") {
+			!strings.Contains(status, " of 131072 in use by sockets connected to a Service") {
 			t.Fatalf("kpr status: %v\n%s", err, status)
 		}
 	})
