@@ -49,15 +49,8 @@ func TestConnectedPeerKeptWithTheSocket(t *testing.T) {
 		if ex.peer != netip.AddrPortFrom(vip4, 80) {
 			t.Fatalf("TCP connection %d: getpeername = %s, want the VIP", i, ex.peer)
 		}
-		for _, f := range []func(int, netip.AddrPort) (exchange, error){e.udpUnconnected, e.udpConnected} {
-			ex, err = f(unix.AF_INET, vipUDP)
-			if err != nil {
-				t.Fatalf("UDP exchange %d: %v", i, err)
-			}
-			if ex.from != vipUDP {
-				t.Fatalf("UDP exchange %d: recvfrom source = %s, want the VIP", i, ex.from)
-			}
-		}
+		udpFromVIP(t, i, e.udpUnconnected, vipUDP)
+		udpFromVIP(t, i, e.udpConnected, vipUDP)
 	}
 	if p, from := connectedPeer(t, fd); p != vipUDP || from != vipUDP {
 		t.Fatalf("after 192 other sockets: getpeername = %s, recvfrom source = %s, want the VIP %s", p, from, vipUDP)
@@ -112,13 +105,7 @@ func TestConnectedUDPPeerWhenItsSlotIsTaken(t *testing.T) {
 
 	// Unconnected UDP exchanges: four times the LRU map.
 	for i := range 64 {
-		ex, err := e.udpUnconnected(unix.AF_INET, vipUDP)
-		if err != nil {
-			t.Fatalf("UDP exchange %d: %v", i, err)
-		}
-		if ex.from != vipUDP {
-			t.Fatalf("UDP exchange %d: recvfrom source = %s, want the VIP", i, ex.from)
-		}
+		udpFromVIP(t, i, e.udpUnconnected, vipUDP)
 	}
 	if p, from := connectedPeer(t, fd); p != vipUDP || from != vipUDP {
 		t.Fatalf("after 64 other sockets: getpeername = %s, recvfrom source = %s, want the VIP %s", p, from, vipUDP)
@@ -146,7 +133,9 @@ func TestTCPPeerKeptWhileSocketsComeAndGo(t *testing.T) {
 	e := newTestEnv(t)
 	cfg := e.config()
 	cfg.SockConnMapSize = slots
-	cfg.SockRevNatMapSize = alive // room for the sockets whose slot is taken
+	// The LRU map keeps the sockets whose slot is taken: e.config()'s 1024 entries, far more
+	// than them, since an LRU map this small evicts before it is full (its free nodes sit on
+	// per-CPU lists).
 	d := e.loadConfig(cfg)
 	startAllServers(e)
 	programServices(t, d.Maps)
@@ -216,6 +205,19 @@ func TestTCPPeerKeptWhileSocketsComeAndGo(t *testing.T) {
 		open()
 	}
 	peers("more sockets alive than slots")
+}
+
+// udpFromVIP makes UDP exchange i with do (a connected or an unconnected socket) and fails
+// unless the answer's source is the VIP.
+func udpFromVIP(t *testing.T, i int, do func(int, netip.AddrPort) (exchange, error), vip netip.AddrPort) {
+	t.Helper()
+	ex, err := do(unix.AF_INET, vip)
+	if err != nil {
+		t.Fatalf("UDP exchange %d: %v", i, err)
+	}
+	if ex.from != vip {
+		t.Fatalf("UDP exchange %d: recvfrom source = %s, want the VIP", i, ex.from)
+	}
 }
 
 // connectedPeer is what the connected UDP socket fd reports as its peer: getpeername(), and
