@@ -46,7 +46,7 @@ type Config struct {
 	BackendMapSize    int
 	RevNatMapSize     int
 	SockRevNatMapSize int
-	// SockConnMapSize is the number of slots for live TCP sockets connected to a VIP
+	// SockConnMapSize is the number of slots for live TCP and UDP sockets connected to a VIP
 	// (kpr_sk_conn_v1), which keep their reverse translation outside the LRU map.
 	SockConnMapSize int
 	AffinityMapSize int

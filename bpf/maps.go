@@ -23,11 +23,11 @@ type LBMaps struct {
 	// sockPeer is the socket storage of connected UDP sockets' reverse translation; only the
 	// kernel writes it.
 	sockPeer *ebpf.Map
-	// sockConn holds the reverse translation of live TCP sockets connected to a VIP; only
-	// the kernel writes it.
+	// sockConn holds the reverse translation of live TCP and UDP sockets connected to a VIP,
+	// a slot each; only the kernel writes it.
 	sockConn *ebpf.Map
-	// sockRevNatPorts marks the backend ports of sockRevNat's entries; only the kernel
-	// writes it, but for seedSockRevNatPorts.
+	// sockRevNatPorts marks the backend ports of sockRevNat's and sockConn's entries; only
+	// the kernel writes it, but for seedSockRevNatPorts.
 	sockRevNatPorts *ebpf.Map
 	affinity        *ebpf.Map
 	// affinityMatch holds the (svc_id, backend_id) pairs an affinity entry may

@@ -141,6 +141,23 @@ static __always_inline struct sk_conn *sk_conn_slot(__u64 cookie)
 	return bpf_map_lookup_elem(&kpr_sk_conn_v1, &i);
 }
 
+/* The slot of the socket with this cookie, if the socket holds it. */
+static __always_inline struct sk_conn *sk_conn_owned(__u64 cookie)
+{
+	struct sk_conn *c = sk_conn_slot(cookie);
+
+	return c && c->cookie == cookie ? c : NULL;
+}
+
+/* Gives back the slot the socket with this cookie holds, if it holds one. */
+static __always_inline void put_sk_conn(__u64 cookie)
+{
+	struct sk_conn *c = sk_conn_owned(cookie);
+
+	if (c)
+		__sync_val_compare_and_swap(&c->cookie, cookie, 0);
+}
+
 /*
  * Reverse translations of unconnected UDP sockets (sendmsg() to a VIP, one per
  * socket and backend), of connected UDP sockets whose storage could not be
@@ -156,11 +173,12 @@ struct {
 } kpr_sk_revnat_v1 SEC(".maps");
 
 /*
- * The backend ports of kpr_sk_revnat_v1's entries (index: the port as the
- * socket address carries it, network order read natively; value 1 once some
- * entry had it). recvmsg and getpeername of a peer whose port is not marked
- * skip the cookie and the LRU lookup (a cold miss in a full map): every socket
- * on the node pays those hooks, most for peers that were never translated.
+ * The backend ports of kpr_sk_revnat_v1's and kpr_sk_conn_v1's entries (index:
+ * the port as the socket address carries it, network order read natively;
+ * value 1 once some entry had it). recvmsg and getpeername of a peer whose
+ * port is not marked skip the cookie and the lookups, and sock_release skips
+ * the slot: every socket on the node pays those hooks, most for peers that
+ * were never translated.
  * Marks are never cleared: an entry can outlive its Service.
  */
 PORT_MARKS(kpr_sk_revnat_ports_v1);
@@ -414,13 +432,8 @@ static __always_inline void forget_sk_peer(struct bpf_sock_addr *ctx)
 		return;
 	bpf_sk_storage_delete(&kpr_sk_peer_v1, sk); /* -ENOENT when it had none */
 	old = (__be16)sk->dst_port;
-	if (old && port_marked(&kpr_sk_revnat_ports_v1, old)) {
-		__u64 cookie = bpf_get_socket_cookie(ctx);
-		struct sk_conn *c = sk_conn_slot(cookie);
-
-		if (c && c->cookie == cookie)
-			__sync_val_compare_and_swap(&c->cookie, cookie, 0);
-	}
+	if (old && port_marked(&kpr_sk_revnat_ports_v1, old))
+		put_sk_conn(bpf_get_socket_cookie(ctx));
 }
 
 /*
@@ -593,6 +606,7 @@ static __always_inline int sock_revnat(struct bpf_sock_addr *ctx, int v4)
 	struct sk_revnat_key k = {};
 	struct sk_revnat_value *v;
 	struct revnat *rn;
+	struct sk_conn *c;
 	struct sk_peer *p;
 	struct bpf_sock *sk;
 	union addr16 peer, vip, cur;
@@ -615,13 +629,9 @@ static __always_inline int sock_revnat(struct bpf_sock_addr *ctx, int v4)
 		return 1;
 
 	k.cookie = bpf_get_socket_cookie(ctx);
-	{
-		struct sk_conn *c = sk_conn_slot(k.cookie);
-
-		if (c && c->cookie == k.cookie &&
-		    sk_peer_match(&c->peer, &peer, port, &vip, &vip_port, &svc_id))
-			goto found;
-	}
+	c = sk_conn_owned(k.cookie);
+	if (c && sk_peer_match(&c->peer, &peer, port, &vip, &vip_port, &svc_id))
+		goto found;
 	__builtin_memcpy(k.addr, peer.b, sizeof(k.addr));
 	k.port = port;
 
@@ -711,9 +721,7 @@ int getpeername6(struct bpf_sock_addr *ctx)
 SEC("cgroup/sock_release")
 int sock_release(struct bpf_sock *sk)
 {
-	struct sk_conn *c;
 	__be16 port = (__be16)sk->dst_port;
-	__u64 cookie;
 
 	if (sk->protocol == IPPROTO_TCP) {
 		if (port && !port_marked(&kpr_sk_revnat_ports_v1, port))
@@ -721,10 +729,7 @@ int sock_release(struct bpf_sock *sk)
 	} else if (sk->protocol != IPPROTO_UDP || !port_marked(&kpr_sk_revnat_ports_v1, port)) {
 		return 1;
 	}
-	cookie = bpf_get_socket_cookie(sk);
-	c = sk_conn_slot(cookie);
-	if (c && c->cookie == cookie)
-		__sync_val_compare_and_swap(&c->cookie, cookie, 0);
+	put_sk_conn(bpf_get_socket_cookie(sk));
 	return 1;
 }
 
